@@ -1,0 +1,41 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+CLI    := $(VENV)/bin/clipfold
+STAMP  := $(VENV)/.clipfold-installed
+DEMO   ?= out/demo
+
+.PHONY: install demo test test-all bench train-tiny clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job on the embedded default model: compile, inspect, classify.
+demo: $(STAMP)
+	$(PY) -m clipfold.compile.tiny.samples --out $(DEMO)
+	$(CLI) compile --labels $(DEMO)/labels.txt --out $(DEMO)/tiny.bundle --overwrite
+	$(CLI) inspect $(DEMO)/tiny.bundle
+	$(CLI) classify $(DEMO)/tiny.bundle $(DEMO)/images/*.png --k 3
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# Includes the tests marked slow.
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "slow or not slow"
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-columns=median,iqr,min,rounds \
+		--benchmark-json=benchmarks/results/latest.json
+
+# Re-train the embedded tiny model (deterministic; a few minutes on 2 cores).
+train-tiny: $(STAMP)
+	$(PY) -m clipfold.compile.tiny.train --out compile/tiny/clipfold-tiny.safetensors
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .benchmarks

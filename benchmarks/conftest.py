@@ -1,0 +1,60 @@
+"""Benchmark plumbing: pair each clipfold measurement with its reference from the same run.
+
+Each benchmark records ``extra_info = {"pair": NAME, "role": "reference" | "candidate"}``; at the
+end of the session every complete pair is reported as a ratio of medians (reference / candidate,
+so > 1 means clipfold is faster) and written to ``benchmarks/results/ratios-<host>.json``,
+tagged with the machine and library versions.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine_info() -> dict:
+    info = {"machine": platform.machine(), "python": platform.python_version(), "node": platform.node()}
+    try:
+        import cpuinfo
+
+        cpu = cpuinfo.get_cpu_info()
+        info["cpu"] = cpu.get("brand_raw")
+        info["cpu_flags"] = [f for f in cpu.get("flags", []) if f.startswith(("avx", "fma", "amx", "vnni", "f16c"))]
+    except Exception:  # py-cpuinfo is optional
+        info["cpu"] = platform.processor()
+    import os
+
+    info["cores"] = len(os.sched_getaffinity(0))
+    for dist in ("torch", "onnxruntime", "open_clip_torch", "numpy"):
+        try:
+            info[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return info
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    pairs: dict[str, dict[str, float]] = {}
+    for bench in benchmarks:
+        extra = bench.get("extra_info", {}) if isinstance(bench, dict) else bench.extra_info
+        stats = bench["stats"] if isinstance(bench, dict) else bench.stats
+        median = stats["median"] if isinstance(stats, dict) else stats.median
+        if "pair" in extra:
+            pairs.setdefault(extra["pair"], {})[extra["role"]] = median
+    ratios = {
+        name: {"reference_median_s": p["reference"], "candidate_median_s": p["candidate"],
+               "speedup": p["reference"] / p["candidate"]}
+        for name, p in sorted(pairs.items()) if {"reference", "candidate"} <= set(p)
+    }
+    output_json["clipfold_ratios"] = ratios
+    output_json["clipfold_machine"] = machine_info()
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "ratios-latest.json").write_text(json.dumps(
+        {"machine": output_json["clipfold_machine"], "ratios": ratios}, indent=2) + "\n")
+    for name, r in ratios.items():
+        print(f"\n{name}: reference/candidate = {r['speedup']:.2f}x "
+              f"({r['reference_median_s'] * 1e3:.1f} ms vs {r['candidate_median_s'] * 1e3:.1f} ms)")

@@ -1,0 +1,5 @@
+import sys
+
+from clipfold.cli import main
+
+sys.exit(main())

@@ -1,0 +1,146 @@
+"""The ``clipfold`` command. Each subcommand parses its flags and calls one public function.
+
+A ``ClipfoldError`` is printed as one ``error: ...`` line and exits non-zero, no traceback.
+The compile stack (torch) is imported only by the subcommands that need it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from clipfold.errors import ClipfoldError
+
+
+def _progress(start: float):
+    def say(message: str) -> None:
+        print(f"[{time.perf_counter() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    return say
+
+
+# --- compile ---------------------------------------------------------------------------------
+def cmd_compile(args: argparse.Namespace) -> int:
+    from clipfold.compile.config import CompileConfig, read_labels
+    from clipfold.compile.pipeline import compile_bundle
+
+    config = CompileConfig(
+        labels=read_labels(args.labels), out=args.out, model=args.model, pretrained=args.pretrained,
+        templates=args.templates, top_k=args.top_k, overwrite=args.overwrite,
+    )
+    result = compile_bundle(config, progress=_progress(time.perf_counter()))
+    variant = result.manifest.variant()
+    p = variant.parity
+    print(f"wrote {result.path} in {result.seconds:.1f}s")
+    print(f"parity vs open_clip eager ({p.images} images): cosine min {p.embedding_cosine_min:.7f} "
+          f"mean {p.embedding_cosine_mean:.7f}, top-{variant.top_k} agreement {p.topk_agreement:.0%}, "
+          f"max |score diff| {p.max_abs_score_diff:.2e}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from clipfold.compile.load import list_models
+
+    for name in list_models():
+        print(name)
+    return 0
+
+
+# --- runtime ---------------------------------------------------------------------------------
+def cmd_classify(args: argparse.Namespace) -> int:
+    from clipfold.runtime import Engine
+
+    engine = Engine.open(args.bundle, variant=args.variant, threads=args.threads)
+    results = engine.classify(args.images, k=args.k)
+    if args.json:
+        payload = [
+            {"image": str(image), "predictions": [{"label": p.label, "score": p.score, "index": p.index} for p in preds]}
+            for image, preds in zip(args.images, results)
+        ]
+        print(json.dumps(payload, indent=2))
+        return 0
+    for image, preds in zip(args.images, results):
+        print(image)
+        for p in preds:
+            print(f"  {p.score:8.4f}  {p.label}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from clipfold.runtime import Engine
+
+    engine = Engine.open(args.bundle, verify_checksums=True)
+    m = engine.manifest
+    if args.json:
+        print(m.to_json(), end="")
+        return 0
+    pre = m.preprocess
+    print(f"bundle      {engine.path}  (schema {m.schema_version}, created {m.created})")
+    print(f"model       {m.model.name} [{m.model.family}]  weights: {m.model.pretrained or 'random'}")
+    print(f"labels      {len(m.labels)}: {', '.join(m.labels[:8])}{' ...' if len(m.labels) > 8 else ''}")
+    print(f"head        {m.head.method}, {m.head.activation}, logit scale {m.head.logit_scale:.3f}, "
+          f"{len(m.head.templates)} templates")
+    print(f"preprocess  {pre.image_size[0]}x{pre.image_size[1]} {pre.resize_mode} {pre.interpolation}, "
+          f"normalization {'folded into the graph' if pre.folded else 'in the runtime'}")
+    for v in m.variants:
+        p = v.parity
+        star = "*" if v.name == m.default_variant else " "
+        print(f"variant{star}   {v.name}: {v.file} ({v.precision}), top-{v.top_k}; parity on {p.images} images: "
+              f"cosine min {p.embedding_cosine_min:.7f}, top-k agreement {p.topk_agreement:.0%}")
+    print(f"checksums   {len(m.files)} files verified")
+    print(f"producer    {', '.join(f'{k} {v}' for k, v in m.producer.items())}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipfold", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compile", help="compile a model and labels into a verified bundle")
+    p.add_argument("--labels", required=True, help="a file with one label per line, or a comma list")
+    p.add_argument("--out", required=True, type=Path, help="bundle directory to write")
+    p.add_argument("--model", default="clipfold-tiny", help="open_clip model name (default: clipfold-tiny)")
+    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint path")
+    p.add_argument("--templates", default=None,
+                   help="imagenet80, simple, tiny, label, or a file of '{}' templates "
+                        "(default: tiny for the tiny model, imagenet80 otherwise)")
+    p.add_argument("--top-k", type=int, default=10, help="largest k the graph returns (default 10)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("classify", help="classify images with a bundle")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--variant", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("inspect", help="show a bundle's manifest after checking its files")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("models", help="list the model names open_clip knows (plus clipfold-tiny)")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ClipfoldError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Typed compile options, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clipfold.errors import ConfigError, LabelError
+
+DEFAULT_MODEL = "clipfold-tiny"
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """Tolerances of the fp32 parity check against open_clip eager."""
+
+    min_cosine: float = 0.99999
+    # Scores within this absolute distance of the k-th reference score count as tied.
+    tie_tolerance: float = 1e-5
+    max_score_diff: float = 1e-4
+    random_images: int = 8
+    generated_images: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_cosine <= 1.0:
+            raise ConfigError(f"min_cosine must be in (0, 1], got {self.min_cosine}")
+        if self.random_images + self.generated_images < 1:
+            raise ConfigError("verification needs at least one image")
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """Everything ``compile_bundle`` needs. Labels are checked here, before any model loads."""
+
+    labels: tuple[str, ...]
+    out: Path
+    model: str = DEFAULT_MODEL
+    pretrained: str | None = None
+    templates: str | tuple[str, ...] | None = None  # preset name, a file, or explicit templates
+    top_k: int = 10
+    overwrite: bool = False
+    opset: int = 18
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", normalize_labels(self.labels))
+        object.__setattr__(self, "out", Path(self.out))
+        if self.top_k < 1:
+            raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
+        if not self.model:
+            raise ConfigError("model name is empty")
+
+
+def normalize_labels(labels) -> tuple[str, ...]:
+    """Strip labels and refuse empty or duplicate ones, naming them."""
+    if isinstance(labels, str):
+        raise LabelError("labels must be a sequence of strings, got one string; split it first")
+    cleaned = tuple(str(label).strip() for label in labels)
+    if not cleaned:
+        raise LabelError("no labels given: expected at least one class label")
+    empty = [i for i, label in enumerate(cleaned) if not label]
+    if empty:
+        raise LabelError(f"labels at positions {empty} are empty: every label needs text")
+    seen: dict[str, int] = {}
+    dupes = []
+    for i, label in enumerate(cleaned):
+        if label in seen:
+            dupes.append(f"{label!r} (positions {seen[label]} and {i})")
+        seen.setdefault(label, i)
+    if dupes:
+        raise LabelError(f"duplicate labels: {', '.join(dupes)}; each class needs a unique label")
+    return cleaned
+
+
+def read_labels(spec: str) -> tuple[str, ...]:
+    """``spec`` is a file (one label per line, blank lines and #comments skipped) or a comma list."""
+    path = Path(spec)
+    if path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LabelError(f"cannot read labels file {path}: {exc}") from None
+        lines = [ln.strip() for ln in text.splitlines()]
+        return normalize_labels([ln for ln in lines if ln and not ln.startswith("#")])
+    if "," not in spec and (spec.endswith((".txt", ".csv")) or "/" in spec):
+        raise LabelError(f"labels file {spec} not found; pass a file or a comma-separated list")
+    return normalize_labels(spec.split(","))

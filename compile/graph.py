@@ -1,0 +1,77 @@
+"""Stage 4: the one exported graph — uint8 pixels in, top-k scores, indices and embedding out."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipfold.errors import ExportError
+from clipfold.runtime.manifest import TensorSpec
+
+from .head import ZeroShotHead
+
+log = logging.getLogger(__name__)
+
+# Above this many parameter bytes ONNX's 2 GiB protobuf limit is near: weights go to a side file.
+EXTERNAL_DATA_BYTES = 1_500_000_000
+
+
+class ClassifierGraph(nn.Module):
+    """Folded image tower + L2 norm + scaled similarity + softmax/sigmoid + TopK.
+
+    The class matrix already carries ``exp(logit_scale)``, so the head is one MatMul (+ bias).
+    """
+
+    def __init__(self, visual: nn.Module, head: ZeroShotHead, top_k: int):
+        super().__init__()
+        self.visual = visual
+        self.register_buffer("weight", (head.logit_scale * head.class_embeddings).T.contiguous())
+        bias = head.logit_bias
+        self.register_buffer("bias", torch.tensor(bias if bias is not None else 0.0))
+        self.has_bias = bias is not None
+        self.sigmoid = head.activation == "sigmoid"
+        self.top_k = int(top_k)
+
+    def forward(self, pixels: torch.Tensor):
+        features = F.normalize(self.visual(pixels.to(torch.float32)), dim=-1)
+        logits = features @ self.weight
+        if self.has_bias:
+            logits = logits + self.bias
+        scores = logits.sigmoid() if self.sigmoid else logits.softmax(dim=-1)
+        top_scores, top_indices = scores.topk(self.top_k, dim=-1)
+        return top_scores, top_indices, features
+
+
+def io_specs(image_size: tuple[int, int], top_k: int, embed_dim: int) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    h, w = image_size
+    inputs = (TensorSpec("pixels", "uint8", ("batch", 3, h, w)),)
+    outputs = (
+        TensorSpec("scores", "float32", ("batch", top_k)),
+        TensorSpec("indices", "int64", ("batch", top_k)),
+        TensorSpec("embedding", "float32", ("batch", embed_dim)),
+    )
+    return inputs, outputs
+
+
+def export_onnx(graph: ClassifierGraph, path: Path, image_size: tuple[int, int], opset: int) -> None:
+    """Export with torch's dynamo exporter and a dynamic batch dimension."""
+    graph.eval()
+    example = torch.randint(0, 256, (2, 3, *image_size), dtype=torch.uint8)
+    param_bytes = sum(p.numel() * p.element_size() for p in graph.state_dict().values())
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                graph, (example,), dynamo=True, verbose=False, opset_version=opset,
+                input_names=["pixels"], output_names=["scores", "indices", "embedding"],
+                dynamic_shapes={"pixels": {0: batch}},
+            )
+            program.save(str(path), external_data=param_bytes > EXTERNAL_DATA_BYTES)
+    except Exception as exc:
+        raise ExportError(f"ONNX export of {type(graph.visual).__name__} failed: {type(exc).__name__}: {exc}") from exc

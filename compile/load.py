@@ -1,0 +1,187 @@
+"""Stage 1: load an open_clip model from its registry name and a pretrained tag or local file."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import open_clip.factory
+import torch
+
+from clipfold.errors import CheckpointError, ModelError, UnknownModelError
+from clipfold.runtime.manifest import ModelInfo, PreprocessSpec, sha256_file
+
+from . import tiny
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # open_clip CLIP / CustomTextCLIP, in eval mode, fp32, CPU
+    tokenizer: Any
+    preprocess: PreprocessSpec
+    info: ModelInfo
+
+
+def list_models() -> list[str]:
+    tiny.register()
+    return open_clip.list_models()
+
+
+def load_model(name: str, pretrained: str | None = None) -> LoadedModel:
+    """Build ``name`` from open_clip's registry and load weights.
+
+    ``pretrained`` is an open_clip tag (through open_clip's own loader), a local checkpoint path
+    (safetensors, or torch.load with weights_only=True), or None: the embedded tiny model gets
+    its trained checkpoint, any other model keeps random weights (for shapes and latency).
+    """
+    known = list_models()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UnknownModelError(
+            f"unknown model {name!r}: not in open_clip's registry of {len(known)} models{hint} "
+            "(`clipfold models` lists them)")
+
+    if pretrained is None and name == tiny.MODEL_NAME:
+        pretrained = str(tiny.checkpoint_path())
+
+    path = _as_path(pretrained)
+    model = _create(name, None)
+    checkpoint_sha = None
+    if path is not None:
+        checkpoint_sha = sha256_file(path)
+        _load_local_checkpoint(model, path)
+    elif pretrained is not None:
+        model = _create_with_tag(name, pretrained)
+    else:
+        log.warning("model %s has random weights (no --pretrained given)", name)
+
+    model.eval()
+    return LoadedModel(
+        model=model,
+        tokenizer=open_clip.get_tokenizer(name),
+        preprocess=preprocess_spec(model),
+        info=ModelInfo(
+            name=name,
+            pretrained=str(pretrained) if pretrained is not None else None,
+            checkpoint_sha256=checkpoint_sha,
+            family=model_family(model),
+            embed_dim=int(_embed_dim(model)),
+        ),
+    )
+
+
+def _as_path(pretrained: str | None) -> Path | None:
+    """A pretrained value that looks like a file is a path; it must then exist."""
+    if pretrained is None:
+        return None
+    path = Path(pretrained)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; expected a checkpoint file")
+    if path.suffix in CHECKPOINT_SUFFIXES or "/" in pretrained or "\\" in pretrained:
+        raise CheckpointError(f"checkpoint file {path} not found")
+    return None
+
+
+def _create(name: str, pretrained: str | None):
+    try:
+        return open_clip.create_model(name, pretrained=pretrained, device="cpu", precision="fp32")
+    except Exception as exc:  # open_clip raises bare RuntimeError/ValueError for many causes
+        raise ModelError(f"open_clip could not build {name!r}: {exc}") from exc
+
+
+def _create_with_tag(name: str, tag: str):
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if tag not in tags:
+        raise CheckpointError(
+            f"{tag!r} is neither a local checkpoint file nor a pretrained tag of {name}; "
+            f"its tags are {tags or 'none'}")
+    try:
+        return _create(name, tag)
+    except ModelError as exc:
+        raise CheckpointError(
+            f"could not fetch pretrained weights {name}/{tag} through open_clip ({exc.__cause__}); "
+            "without network access pass a local checkpoint file instead") from exc
+
+
+def _load_local_checkpoint(model, path: Path) -> None:
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    try:
+        state = open_clip.factory.load_state_dict(str(path), weights_only=True)
+    except Exception as exc:  # corrupt file: pickle, zip or safetensors errors of many types
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}; expected a safetensors "
+            "file or a torch state dict loadable with weights_only=True") from None
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"checkpoint {path} holds no state dict")
+    try:
+        open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(_mismatch_message(model, state, path, exc)) from None
+
+
+def _mismatch_message(model, state: dict, path: Path, exc: Exception) -> str:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    parts = [f"checkpoint {path} does not fit the architecture"]
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {missing[:5]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:5]})")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[:3]})")
+    if len(parts) == 1:
+        parts.append(str(exc).splitlines()[0])
+    return "; ".join(parts)
+
+
+def model_family(model) -> str:
+    kind = type(model.visual).__name__
+    return {
+        "VisionTransformer": "vit",
+        "ModifiedResNet": "modified-resnet",
+        "TimmModel": "timm",
+    }.get(kind, kind)
+
+
+def _embed_dim(model) -> int:
+    out = getattr(model.visual, "output_dim", None)
+    if out is None:
+        with torch.no_grad():
+            size = model.visual.image_size
+            size = size if isinstance(size, (tuple, list)) else (size, size)
+            out = model.visual(torch.zeros(1, 3, *size)).shape[-1]
+    return out
+
+
+def preprocess_spec(model) -> PreprocessSpec:
+    """open_clip's eval preprocessing for ``model``, as recorded in the manifest."""
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    size = cfg["size"]
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return PreprocessSpec(
+        image_size=size,
+        resize_mode=cfg.get("resize_mode", "shortest"),
+        interpolation=cfg.get("interpolation", "bicubic"),
+        fill_color=int(cfg.get("fill_color", 0)),
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        folded=True,
+    )

@@ -1,0 +1,9 @@
+"""Torch-free runtime: open a bundle, preprocess like open_clip, run the engine.
+
+Depends on numpy, Pillow and onnxruntime only; a test imports it with torch blocked.
+"""
+
+from .engine import Engine, Prediction
+from .manifest import SCHEMA_VERSION, Manifest
+
+__all__ = ["Engine", "Prediction", "Manifest", "SCHEMA_VERSION"]

@@ -1,0 +1,98 @@
+"""One Backend protocol for every engine: ONNX Runtime here, TensorRT and eager torch elsewhere.
+
+The public ``run`` checks inputs against the manifest's tensor specs and times the call;
+subclasses implement only ``_load`` and ``_run``. Heavy libraries are imported lazily so that a
+missing backend is reported by name instead of breaking ``import clipfold.runtime``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from clipfold.errors import BackendUnavailableError, ConfigError
+
+from .manifest import TensorSpec, Variant
+
+
+class Backend:
+    """Runs one variant's graph. ``last_latency_s`` holds the wall time of the last ``run``."""
+
+    name = "base"
+
+    def __init__(self, path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]):
+        self.path = Path(path)
+        self.inputs = tuple(inputs)
+        self.outputs = tuple(outputs)
+        self.last_latency_s = 0.0
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for spec in self.inputs:
+            if spec.name not in inputs:
+                raise ConfigError(f"missing input {spec.name!r}; the graph takes {[s.name for s in self.inputs]}")
+            _check_tensor(spec, inputs[spec.name])
+        start = time.perf_counter()
+        outputs = self._run(inputs)
+        self.last_latency_s = time.perf_counter() - start
+        return outputs
+
+    def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+def _check_tensor(spec: TensorSpec, array: np.ndarray) -> None:
+    if not isinstance(array, np.ndarray):
+        raise ConfigError(f"input {spec.name!r} must be a numpy array, got {type(array).__name__}")
+    if array.dtype != np.dtype(spec.dtype):
+        raise ConfigError(f"input {spec.name!r} has dtype {array.dtype}, expected {spec.dtype}")
+    if array.ndim != len(spec.shape) or any(
+        isinstance(dim, int) and dim != got for dim, got in zip(spec.shape, array.shape)
+    ):
+        raise ConfigError(f"input {spec.name!r} has shape {array.shape}, expected {spec.shape}")
+
+
+class OnnxRuntimeBackend(Backend):
+    """ONNX Runtime on the CPU execution provider (the base install)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+                 threads: int | None = None):
+        super().__init__(path, inputs, outputs)
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackendUnavailableError(
+                "backend 'onnxruntime' is not installed; install clipfold (its base install includes it)") from None
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or default_threads()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.output_names = [o.name for o in self.outputs]
+
+    def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {spec.name: inputs[spec.name] for spec in self.inputs}
+        values = self.session.run(self.output_names, feeds)
+        return dict(zip(self.output_names, values))
+
+
+def default_threads() -> int:
+    """All cores the process may use; ONNX Runtime's own default ignores CPU affinity masks."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+BACKENDS = {"onnxruntime": OnnxRuntimeBackend}
+
+
+def open_backend(name: str, variant: Variant, path: Path, threads: int | None = None) -> Backend:
+    if name not in BACKENDS:
+        raise BackendUnavailableError(f"unknown backend {name!r}; available: {sorted(BACKENDS)}")
+    return BACKENDS[name](path, variant.inputs, variant.outputs, threads=threads)

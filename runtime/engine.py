@@ -1,0 +1,124 @@
+"""``Engine``: open a bundle, check it, and classify or embed images with it. No torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from clipfold.errors import BundleError, ChecksumError, ConfigError
+
+from .backend import Backend, open_backend
+from .images import ImageSource, load_image
+from .manifest import Manifest, Variant, sha256_file
+from .preprocess import preprocess
+
+DEFAULT_BATCH = 32
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    score: float
+    index: int
+
+
+class Engine:
+    """A verified bundle ready to run. Build it with :meth:`open`."""
+
+    def __init__(self, path: Path, manifest: Manifest, variant: Variant, backend: Backend,
+                 batch_size: int = DEFAULT_BATCH):
+        self.path = path
+        self.manifest = manifest
+        self.variant = variant
+        self.backend = backend
+        self.batch_size = batch_size
+
+    @classmethod
+    def open(cls, path: str | Path, *, variant: str | None = None, backend: str = "onnxruntime",
+             threads: int | None = None, batch_size: int = DEFAULT_BATCH,
+             verify_checksums: bool = True) -> "Engine":
+        """Read the manifest (refusing newer schemas), check every checksum, open the backend."""
+        path = Path(path)
+        if not path.is_dir():
+            raise BundleError(f"bundle {path} not found (expected a directory holding manifest.json)")
+        manifest = Manifest.read(path)
+        if verify_checksums:
+            verify_files(path, manifest)
+        chosen = manifest.variant(variant)
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        return cls(path, manifest, chosen, open_backend(backend, chosen, path / chosen.file, threads),
+                   batch_size=batch_size)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.manifest.labels
+
+    @property
+    def max_k(self) -> int:
+        return self.variant.top_k
+
+    # --- inference --------------------------------------------------------------------------
+    def run_pixels(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """Run preprocessed uint8 NCHW pixels through the graph in batches; outputs concatenated."""
+        outs: dict[str, list[np.ndarray]] = {}
+        for start in range(0, len(pixels), self.batch_size):
+            for name, value in self.backend.run({"pixels": pixels[start:start + self.batch_size]}).items():
+                outs.setdefault(name, []).append(value)
+        return {name: np.concatenate(values) for name, values in outs.items()}
+
+    def _run_images(self, images: Iterable[ImageSource]) -> Iterable[dict[str, np.ndarray]]:
+        """Decode and preprocess lazily, one batch at a time, so memory stays O(batch)."""
+        batch: list = []
+        for source in images:
+            batch.append(load_image(source))
+            if len(batch) == self.batch_size:
+                yield self.backend.run({"pixels": preprocess(batch, self.manifest.preprocess)})
+                batch = []
+        if batch:
+            yield self.backend.run({"pixels": preprocess(batch, self.manifest.preprocess)})
+
+    def classify(self, images: Sequence[ImageSource], k: int = 5) -> list[list[Prediction]]:
+        """Top-``k`` labels and scores per image (softmax probabilities, or sigmoid for SigLIP)."""
+        if not 1 <= k <= self.max_k:
+            raise ConfigError(
+                f"k={k} is out of range: this bundle's graph returns at most top-{self.max_k} "
+                f"(recompile with --top-k {k} for more)")
+        results = []
+        for out in self._run_images(_as_list(images)):
+            for scores, indices in zip(out["scores"], out["indices"]):
+                results.append([
+                    Prediction(self.labels[int(i)], float(s), int(i))
+                    for s, i in zip(scores[:k], indices[:k])
+                ])
+        return results
+
+    def embed(self, images: Sequence[ImageSource]) -> np.ndarray:
+        """L2-normalized image embeddings, (N, D) float32."""
+        chunks = [out["embedding"] for out in self._run_images(_as_list(images))]
+        if not chunks:
+            dim = self.manifest.model.embed_dim
+            return np.zeros((0, dim), dtype=np.float32)
+        return np.concatenate(chunks)
+
+
+def _as_list(images) -> list:
+    if isinstance(images, (str, Path, bytes)) or hasattr(images, "getpixel"):
+        return [images]
+    return list(images)
+
+
+def verify_files(path: Path, manifest: Manifest) -> None:
+    """Every file the manifest lists must exist with its recorded sha256."""
+    for rel, expected in manifest.files.items():
+        file = path / rel
+        if not file.is_file():
+            raise ChecksumError(f"bundle {path} is missing {rel}, listed in its manifest")
+        actual = sha256_file(file)
+        if actual != expected:
+            raise ChecksumError(
+                f"bundle file {rel} in {path} is corrupt or was modified: sha256 {actual[:16]}... "
+                f"but the manifest records {expected[:16]}...; recompile the bundle")

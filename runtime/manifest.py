@@ -1,0 +1,233 @@
+"""The bundle manifest: the only contract between ``clipfold.compile`` and ``clipfold.runtime``.
+
+compile writes a :class:`Manifest` as ``manifest.json``; the runtime reads it and nothing else.
+Every section is a small frozen dataclass validated on construction, serialised with plain JSON
+types. A manifest whose ``schema_version`` is newer than :data:`SCHEMA_VERSION` is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clipfold.errors import BundleError, SchemaVersionError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+RESIZE_MODES = ("shortest", "longest", "squash")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+DTYPES = ("uint8", "int32", "int64", "float16", "float32", "bfloat16")
+ACTIVATIONS = ("softmax", "sigmoid")
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise BundleError(f"invalid manifest: {message}")
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How to turn a decoded image into the graph's pixel input, exactly as open_clip does at eval.
+
+    ``mean``/``std`` are the normalization open_clip applies after ``ToTensor``; when ``folded`` is
+    true the graph already contains it and takes ``uint8`` pixels in NCHW layout.
+    """
+
+    image_size: tuple[int, int]  # (height, width)
+    resize_mode: str = "shortest"
+    interpolation: str = "bicubic"
+    fill_color: int = 0
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    folded: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        _check(len(self.image_size) == 2 and min(self.image_size) > 0,
+               f"preprocess.image_size must be two positive ints, got {self.image_size}")
+        _check(self.resize_mode in RESIZE_MODES,
+               f"preprocess.resize_mode {self.resize_mode!r} is not one of {RESIZE_MODES}")
+        _check(self.interpolation in INTERPOLATIONS,
+               f"preprocess.interpolation {self.interpolation!r} is not one of {INTERPOLATIONS}")
+        _check(len(self.mean) == 3 and len(self.std) == 3 and min(self.std) > 0,
+               "preprocess.mean and std must have 3 values, std positive")
+        _check(0 <= int(self.fill_color) <= 255, "preprocess.fill_color must be in 0..255")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output. Dynamic dims are strings (``"batch"``)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(self.shape))
+        _check(self.dtype in DTYPES, f"tensor {self.name!r} has unknown dtype {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class Parity:
+    """Agreement of an artifact with the eager open_clip reference, measured before writing."""
+
+    images: int
+    embedding_cosine_min: float
+    embedding_cosine_mean: float
+    topk_agreement: float  # fraction of images whose top-k matches (ties allowed)
+    top1_agreement: float
+    max_abs_score_diff: float
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One engine file in the bundle, e.g. the fp32 ONNX graph."""
+
+    name: str
+    file: str
+    format: str  # "onnx"
+    precision: str  # "fp32", "fp16", "int8-dynamic", ...
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    parity: Parity
+    top_k: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", tuple(_coerce(TensorSpec, t) for t in self.inputs))
+        object.__setattr__(self, "outputs", tuple(_coerce(TensorSpec, t) for t in self.outputs))
+        object.__setattr__(self, "parity", _coerce(Parity, self.parity))
+        _check(self.format == "onnx", f"variant {self.name!r} has unknown format {self.format!r}")
+        _check(self.top_k >= 1, f"variant {self.name!r} has top_k {self.top_k} < 1")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Where the weights came from."""
+
+    name: str
+    pretrained: str | None
+    checkpoint_sha256: str | None
+    family: str  # "vit", "modified-resnet", "timm", ...
+    embed_dim: int
+
+
+@dataclass(frozen=True)
+class HeadInfo:
+    """The classification head folded into the graph."""
+
+    activation: str  # softmax or sigmoid
+    logit_scale: float
+    logit_bias: float | None
+    templates: tuple[str, ...]
+    method: str = "zero-shot"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "templates", tuple(self.templates))
+        _check(self.activation in ACTIVATIONS,
+               f"head.activation {self.activation!r} is not one of {ACTIVATIONS}")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: ModelInfo
+    labels: tuple[str, ...]
+    head: HeadInfo
+    preprocess: PreprocessSpec
+    variants: tuple[Variant, ...]
+    default_variant: str
+    files: dict[str, str]  # relative path -> sha256
+    producer: dict[str, str]
+    schema_version: int = SCHEMA_VERSION
+    created: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model", _coerce(ModelInfo, self.model))
+        object.__setattr__(self, "head", _coerce(HeadInfo, self.head))
+        object.__setattr__(self, "preprocess", _coerce(PreprocessSpec, self.preprocess))
+        object.__setattr__(self, "variants", tuple(_coerce(Variant, v) for v in self.variants))
+        object.__setattr__(self, "labels", tuple(self.labels))
+        _check(len(self.labels) > 0, "labels are empty")
+        _check(len(set(self.labels)) == len(self.labels), "labels contain duplicates")
+        names = [v.name for v in self.variants]
+        _check(len(names) > 0, "no variants")
+        _check(len(set(names)) == len(names), f"duplicate variant names {names}")
+        _check(self.default_variant in names,
+               f"default_variant {self.default_variant!r} is not one of {names}")
+        for v in self.variants:
+            _check(v.file in self.files, f"variant file {v.file!r} has no checksum in files")
+
+    def variant(self, name: str | None = None) -> Variant:
+        name = name or self.default_variant
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise BundleError(
+            f"bundle has no variant {name!r}; it has {[v.name for v in self.variants]}")
+
+    # --- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        # schema_version first: a reader of any version finds it before anything else.
+        return {"schema_version": data.pop("schema_version"), **data}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+        if not isinstance(data, dict):
+            raise BundleError("invalid manifest: top level is not a JSON object")
+        version = data.get("schema_version")
+        if not isinstance(version, int):
+            raise BundleError("invalid manifest: schema_version is missing or not an integer")
+        if version > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"bundle manifest has schema version {version}, but this clipfold reads versions "
+                f"up to {SCHEMA_VERSION}; upgrade clipfold to open it")
+        try:
+            return _coerce(cls, data)
+        except TypeError as exc:
+            raise BundleError(f"invalid manifest: {exc}") from None
+
+    @classmethod
+    def read(cls, bundle_dir: str | Path) -> "Manifest":
+        path = Path(bundle_dir) / MANIFEST_NAME
+        if not path.is_file():
+            raise BundleError(f"{bundle_dir} is not a clipfold bundle: {MANIFEST_NAME} not found")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BundleError(f"cannot read {path}: {exc}") from None
+        return cls.from_dict(data)
+
+
+def _coerce(cls: type, value: Any) -> Any:
+    """Build dataclass ``cls`` from a dict (recursively through __post_init__), pass instances."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise BundleError(f"invalid manifest: expected an object for {cls.__name__}, got {value!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(value) - names
+    if unknown:
+        raise BundleError(f"invalid manifest: unknown fields {sorted(unknown)} in {cls.__name__}")
+    try:
+        return cls(**value)
+    except TypeError as exc:
+        raise BundleError(f"invalid manifest: {cls.__name__}: {exc}") from None
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

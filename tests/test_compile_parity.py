@@ -1,0 +1,139 @@
+"""fp32 parity of the exported graph with open_clip eager, per architecture family."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipfold.compile.config import VerifyConfig
+from clipfold.compile.fold import fold_input_normalization
+from clipfold.compile.head import build_zero_shot_head
+from clipfold.compile.load import load_model
+from clipfold.compile.tiny import data
+from clipfold.compile.verify import compare, eager_reference
+from clipfold.runtime import Engine
+from clipfold.runtime.preprocess import preprocess
+
+from .conftest import compile_random
+
+
+def _check_manifest_parity(result):
+    variant = result.manifest.variant()
+    p = variant.parity
+    assert p.images == 16
+    assert p.embedding_cosine_min >= 0.99999
+    assert p.topk_agreement == 1.0
+    assert p.max_abs_score_diff <= 1e-4
+
+
+def _engine_matches_eager(bundle_path, model_name, seed):
+    """Independent of compile's own check: fresh images, through the runtime's whole path."""
+    engine = Engine.open(bundle_path)
+    m = engine.manifest
+    loaded = load_model(model_name, m.model.pretrained)
+    head = build_zero_shot_head(loaded.model, loaded.tokenizer, m.labels, m.head.templates)
+    images = [s.image for s in data.generate(6, seed=seed)]
+    pixels = preprocess(images, m.preprocess)
+    ref = eager_reference(loaded.model, head, m.preprocess, pixels)
+    out = engine.run_pixels(pixels)
+    parity, failures = compare(ref, out["scores"], out["indices"], out["embedding"], VerifyConfig())
+    assert failures == []
+    assert parity.embedding_cosine_min >= 0.99999
+    # classify() goes through decoding and preprocessing: same labels as the raw graph run.
+    preds = engine.classify(images, k=engine.max_k)
+    assert [[p.index for p in row] for row in preds] == out["indices"].tolist()
+
+
+def test_tiny_parity(tiny_bundle):
+    _check_manifest_parity(tiny_bundle)
+    assert tiny_bundle.manifest.model.family == "vit"
+    _engine_matches_eager(tiny_bundle.path, "clipfold-tiny", seed=123)
+
+
+@pytest.mark.parametrize("model_name, family", [
+    ("ViT-B-32", "vit"),
+    ("RN50", "modified-resnet"),
+    ("convnext_tiny", "timm"),
+])
+def test_random_weight_architecture_parity(tmp_path, model_name, family):
+    torch.manual_seed(0)
+    result = compile_random(model_name, tmp_path / f"{model_name}.bundle")
+    assert result.manifest.model.family == family
+    assert result.manifest.model.pretrained is None
+    _check_manifest_parity(result)
+    engine = Engine.open(result.path)
+    assert engine.variant.inputs[0].shape[0] == "batch"
+    emb = engine.embed([s.image for s in data.generate(3, seed=5)])
+    assert emb.shape == (3, result.manifest.model.embed_dim)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_fold_is_exact_for_padded_and_unpadded_convs(padding):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, kernel_size=3, stride=2, padding=padding, bias=padding == 0)
+    tower = torch.nn.Sequential(conv, torch.nn.ReLU())
+    mean, std = (0.48, 0.45, 0.40), (0.27, 0.26, 0.28)
+    folded = fold_input_normalization(tower, mean, std)
+    raw = torch.randint(0, 256, (2, 3, 17, 17)).float()
+    normalized = (raw / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(folded(raw), tower(normalized), atol=1e-5, rtol=1e-5)
+    # The original tower is untouched (fold works on a copy).
+    assert tower[0] is conv and conv.in_channels == 3
+
+
+def test_compare_allows_ties_but_not_wrong_picks():
+    ref_scores = np.array([[0.4, 0.4, 0.2]], dtype=np.float32)
+    emb = np.eye(1, 4, dtype=np.float32)
+    from clipfold.compile.verify import Reference
+
+    ref = Reference(np.zeros((1, 3, 2, 2), np.uint8), emb, ref_scores)
+    cfg = VerifyConfig()
+    _, fails = compare(ref, np.array([[0.4]], np.float32), np.array([[1]]), emb, cfg)
+    assert fails == []  # index 1 ties with index 0
+    _, fails = compare(ref, np.array([[0.2]], np.float32), np.array([[2]]), emb, cfg)
+    assert any(f.startswith("indices") for f in fails) and any(f.startswith("scores") for f in fails)
+    _, fails = compare(ref, np.array([[0.4]], np.float32), np.array([[0]]), -emb, cfg)
+    assert any(f.startswith("embedding: min cosine -1") for f in fails)
+
+
+def test_head_matches_open_clip_zero_shot_classifier():
+    """Our ensemble equals open_clip's own build_zero_shot_classifier."""
+    from open_clip import build_zero_shot_classifier
+
+    from clipfold.compile.tiny import TEMPLATES
+
+    loaded = load_model("clipfold-tiny")
+    labels = data.class_names()[:5]
+    head = build_zero_shot_head(loaded.model, loaded.tokenizer, labels, TEMPLATES)
+    theirs = build_zero_shot_classifier(
+        loaded.model, loaded.tokenizer, labels, [lambda c, t=t: t.format(c) for t in TEMPLATES],
+        num_classes_per_batch=5, device="cpu", use_tqdm=False)
+    torch.testing.assert_close(head.class_embeddings, theirs.T, atol=1e-6, rtol=1e-5)
+    f = F.normalize(torch.randn(2, head.class_embeddings.shape[1]), dim=-1)
+    expected = (loaded.model.logit_scale.exp() * f @ theirs).softmax(-1)
+    torch.testing.assert_close(head.scores(f), expected)
+
+
+def test_sigmoid_head_with_logit_bias_parity(tmp_path):
+    """SigLIP-style heads: sigmoid(scale * cos + bias), verified through export like softmax."""
+    from clipfold.compile.graph import ClassifierGraph, export_onnx, io_specs
+    from clipfold.compile.verify import verification_pixels, verify_onnx
+
+    loaded = load_model("clipfold-tiny")
+    loaded.model.logit_bias = torch.nn.Parameter(torch.tensor([-4.0]))
+    labels = data.class_names()[:7]
+    head = build_zero_shot_head(loaded.model, loaded.tokenizer, labels, ("a photo of a {}.",))
+    assert head.activation == "sigmoid" and head.logit_bias == -4.0
+    spec = loaded.preprocess
+    graph = ClassifierGraph(fold_input_normalization(loaded.model.visual, spec.mean, spec.std), head, 4)
+    export_onnx(graph, tmp_path / "m.onnx", spec.image_size, opset=18)
+    pixels = verification_pixels(spec, VerifyConfig())
+    ref = eager_reference(loaded.model, head, spec, pixels)
+    # Sigmoid scores are independent per class: they need not sum to one.
+    assert not np.allclose(ref.scores.sum(axis=1), 1.0)
+    inputs, outputs = io_specs(spec.image_size, 4, loaded.info.embed_dim)
+    parity = verify_onnx(tmp_path / "m.onnx", inputs, outputs, ref, VerifyConfig())
+    assert parity.embedding_cosine_min >= 0.99999 and parity.topk_agreement == 1.0
