@@ -121,7 +121,7 @@ def _load_local_checkpoint(model, path: Path) -> None:
         state = open_clip.factory.load_state_dict(str(path), weights_only=True)
     except Exception as exc:  # corrupt file: pickle, zip or safetensors errors of many types
         raise CheckpointError(
-            f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}; expected a safetensors "
+            f"cannot read checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}; expected a safetensors "
             "file or a torch state dict loadable with weights_only=True") from None
     if not isinstance(state, dict) or not state:
         raise CheckpointError(f"checkpoint {path} holds no state dict")
@@ -129,6 +129,12 @@ def _load_local_checkpoint(model, path: Path) -> None:
         open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
     except Exception as exc:
         raise CheckpointError(_mismatch_message(model, state, path, exc)) from None
+
+
+def _first_line(exc: Exception) -> str:
+    """Library errors (torch's unpickler) span many lines; the CLI prints one."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def _mismatch_message(model, state: dict, path: Path, exc: Exception) -> str:
@@ -148,7 +154,7 @@ def _mismatch_message(model, state: dict, path: Path, exc: Exception) -> str:
     if shapes:
         parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[:3]})")
     if len(parts) == 1:
-        parts.append(str(exc).splitlines()[0])
+        parts.append(_first_line(exc))
     return "; ".join(parts)
 
 

@@ -168,7 +168,10 @@ def test_cli_reports_errors_without_traceback(bundle_copy, tmp_path):
     for args, expected in cases:
         proc = _cli(*args)
         assert proc.returncode == 2, (args, proc.stderr)
-        assert proc.stderr.startswith("error: ") and expected in proc.stderr, proc.stderr
+        # Progress lines may come first (stderr); the error is one line, and the last.
+        lines = proc.stderr.strip().splitlines()
+        assert lines[-1].startswith("error: ") and expected in lines[-1], proc.stderr
+        assert sum(line.startswith("error: ") for line in lines) == 1, proc.stderr
         assert "Traceback" not in proc.stderr
     assert not (tmp_path / "x").exists()
 

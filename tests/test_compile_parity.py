@@ -93,8 +93,12 @@ def test_compare_allows_ties_but_not_wrong_picks():
     cfg = VerifyConfig()
     _, fails = compare(ref, np.array([[0.4]], np.float32), np.array([[1]]), emb, cfg)
     assert fails == []  # index 1 ties with index 0
+    # Index 2 is a wrong pick; its score is right for index 2, so only the indices check fails.
     _, fails = compare(ref, np.array([[0.2]], np.float32), np.array([[2]]), emb, cfg)
-    assert any(f.startswith("indices") for f in fails) and any(f.startswith("scores") for f in fails)
+    assert [f.split(":")[0] for f in fails] == ["indices"]
+    # A wrong pick reported with a wrong score fails both checks.
+    _, fails = compare(ref, np.array([[0.4]], np.float32), np.array([[2]]), emb, cfg)
+    assert [f.split(":")[0] for f in fails] == ["scores", "indices"]
     _, fails = compare(ref, np.array([[0.4]], np.float32), np.array([[0]]), -emb, cfg)
     assert any(f.startswith("embedding: min cosine -1") for f in fails)
 

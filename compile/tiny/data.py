@@ -98,14 +98,16 @@ def _background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.broadcast_to(base, (size, size, 3)).astype(np.float64)
 
 
-def render(rng: np.random.Generator, size: int = IMAGE_SIZE) -> Sample:
-    color = list(COLORS)[rng.integers(len(COLORS))]
+def render(rng: np.random.Generator, size: int = IMAGE_SIZE, colors: tuple[str, ...] | None = None) -> Sample:
+    """One random sample; ``colors`` restricts the colour (training uses it for hard negatives)."""
+    palette = colors or tuple(COLORS)
+    color = palette[rng.integers(len(palette))]
     shape = SHAPES[rng.integers(len(SHAPES))]
     scale = SIZES[rng.integers(len(SIZES))]
     background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
 
     canvas = Image.fromarray(_background(background, size, rng).astype(np.uint8))
-    r = size * (rng.uniform(0.10, 0.16) if scale == "small" else rng.uniform(0.26, 0.36))
+    r = size * (rng.uniform(0.13, 0.18) if scale == "small" else rng.uniform(0.26, 0.36))
     cx, cy = rng.uniform(r, size - r, size=2)
     fill = tuple(int(v) for v in np.clip(np.array(COLORS[color]) + rng.integers(-25, 26, size=3), 0, 255))
     draw = ImageDraw.Draw(canvas)
