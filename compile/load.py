@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 from dataclasses import dataclass
@@ -54,14 +55,16 @@ def load_model(name: str, pretrained: str | None = None) -> LoadedModel:
         pretrained = str(tiny.checkpoint_path())
 
     path = _as_path(pretrained)
-    model = _create(name, None)
     checkpoint_sha = None
     if path is not None:
         checkpoint_sha = sha256_file(path)
+        with _without_random_init_warning():  # the weights are loaded right below
+            model = _create(name, None)
         _load_local_checkpoint(model, path)
     elif pretrained is not None:
         model = _create_with_tag(name, pretrained)
     else:
+        model = _create(name, None)
         log.warning("model %s has random weights (no --pretrained given)", name)
 
     model.eval()
@@ -91,6 +94,23 @@ def _as_path(pretrained: str | None) -> Path | None:
     if path.suffix in CHECKPOINT_SUFFIXES or "/" in pretrained or "\\" in pretrained:
         raise CheckpointError(f"checkpoint file {path} not found")
     return None
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Model initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_random_init_warning():
+    """open_clip warns on the root logger that a model built without a tag is random; not so
+    when clipfold loads a local checkpoint into it next."""
+    root, drop = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def _create(name: str, pretrained: str | None):

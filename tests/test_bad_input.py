@@ -181,3 +181,17 @@ def test_cli_bad_image_is_a_clear_error(tiny_bundle, tmp_path):
     zero.write_bytes(b"")
     proc = _cli("classify", str(tiny_bundle.path), str(zero))
     assert proc.returncode == 2 and "zero.jpg" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_local_checkpoint_load_is_not_reported_as_random(caplog):
+    """open_clip's 'initialized randomly' warning is wrong when clipfold loads weights next."""
+    import logging
+
+    from clipfold.compile.load import load_model
+
+    with caplog.at_level(logging.WARNING):
+        load_model("clipfold-tiny")
+    assert not [r for r in caplog.records if "random" in r.getMessage()], caplog.text
+    with caplog.at_level(logging.WARNING):
+        load_model("RN50")
+    assert "RN50 has random weights" in caplog.text
