@@ -13,7 +13,7 @@ from torch import nn
 from clipfold.errors import ExportError
 from clipfold.runtime.manifest import TensorSpec
 
-from .head import ZeroShotHead
+from .heads import Head
 
 log = logging.getLogger(__name__)
 
@@ -22,24 +22,34 @@ EXTERNAL_DATA_BYTES = 1_500_000_000
 
 
 class ClassifierGraph(nn.Module):
-    """Folded image tower + L2 norm + scaled similarity + softmax/sigmoid + TopK.
+    """Folded image tower + L2 norm + the folded head + softmax/sigmoid + TopK.
 
-    The class matrix already carries ``exp(logit_scale)``, so the head is one MatMul (+ bias).
+    The head arrives folded (:meth:`Head.fold`): all linear branches in one matrix that already
+    carries ``exp(logit_scale)``, and each cache branch as one exp(GEMM) whose outputs join the
+    embedding in a single MatMul (+ bias).
     """
 
-    def __init__(self, visual: nn.Module, head: ZeroShotHead, top_k: int):
+    def __init__(self, visual: nn.Module, head: Head, top_k: int):
         super().__init__()
+        folded = head.fold()
         self.visual = visual
-        self.register_buffer("weight", (head.logit_scale * head.class_embeddings).T.contiguous())
-        bias = head.logit_bias
-        self.register_buffer("bias", torch.tensor(bias if bias is not None else 0.0))
-        self.has_bias = bias is not None
-        self.sigmoid = head.activation == "sigmoid"
+        self.register_buffer("weight", folded.weight)
+        self.register_buffer("bias", folded.bias)
+        self.has_bias = bool(folded.bias.abs().max() > 0)
+        for i, keys in enumerate(folded.scaled_keys):
+            self.register_buffer(f"cache_keys_{i}", keys)
+        self.betas = folded.betas
+        self.sigmoid = folded.activation == "sigmoid"
         self.top_k = int(top_k)
 
     def forward(self, pixels: torch.Tensor):
         features = F.normalize(self.visual(pixels.to(torch.float32)), dim=-1)
-        logits = features @ self.weight
+        if self.betas:
+            affinities = [torch.exp(features @ getattr(self, f"cache_keys_{i}").T - beta)
+                          for i, beta in enumerate(self.betas)]
+            logits = torch.cat([features, *affinities], dim=-1) @ self.weight
+        else:
+            logits = features @ self.weight
         if self.has_bias:
             logits = logits + self.bias
         scores = logits.sigmoid() if self.sigmoid else logits.softmax(dim=-1)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from clipfold.errors import ConfigError
 
 from . import tiny
+from .heads import Head, Linear
 
 TEMPLATE_PRESETS = ("imagenet80", "simple", "tiny", "label")
 
@@ -37,6 +38,14 @@ class ZeroShotHead:
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         logits = self.logits(features)
         return logits.softmax(-1) if self.activation == "softmax" else logits.sigmoid()
+
+    def to_head(self) -> Head:
+        """The ensemble as one linear branch of the general head (scale folded into the weight)."""
+        bias = None
+        if self.logit_bias is not None:
+            bias = torch.full((self.class_embeddings.shape[0],), self.logit_bias)
+        return Head(linears=(Linear(self.logit_scale * self.class_embeddings, bias),),
+                    activation=self.activation, method="zero-shot")
 
 
 def resolve_templates(spec: str | Sequence[str] | None, model_name: str) -> tuple[str, ...]:

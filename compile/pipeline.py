@@ -52,7 +52,7 @@ def compile_bundle(config: CompileConfig, progress: Callable[[str], None] | None
         top_k = min(config.top_k, len(config.labels))
         spec = loaded.preprocess
         visual = fold_input_normalization(loaded.model.visual, spec.mean, spec.std)
-        graph = ClassifierGraph(visual, head, top_k)
+        graph = ClassifierGraph(visual, head.to_head(), top_k)
 
         _say(progress, "exporting ONNX (fp32, dynamic batch)")
         onnx_path = stage / ONNX_FILE

@@ -132,7 +132,7 @@ def test_sigmoid_head_with_logit_bias_parity(tmp_path):
     head = build_zero_shot_head(loaded.model, loaded.tokenizer, labels, ("a photo of a {}.",))
     assert head.activation == "sigmoid" and head.logit_bias == -4.0
     spec = loaded.preprocess
-    graph = ClassifierGraph(fold_input_normalization(loaded.model.visual, spec.mean, spec.std), head, 4)
+    graph = ClassifierGraph(fold_input_normalization(loaded.model.visual, spec.mean, spec.std), head.to_head(), 4)
     export_onnx(graph, tmp_path / "m.onnx", spec.image_size, opset=18)
     pixels = verification_pixels(spec, VerifyConfig())
     ref = eager_reference(loaded.model, head, spec, pixels)
