@@ -1,0 +1,71 @@
+"""Tip-Adapter (training-free; Zhang et al., ECCV 2022), with inference as in the official code.
+
+The cache holds the support set: keys are the unit image features of the shots (the mean over
+augmented views, renormalized), values their one-hot labels. Then
+
+    logits = text_scale * f @ W_zs.T + alpha * exp(-(beta - beta * f @ K.T)) @ L
+
+with ``text_scale`` = 100 as in the official code. ``beta`` and ``alpha`` come from the official
+search grid, ``0.1 + i * (scale - 0.1) / steps``, evaluated on a validation split (first best wins).
+The result is a :class:`~clipfold.compile.heads.Head` with one linear and one cache branch.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from clipfold.errors import ConfigError
+
+from ..heads import Cache, Head, Linear
+
+SEARCH_SCALE = (7.0, 3.0)  # (beta, alpha), the official configs' defaults
+SEARCH_STEP = (200, 20)
+
+
+def cache_keys(views: torch.Tensor) -> torch.Tensor:
+    """Keys from the features of ``E`` augmented views of ``N`` shots, ``(E, N, D)`` -> ``(N, D)``."""
+    if views.ndim == 2:
+        views = views[None]
+    if views.ndim != 3:
+        raise ConfigError(f"cache features must be (views, shots, dim) or (shots, dim); got {tuple(views.shape)}")
+    if not torch.isfinite(views).all():
+        raise ConfigError("cache features hold NaN or inf values; expected finite embeddings")
+    return F.normalize(views.mean(dim=0), dim=-1)
+
+
+def tip_adapter_head(zero_shot: Head, keys: torch.Tensor, labels: torch.Tensor, alpha: float, beta: float,
+                     text_scale: float = 100.0) -> Head:
+    (branch,) = zero_shot.linears
+    classes = zero_shot.num_classes
+    if labels.shape != (keys.shape[0],):
+        raise ConfigError(f"the cache has {keys.shape[0]} keys but {tuple(labels.shape)} labels; expected one label per key")
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        raise ConfigError(f"cache labels must be in 0..{classes - 1} for {classes} classes; got {int(labels.min())}..{int(labels.max())}")
+    values = F.one_hot(labels, classes).float()
+    return Head(linears=(Linear(text_scale * F.normalize(branch.weight, dim=-1)),),
+                caches=(Cache(keys, values, beta=beta, alpha=alpha),), activation="softmax", method="tip-adapter")
+
+
+def search_grid(scale: float, steps: int) -> list[float]:
+    return [i * (scale - 0.1) / steps + 0.1 for i in range(steps)]
+
+
+@torch.no_grad()
+def search_hp(zero_shot: Head, keys: torch.Tensor, labels: torch.Tensor, features: torch.Tensor, targets: torch.Tensor,
+              scale: Sequence[float] = SEARCH_SCALE, steps: Sequence[int] = SEARCH_STEP) -> tuple[float, float, float]:
+    """(beta, alpha, validation top-1) of the first best grid point on ``features``/``targets``."""
+    head = tip_adapter_head(zero_shot, keys, labels, alpha=1.0, beta=1.0)
+    text_logits = head.linears[0].logits(features)
+    affinity = features @ keys.T
+    values = head.caches[0].values
+    best = (0.0, 0.0, -1.0)
+    for beta in search_grid(scale[0], steps[0]):
+        cache_logits = torch.exp(-(beta - beta * affinity)) @ values
+        for alpha in search_grid(scale[1], steps[1]):
+            acc = float(((text_logits + alpha * cache_logits).argmax(1) == targets).float().mean())
+            if acc > best[2]:
+                best = (beta, alpha, acc)
+    return best
