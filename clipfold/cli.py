@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from clipfold.errors import ClipfoldError
+from clipfold.errors import ClipfoldError, ConfigError
 
 
 def _progress(start: float):
@@ -27,9 +27,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from clipfold.compile.config import CompileConfig, read_labels
     from clipfold.compile.pipeline import compile_bundle
 
+    if args.labels is None and args.adapter is None:
+        raise ConfigError("compile needs --labels (a file or a comma list), or --adapter whose labels are used")
+    if args.labels is not None:
+        labels = read_labels(args.labels)
+    else:
+        from clipfold.compile.adapters.store import load_adapter
+
+        labels = load_adapter(args.adapter).labels
     config = CompileConfig(
-        labels=read_labels(args.labels), out=args.out, model=args.model, pretrained=args.pretrained,
-        templates=args.templates, top_k=args.top_k, overwrite=args.overwrite,
+        labels=labels, out=args.out, model=args.model, pretrained=args.pretrained,
+        templates=args.templates, top_k=args.top_k, overwrite=args.overwrite, adapter=args.adapter,
     )
     result = compile_bundle(config, progress=_progress(time.perf_counter()))
     variant = result.manifest.variant()
@@ -100,7 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("compile", help="compile a model and labels into a verified bundle")
-    p.add_argument("--labels", required=True, help="a file with one label per line, or a comma list")
+    p.add_argument("--labels", default=None, help="a file with one label per line, or a comma list "
+                   "(default with --adapter: the adapter's labels)")
+    p.add_argument("--adapter", type=Path, default=None,
+                   help="a fitted adapter file (safetensors) to fold in instead of the zero-shot head")
     p.add_argument("--out", required=True, type=Path, help="bundle directory to write")
     p.add_argument("--model", default="clipfold-tiny", help="open_clip model name (default: clipfold-tiny)")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint path")

@@ -42,10 +42,13 @@ class CompileConfig:
     overwrite: bool = False
     opset: int = 18
     verify: VerifyConfig = field(default_factory=VerifyConfig)
+    adapter: Path | None = None  # a fitted adapter file; replaces the zero-shot head
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", normalize_labels(self.labels))
         object.__setattr__(self, "out", Path(self.out))
+        if self.adapter is not None:
+            object.__setattr__(self, "adapter", Path(self.adapter))
         if self.top_k < 1:
             raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
         if not self.model:

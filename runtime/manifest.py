@@ -127,6 +127,7 @@ class HeadInfo:
     logit_bias: float | None
     templates: tuple[str, ...]
     method: str = "zero-shot"
+    adapter: dict[str, Any] | None = None  # file, sha256 and hyperparameters of a fitted adapter
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "templates", tuple(self.templates))
