@@ -49,6 +49,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit(args: argparse.Namespace) -> int:
+    from clipfold.compile.adapters.fit import FitConfig, fit_adapter
+
+    config = FitConfig(method=args.method, support=args.support, out=args.out, model=args.model,
+                       pretrained=args.pretrained, templates=args.templates, shots=args.shots, val=args.val)
+    adapter = fit_adapter(config, progress=_progress(time.perf_counter()))
+    hp = {k: v for k, v in adapter.hyperparameters.items() if k in ("alpha", "beta", "val_accuracy", "selected_on")}
+    print(f"wrote {config.out}: {adapter.head.method} over {len(adapter.labels)} classes; {hp}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from clipfold.compile.load import list_models
 
@@ -121,6 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=10, help="largest k the graph returns (default 10)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("fit", help="fit a few-shot adapter on a support folder (one sub-folder per class)")
+    p.add_argument("method", choices=["gda", "tip-adapter"])
+    p.add_argument("--support", required=True, type=Path, help="folder with one sub-folder of images per class")
+    p.add_argument("--out", required=True, type=Path, help="adapter file to write (safetensors)")
+    p.add_argument("--val", type=Path, default=None, help="validation folder for the hyperparameters "
+                   "(default: a held-out quarter of the support shots)")
+    p.add_argument("--shots", type=int, default=None, help="use the first N images of each class")
+    p.add_argument("--model", default="clipfold-tiny", help="open_clip model name (default: clipfold-tiny)")
+    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint path")
+    p.add_argument("--templates", default=None, help="prompt templates of the zero-shot branch (as for compile)")
+    p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("classify", help="classify images with a bundle")
     p.add_argument("bundle", type=Path)
