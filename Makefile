@@ -21,6 +21,12 @@ demo: $(STAMP)
 	$(CLI) compile --labels $(DEMO)/labels.txt --out $(DEMO)/tiny.bundle --overwrite
 	$(CLI) inspect $(DEMO)/tiny.bundle
 	$(CLI) classify $(DEMO)/tiny.bundle $(DEMO)/images/*.png --k 3
+	# Few-shot: fit GDA on 12 shots of a task the model was never trained to name, compare.
+	$(CLI) fit gda --support $(DEMO)/fewshot/support --templates $(DEMO)/fewshot/templates.txt --out $(DEMO)/gda.safetensors
+	$(CLI) compile --labels $(DEMO)/fewshot/labels.txt --templates $(DEMO)/fewshot/templates.txt --out $(DEMO)/zero-shot.bundle --overwrite
+	$(CLI) compile --adapter $(DEMO)/gda.safetensors --out $(DEMO)/gda.bundle --overwrite
+	$(CLI) evaluate $(DEMO)/zero-shot.bundle $(DEMO)/fewshot/test
+	$(CLI) evaluate $(DEMO)/gda.bundle $(DEMO)/fewshot/test
 
 test: $(STAMP)
 	$(PY) -m pytest -q

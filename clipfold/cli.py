@@ -88,6 +88,20 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from clipfold.runtime import Engine
+    from clipfold.runtime.folders import evaluate_folder
+
+    result = evaluate_folder(Engine.open(args.bundle, variant=args.variant, threads=args.threads), args.folder)
+    if args.json:
+        print(json.dumps({"images": result.images, "top1": result.top1, "per_class": result.per_class}, indent=2))
+        return 0
+    print(f"{args.bundle}: top-1 {result.top1:.1%} on {result.images} images of {len(result.per_class)} classes")
+    for label, accuracy in result.per_class.items():
+        print(f"  {accuracy:7.1%}  {label}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from clipfold.runtime import Engine
 
@@ -153,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("evaluate", help="top-1 accuracy of a bundle on a folder with one sub-folder per class")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("folder", type=Path)
+    p.add_argument("--variant", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("inspect", help="show a bundle's manifest after checking its files")
     p.add_argument("bundle", type=Path)

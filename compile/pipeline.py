@@ -57,7 +57,7 @@ def compile_bundle(config: CompileConfig, progress: Callable[[str], None] | None
             adapter.check_backbone(config.model, loaded.info.checkpoint_sha256)
             _say(progress, f"using the {adapter.head.method} adapter {config.adapter}")
             head, reference_head = adapter.head, adapter.head  # Head.logits is its unfolded formula
-            head_info = HeadInfo(activation=head.activation, logit_scale=float(loaded.model.logit_scale.exp()),
+            head_info = HeadInfo(activation=head.activation, logit_scale=loaded.model.logit_scale.detach().exp().item(),
                                  logit_bias=None, templates=(), method=head.method,
                                  adapter={"file": Path(config.adapter).name, "sha256": sha256_file(config.adapter),
                                           "hyperparameters": adapter.hyperparameters})

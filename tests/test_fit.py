@@ -8,9 +8,10 @@ import sys
 import pytest
 
 from clipfold import errors
-from clipfold.compile.adapters.fit import FitConfig, fit_adapter, read_folder
+from clipfold.compile.adapters.fit import FitConfig, fit_adapter
 from clipfold.compile.tiny import data
 from clipfold.runtime import Engine
+from clipfold.runtime.folders import evaluate_folder, read_folder
 
 from .test_gda import BACKGROUNDS, _shots
 
@@ -32,26 +33,27 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "clipfold", *args], capture_output=True, text=True, timeout=300)
 
 
-def _accuracy(bundle, samples):
-    preds = Engine.open(bundle).classify([s.image for s in samples], k=1)
-    return sum(p[0].label == f"{s.background} background" for p, s in zip(preds, samples)) / len(samples)
+@pytest.fixture(scope="module")
+def test_folder(tmp_path_factory):
+    return _write_folder(tmp_path_factory.mktemp("test"), data.generate(400, seed=4245))
 
 
-TEST_IMAGES = data.generate(400, seed=4245)
+def _accuracy(bundle, folder):
+    return evaluate_folder(Engine.open(bundle), folder).top1
 
 
 @pytest.fixture(scope="module")
-def zero_shot_accuracy(support, tmp_path_factory):
+def zero_shot_accuracy(support, test_folder, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zs")
     labels = ",".join(sorted(f"{b} background" for b in BACKGROUNDS))
     proc = _cli("compile", "--labels", labels, "--templates", str(_templates(tmp)), "--out", str(tmp / "zs.bundle"))
     assert proc.returncode == 0, proc.stderr
-    return _accuracy(tmp / "zs.bundle", TEST_IMAGES)
+    return _accuracy(tmp / "zs.bundle", test_folder)
 
 
 # Measured with 12 shots (400 images): zero-shot 0.7575, GDA 0.9525, Tip-Adapter 0.8350.
 @pytest.mark.parametrize("method, gain", [("gda", 0.10), ("tip-adapter", 0.03)])
-def test_fit_then_compile_gives_an_adapted_engine(support, tmp_path, zero_shot_accuracy, method, gain):
+def test_fit_then_compile_gives_an_adapted_engine(support, test_folder, tmp_path, zero_shot_accuracy, method, gain):
     adapter = tmp_path / f"{method}.safetensors"
     proc = _cli("fit", method, "--support", str(support), "--out", str(adapter),
                 "--templates", str(_templates(tmp_path)))
@@ -62,7 +64,9 @@ def test_fit_then_compile_gives_an_adapted_engine(support, tmp_path, zero_shot_a
     engine = Engine.open(tmp_path / "b.bundle")
     assert engine.manifest.head.method == method
     assert engine.manifest.head.adapter["hyperparameters"]["selected_on"] == "held-out support"
-    accuracy = _accuracy(tmp_path / "b.bundle", TEST_IMAGES)
+    accuracy = _accuracy(tmp_path / "b.bundle", test_folder)
+    proc = _cli("evaluate", str(tmp_path / "b.bundle"), str(test_folder))
+    assert proc.returncode == 0 and f"top-1 {accuracy:.1%}" in proc.stdout, proc.stdout + proc.stderr
     assert accuracy >= zero_shot_accuracy + gain, (zero_shot_accuracy, accuracy)
 
 
@@ -104,3 +108,8 @@ def test_unreadable_support_image_is_named(tmp_path):
 def test_random_weights_cannot_be_adapted(tmp_path, support):
     with pytest.raises(errors.CheckpointError, match="random weights here; adapters need fixed weights"):
         fit_adapter(FitConfig("gda", support, tmp_path / "a.safetensors", model="RN50", shots=1))
+
+
+def test_evaluate_refuses_classes_the_bundle_does_not_know(tiny_bundle, test_folder):
+    with pytest.raises(errors.ConfigError, match=r"classes \['dark background'.*the bundle does not know"):
+        evaluate_folder(Engine.open(tiny_bundle.path), test_folder)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from clipfold.errors import CheckpointError, ConfigError
+from clipfold.runtime.folders import read_folder
 from clipfold.runtime.images import load_image
 from clipfold.runtime.preprocess import preprocess
 
@@ -27,7 +28,6 @@ from . import gda, tip
 from .store import Adapter, Backbone, save_adapter
 
 METHODS = ("gda", "tip-adapter")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 @dataclass(frozen=True)
@@ -48,30 +48,6 @@ class FitConfig:
             raise ConfigError(f"shots must be >= 1, got {self.shots}")
         for name in ("support", "out") + (("val",) if self.val is not None else ()):
             object.__setattr__(self, name, Path(getattr(self, name)))
-
-
-def read_folder(root: Path, shots: int | None = None, labels: tuple[str, ...] | None = None) -> tuple[tuple[str, ...], list[Path], list[int]]:
-    """(labels, image paths, label indices) of a class-per-sub-folder image folder."""
-    if not root.is_dir():
-        raise ConfigError(f"support folder {root} not found (expected a folder with one sub-folder per class)")
-    classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")))
-    if labels is not None and classes != labels:
-        raise ConfigError(f"{root} has classes {list(classes)[:6]} but the support set has {list(labels)[:6]}; "
-                          "validation folders need the same class sub-folders")
-    if len(classes) < 2:
-        raise ConfigError(f"{root} has {len(classes)} class sub-folder(s) {list(classes)}; a classifier needs at least 2")
-    paths, targets = [], []
-    for index, name in enumerate(classes):
-        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise ConfigError(f"class folder {root / name} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        if shots is not None:
-            if len(files) < shots:
-                raise ConfigError(f"class {name!r} has {len(files)} images but {shots} shots were requested")
-            files = files[:shots]
-        paths += files
-        targets += [index] * len(files)
-    return classes, paths, targets
 
 
 @torch.no_grad()

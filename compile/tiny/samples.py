@@ -1,13 +1,17 @@
 """Write the demo's inputs: a labels file for the tiny model's classes and a few generated images.
 
 ``python -m clipfold.compile.tiny.samples --out DIR`` writes ``DIR/labels.txt`` and
-``DIR/images/NN_<colour>_<shape>.png`` (the file name tells the truth, for eyeballing the demo).
+``DIR/images/NN_<colour>_<shape>.png`` (the file name tells the truth, for eyeballing the demo),
+and a few-shot task the tiny model was never trained to name, background type:
+``DIR/fewshot/{support,test}/<type> background/*.png``, ``labels.txt`` and ``templates.txt``.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+import numpy as np
 
 from . import data
 
@@ -28,6 +32,28 @@ def write_samples(out: Path, n_images: int = 6, seed: int = 2024) -> tuple[Path,
     return labels, paths
 
 
+def write_fewshot(out: Path, shots: int = 12, test: int = 200, seed: int = 11) -> Path:
+    root = Path(out) / "fewshot"
+    labels = [f"{b} background" for b in data.BACKGROUNDS]
+    rng = np.random.default_rng(seed)
+    need = dict.fromkeys(labels, shots)
+    support = []
+    while any(need.values()):
+        sample = data.render(rng)
+        label = f"{sample.background} background"
+        if need[label]:
+            need[label] -= 1
+            support.append(sample)
+    for split, samples in (("support", support), ("test", data.generate(test, seed=seed + 1))):
+        for i, sample in enumerate(samples):
+            folder = root / split / f"{sample.background} background"
+            folder.mkdir(parents=True, exist_ok=True)
+            sample.image.save(folder / f"{i:04d}.png")
+    (root / "labels.txt").write_text("\n".join(sorted(labels)) + "\n", encoding="utf-8")
+    (root / "templates.txt").write_text("a photo on a {}.\na {}.\n", encoding="utf-8")
+    return root
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -36,6 +62,8 @@ def main() -> None:
     args = parser.parse_args()
     labels, paths = write_samples(args.out, args.n, args.seed)
     print(f"wrote {labels} ({len(data.class_names())} labels) and {len(paths)} images in {args.out / 'images'}")
+    fewshot = write_fewshot(args.out)
+    print(f"wrote a background-type few-shot task in {fewshot} (support and test folders)")
 
 
 if __name__ == "__main__":
