@@ -2,7 +2,7 @@
 
 The support folder holds one sub-folder per class (the folder name is the label, classes in
 sorted order) with the shots as image files. Hyperparameters are chosen on ``val`` (a folder of the
-same layout) or, without one, on a held-out quarter of each class's shots (at least one), never on
+same layout) or, without one, on the last quarter of each class's shots (at least one), never on
 test data; with a single shot per class and no ``val`` the method's defaults are used, and the
 adapter records which it was.
 """
@@ -64,7 +64,7 @@ def encode_images(loaded: LoadedModel, paths: list[Path], batch: int = 64) -> to
 
 
 def _split(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (fit, held out): every 4th shot of each class, at least one when a class has 2+."""
+    """Indices (fit, held out): the last quarter of each class's shots, at least one when it has 2+."""
     fit, held = [], []
     for k in targets.unique():
         idx = torch.nonzero(targets == k).flatten().tolist()
@@ -89,7 +89,8 @@ def fit_adapter(config: FitConfig, progress: Callable[[str], None] | None = None
         raise ConfigError("the model produced NaN or inf features for the support images")
     if config.val is not None:
         _, val_paths, val_targets = read_folder(config.val, labels=labels)
-        val_f, val_y, fit_f, fit_y, source = encode_images(loaded, val_paths), torch.tensor(val_targets), features, y, "val folder"
+        val_f, val_y = encode_images(loaded, val_paths), torch.tensor(val_targets)
+        fit_f, fit_y, source = features, y, "val folder"
     else:
         fit_idx, held_idx = _split(y)
         fit_f, fit_y = features[fit_idx], y[fit_idx]
