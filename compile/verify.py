@@ -23,7 +23,6 @@ from clipfold.runtime.manifest import Parity, PreprocessSpec, TensorSpec
 from clipfold.runtime.preprocess import preprocess
 
 from .config import VerifyConfig
-from .head import ZeroShotHead
 from .tiny import data as tiny_data
 
 
@@ -45,11 +44,18 @@ def verification_pixels(spec: PreprocessSpec, cfg: VerifyConfig) -> np.ndarray:
 
 
 @torch.no_grad()
-def eager_reference(model, head: ZeroShotHead, spec: PreprocessSpec, pixels: np.ndarray) -> Reference:
+def encode_pixels(model, spec: PreprocessSpec, pixels: np.ndarray) -> torch.Tensor:
+    """open_clip eager on uint8 NCHW pixels: ToTensor's /255, Normalize, encode_image, unit rows."""
     x = torch.from_numpy(pixels).float() / 255.0
     mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
     std = torch.tensor(spec.std).view(1, 3, 1, 1)
-    features = F.normalize(model.encode_image((x - mean) / std).float(), dim=-1)
+    return F.normalize(model.encode_image((x - mean) / std).float(), dim=-1)
+
+
+@torch.no_grad()
+def eager_reference(model, head, spec: PreprocessSpec, pixels: np.ndarray) -> Reference:
+    """``head`` is the unfolded formula: a ZeroShotHead or a Head (anything with ``scores``)."""
+    features = encode_pixels(model, spec, pixels)
     return Reference(pixels, features.numpy(), head.scores(features).numpy())
 
 

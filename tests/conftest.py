@@ -13,6 +13,14 @@ def tiny_labels() -> tuple[str, ...]:
 
 
 @pytest.fixture(scope="session")
+def tiny():
+    """The embedded tiny model, loaded once (open_clip model, tokenizer, preprocess, info)."""
+    from clipfold.compile.load import load_model
+
+    return load_model("clipfold-tiny")
+
+
+@pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, tiny_labels):
     """The embedded tiny model with its own templates over all colour x shape classes."""
     from clipfold.compile.config import CompileConfig

@@ -19,13 +19,13 @@ from clipfold.compile.tiny import data
 from clipfold.runtime import Engine
 from clipfold.runtime.manifest import sha256_file
 
-from .test_gda import BACKGROUNDS, _features, _shots, tiny  # noqa: F401  (shared fixture and data)
+from .test_gda import BACKGROUNDS, _features, _shots
 
 LABELS = tuple(f"{b} background" for b in BACKGROUNDS)
 
 
 @pytest.fixture(scope="module")
-def gda_adapter(tiny, tmp_path_factory):  # noqa: F811
+def gda_adapter(tiny, tmp_path_factory):
     zero_shot = build_zero_shot_head(tiny.model, tiny.tokenizer, LABELS, ("a photo on a {}.", "a {}.")).to_head()
     support_f, support_y = _features(tiny, _shots(16, 11))
     val_f, val_y = _features(tiny, _shots(8, 98))

@@ -14,9 +14,8 @@ from clipfold.compile.fold import fold_input_normalization
 from clipfold.compile.graph import ClassifierGraph, export_onnx, io_specs
 from clipfold.compile.head import build_zero_shot_head
 from clipfold.compile.heads import Head, Linear
-from clipfold.compile.load import load_model
 from clipfold.compile.tiny import data
-from clipfold.compile.verify import eager_reference, verification_pixels, verify_onnx
+from clipfold.compile.verify import eager_reference, encode_pixels, verification_pixels, verify_onnx
 from clipfold.runtime.preprocess import preprocess
 
 BACKGROUNDS = list(data.BACKGROUNDS)
@@ -52,17 +51,8 @@ def test_matches_the_official_formula_and_folds_exactly():
         assert torch.equal(ours.topk(3).indices, reference.topk(3).indices)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("clipfold-tiny")
-
-
 def _features(loaded, samples):
-    spec = loaded.preprocess
-    x = torch.from_numpy(preprocess([s.image for s in samples], spec)).float() / 255
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (spec.mean, spec.std))
-    with torch.no_grad():
-        f = F.normalize(loaded.model.encode_image((x - mean) / std), dim=-1)
+    f = encode_pixels(loaded.model, loaded.preprocess, preprocess([s.image for s in samples], loaded.preprocess))
     return f, torch.tensor([BACKGROUNDS.index(s.background) for s in samples])
 
 

@@ -16,7 +16,7 @@ from clipfold.compile.head import build_zero_shot_head
 from clipfold.compile.heads import Cache, Head, Linear
 from clipfold.compile.load import load_model
 from clipfold.compile.tiny import TEMPLATES, data
-from clipfold.compile.verify import eager_reference, verification_pixels, verify_onnx
+from clipfold.compile.verify import eager_reference, encode_pixels, verification_pixels, verify_onnx
 from clipfold.runtime.preprocess import preprocess
 
 
@@ -75,10 +75,7 @@ def test_cache_head_exports_and_verifies(tmp_path):
     spec = loaded.preprocess
     zs = build_zero_shot_head(loaded.model, loaded.tokenizer, labels, TEMPLATES)
     support = data.generate(60, seed=31)
-    with torch.no_grad():
-        pixels = torch.from_numpy(preprocess([s.image for s in support], spec)).float() / 255
-        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (spec.mean, spec.std))
-        keys = F.normalize(loaded.model.encode_image((pixels - mean) / std), dim=-1)
+    keys = encode_pixels(loaded.model, spec, preprocess([s.image for s in support], spec))
     values = F.one_hot(torch.tensor([labels.index(s.label) for s in support]), len(labels)).float()
     head = Head(linears=zs.to_head().linears, caches=(Cache(keys, values, beta=5.5, alpha=1.0),), method="tip-adapter")
 

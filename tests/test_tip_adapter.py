@@ -12,7 +12,7 @@ from clipfold.compile.head import build_zero_shot_head
 from clipfold.compile.heads import Head, Linear
 from clipfold.compile.tiny import data
 
-from .test_gda import BACKGROUNDS, _features, _shots, tiny  # noqa: F401  (shared fixture and data)
+from .test_gda import BACKGROUNDS, _features, _shots
 
 
 def official_tip_logits(f, keys_dn, values, clip_weights, alpha, beta):
@@ -41,7 +41,7 @@ def test_official_search_grid():
     assert search_grid(7.0, 200)[:2] == [0.1, 0.1 + 6.9 / 200] and len(search_grid(3.0, 20)) == 20
 
 
-def test_beats_zero_shot_on_a_task_the_model_was_not_trained_to_name(tiny):  # noqa: F811
+def test_beats_zero_shot_on_a_task_the_model_was_not_trained_to_name(tiny):
     zero_shot = build_zero_shot_head(tiny.model, tiny.tokenizer, [f"{b} background" for b in BACKGROUNDS],
                                      ("a photo on a {}.", "a {}.")).to_head()
     test_f, test_y = _features(tiny, data.generate(400, seed=4243))

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from clipfold.errors import CheckpointError, ConfigError
 from clipfold.runtime.folders import read_folder
@@ -24,6 +23,7 @@ from clipfold.runtime.preprocess import preprocess
 from ..config import DEFAULT_MODEL
 from ..head import build_zero_shot_head, resolve_templates
 from ..load import LoadedModel, load_model
+from ..verify import encode_pixels
 from . import gda, tip
 from .store import Adapter, Backbone, save_adapter
 
@@ -53,13 +53,10 @@ class FitConfig:
 @torch.no_grad()
 def encode_images(loaded: LoadedModel, paths: list[Path], batch: int = 64) -> torch.Tensor:
     """Unit image features, preprocessed exactly as the runtime does (an unreadable file is named)."""
-    spec = loaded.preprocess
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (spec.mean, spec.std))
     chunks = []
     for start in range(0, len(paths), batch):
         images = [load_image(p) for p in paths[start:start + batch]]
-        x = torch.from_numpy(preprocess(images, spec)).float() / 255
-        chunks.append(F.normalize(loaded.model.encode_image((x - mean) / std).float(), dim=-1))
+        chunks.append(encode_pixels(loaded.model, loaded.preprocess, preprocess(images, loaded.preprocess)))
     return torch.cat(chunks)
 
 
