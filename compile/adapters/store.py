@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from clipfold.errors import CheckpointError, ConfigError
 
@@ -93,11 +93,9 @@ def load_adapter(path: str | Path) -> Adapter:
     if not path.is_file():
         raise CheckpointError(f"adapter file {path} not found")
     try:
-        tensors = load_file(str(path))
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as fh:
+        with safe_open(str(path), framework="pt") as fh:  # one read: tensors and header metadata
             header = fh.metadata() or {}
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read adapter {path}: {exc}; expected a clipfold adapter (safetensors)") from None
     if METADATA_KEY not in header:
