@@ -27,17 +27,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from clipfold.compile.config import CompileConfig, read_labels
     from clipfold.compile.pipeline import compile_bundle
 
-    if args.labels is None and args.adapter is None:
-        raise ConfigError("compile needs --labels (a file or a comma list), or --adapter whose labels are used")
-    if args.labels is not None:
-        labels = read_labels(args.labels)
-    else:
-        from clipfold.compile.adapters.store import load_adapter
-
-        labels = load_adapter(args.adapter).labels
+    if args.labels is None and (args.adapter is None or args.method is not None):
+        raise ConfigError("compile needs --labels (a file or a comma list), or --adapter with a clipfold adapter "
+                          "file whose labels are used")
     config = CompileConfig(
-        labels=labels, out=args.out, model=args.model, pretrained=args.pretrained,
-        templates=args.templates, top_k=args.top_k, overwrite=args.overwrite, adapter=args.adapter,
+        labels=read_labels(args.labels) if args.labels is not None else None, out=args.out, model=args.model,
+        pretrained=args.pretrained, templates=args.templates, top_k=args.top_k, overwrite=args.overwrite,
+        adapter=args.adapter, method=args.method, method_options=_options(args.set),
     )
     result = compile_bundle(config, progress=_progress(time.perf_counter()))
     variant = result.manifest.variant()
@@ -49,13 +45,27 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _options(pairs: list[str] | None) -> dict[str, str]:
+    options = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
+        options[key.strip()] = value.strip()
+    return options
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
+    from clipfold.compile.adapters.features import ViewConfig, default_cache_dir
     from clipfold.compile.adapters.fit import FitConfig, fit_adapter
 
+    cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
     config = FitConfig(method=args.method, support=args.support, out=args.out, model=args.model,
-                       pretrained=args.pretrained, templates=args.templates, shots=args.shots, val=args.val)
+                       pretrained=args.pretrained, templates=args.templates, shots=args.shots, val=args.val,
+                       views=ViewConfig(views=args.views), cache_dir=cache_dir, seed=args.seed)
     adapter = fit_adapter(config, progress=_progress(time.perf_counter()))
-    hp = {k: v for k, v in adapter.hyperparameters.items() if k in ("alpha", "beta", "val_accuracy", "selected_on")}
+    hp = {k: v for k, v in adapter.hyperparameters.items()
+          if k in ("alpha", "beta", "gamma", "val_accuracy", "selected_on", "cached_features")}
     print(f"wrote {config.out}: {adapter.head.method} over {len(adapter.labels)} classes; {hp}")
     return 0
 
@@ -129,6 +139,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from clipfold.compile.adapters.registry import FITTERS, IMPORTERS  # names only; no torch import
+
     parser = argparse.ArgumentParser(prog="clipfold", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -136,7 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, help="a file with one label per line, or a comma list "
                    "(default with --adapter: the adapter's labels)")
     p.add_argument("--adapter", type=Path, default=None,
-                   help="a fitted adapter file (safetensors) to fold in instead of the zero-shot head")
+                   help="a fitted adapter file (safetensors), or with --method an official checkpoint, "
+                        "to fold in instead of the zero-shot head")
+    p.add_argument("--method", default=None, choices=sorted(IMPORTERS),
+                   help="import --adapter as this method's official checkpoint")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="an option of the imported method, e.g. class_token_position=middle or alpha=0.5")
     p.add_argument("--out", required=True, type=Path, help="bundle directory to write")
     p.add_argument("--model", default="clipfold-tiny", help="open_clip model name (default: clipfold-tiny)")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint path")
@@ -148,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("fit", help="fit a few-shot adapter on a support folder (one sub-folder per class)")
-    p.add_argument("method", choices=["gda", "tip-adapter"])
+    p.add_argument("method", choices=sorted(FITTERS))
     p.add_argument("--support", required=True, type=Path, help="folder with one sub-folder of images per class")
     p.add_argument("--out", required=True, type=Path, help="adapter file to write (safetensors)")
     p.add_argument("--val", type=Path, default=None, help="validation folder for the hyperparameters "
@@ -157,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="clipfold-tiny", help="open_clip model name (default: clipfold-tiny)")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint path")
     p.add_argument("--templates", default=None, help="prompt templates of the zero-shot branch (as for compile)")
+    p.add_argument("--views", type=int, default=1, help="feature views per shot: 1 plain + N-1 augmented "
+                   "(random resized crop and flip, as the official caches; they use 11)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where image features are cached (default: ~/.cache/clipfold/features)")
+    p.add_argument("--no-cache", action="store_true", help="encode every image, cache nothing")
+    p.add_argument("--seed", type=int, default=0, help="seed of trained methods")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("classify", help="classify images with a bundle")

@@ -31,9 +31,14 @@ class VerifyConfig:
 
 @dataclass(frozen=True)
 class CompileConfig:
-    """Everything ``compile_bundle`` needs. Labels are checked here, before any model loads."""
+    """Everything ``compile_bundle`` needs. Labels are checked here, before any model loads.
 
-    labels: tuple[str, ...]
+    ``labels`` may be None only with a clipfold adapter file, whose own labels are then used.
+    With ``method`` set, ``adapter`` is an official checkpoint of that method, imported with
+    ``method_options`` (e.g. ``{"class_token_position": "middle"}``).
+    """
+
+    labels: tuple[str, ...] | None
     out: Path
     model: str = DEFAULT_MODEL
     pretrained: str | None = None
@@ -42,10 +47,21 @@ class CompileConfig:
     overwrite: bool = False
     opset: int = 18
     verify: VerifyConfig = field(default_factory=VerifyConfig)
-    adapter: Path | None = None  # a fitted adapter file; replaces the zero-shot head
+    adapter: Path | None = None  # a fitted adapter file, or a checkpoint of ``method``; replaces the zero-shot head
+    method: str | None = None  # import ``adapter`` as this method's official checkpoint
+    method_options: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "labels", normalize_labels(self.labels))
+        if self.labels is None:
+            if self.adapter is None or self.method is not None:
+                raise LabelError("labels are required unless a clipfold adapter file (which carries its "
+                                 "labels) is given; importing a checkpoint needs the class names")
+        else:
+            object.__setattr__(self, "labels", normalize_labels(self.labels))
+        if self.method is not None and self.adapter is None:
+            raise ConfigError(f"--method {self.method} imports a checkpoint: pass it with --adapter")
+        if self.method_options and self.method is None:
+            raise ConfigError("method options apply to an imported checkpoint; pass --method too")
         object.__setattr__(self, "out", Path(self.out))
         if self.adapter is not None:
             object.__setattr__(self, "adapter", Path(self.adapter))

@@ -26,32 +26,63 @@ class ClassifierGraph(nn.Module):
 
     The head arrives folded (:meth:`Head.fold`): all linear branches in one matrix that already
     carries ``exp(logit_scale)``, and each cache branch as one exp(GEMM) whose outputs join the
-    embedding in a single MatMul (+ bias).
+    embedding in a single MatMul (+ bias). A CLIP-Adapter transform runs first; an APE cache
+    gathers its channels and renormalizes them. An image-conditioned adapter (CoCoOp) passes
+    ``logits_module`` instead of a head: it maps the unit embedding to logits itself.
+    The ``embedding`` output is always the backbone's unit embedding.
     """
 
-    def __init__(self, visual: nn.Module, head: Head, top_k: int):
+    def __init__(self, visual: nn.Module, head: Head | None, top_k: int, logits_module: nn.Module | None = None,
+                 activation: str = "softmax"):
         super().__init__()
-        folded = head.fold()
         self.visual = visual
+        self.top_k = int(top_k)
+        self.logits_module = logits_module
+        self.betas: tuple[float, ...] = ()
+        self.transform = None
+        self.has_bias = False
+        self.sigmoid = activation == "sigmoid"
+        if head is None:
+            return
+        folded = head.fold()
         self.register_buffer("weight", folded.weight)
         self.register_buffer("bias", folded.bias)
         self.has_bias = bool(folded.bias.abs().max() > 0)
-        for i, keys in enumerate(folded.scaled_keys):
+        for i, (keys, channels) in enumerate(zip(folded.scaled_keys, folded.channels)):
             self.register_buffer(f"cache_keys_{i}", keys)
+            if channels is not None:
+                self.register_buffer(f"cache_channels_{i}", channels.long())
+        self.gathers = tuple(c is not None for c in folded.channels)
         self.betas = folded.betas
+        if folded.transform is not None:
+            self.register_buffer("transform_down", folded.transform.down.float())
+            self.register_buffer("transform_up", folded.transform.up.float())
+            self.transform = float(folded.transform.ratio)
         self.sigmoid = folded.activation == "sigmoid"
-        self.top_k = int(top_k)
 
-    def forward(self, pixels: torch.Tensor):
-        features = F.normalize(self.visual(pixels.to(torch.float32)), dim=-1)
+    def head_logits(self, features: torch.Tensor) -> torch.Tensor:
+        if self.logits_module is not None:
+            return self.logits_module(features)
+        if self.transform is not None:
+            adapted = torch.relu(torch.relu(features @ self.transform_down.T) @ self.transform_up.T)
+            features = F.normalize(self.transform * adapted + (1.0 - self.transform) * features, dim=-1)
         if self.betas:
-            affinities = [torch.exp(features @ getattr(self, f"cache_keys_{i}").T - beta)
-                          for i, beta in enumerate(self.betas)]
+            affinities = []
+            for i, beta in enumerate(self.betas):
+                query = features
+                if self.gathers[i]:
+                    query = F.normalize(features.index_select(-1, getattr(self, f"cache_channels_{i}")), dim=-1)
+                affinities.append(torch.exp(query @ getattr(self, f"cache_keys_{i}").T - beta))
             logits = torch.cat([features, *affinities], dim=-1) @ self.weight
         else:
             logits = features @ self.weight
         if self.has_bias:
             logits = logits + self.bias
+        return logits
+
+    def forward(self, pixels: torch.Tensor):
+        features = F.normalize(self.visual(pixels.to(torch.float32)), dim=-1)
+        logits = self.head_logits(features)
         scores = logits.sigmoid() if self.sigmoid else logits.softmax(dim=-1)
         top_scores, top_indices = scores.topk(self.top_k, dim=-1)
         return top_scores, top_indices, features

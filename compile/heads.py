@@ -4,7 +4,10 @@ A head is a sum of branches over the unit image embedding ``f`` (1, D):
 
 * :class:`Linear` — ``f @ W.T + b``: zero-shot ensembles, CoOp, TaskRes, GDA, LP++, linear probes;
 * :class:`Cache` — ``alpha * exp(-beta * (1 - f @ K.T)) @ V``: Tip-Adapter's key-value cache
-  (APE and ProKeR are caches too, with other keys and values).
+  (ProKeR's has dense values; APE's reads a channel subset of ``f``, renormalized, and has refined
+  values);
+* an optional :class:`ResidualMLP` feature transform applied to ``f`` before every branch
+  (CLIP-Adapter: ``n(ratio * A(f) + (1 - ratio) * f)``).
 
 ``Head.logits`` is the unfolded reference formula. ``Head.fold`` rewrites it for export: every
 linear branch summed into one ``(W, b)``; each cache's ``beta`` moved into its keys
@@ -18,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from clipfold.errors import ConfigError
 
@@ -52,10 +56,11 @@ class Linear:
 
 @dataclass(frozen=True)
 class Cache:
-    keys: torch.Tensor  # (N, D), unit rows (cached support features)
+    keys: torch.Tensor  # (N, D'), cached support features; D' = len(channels) with a channel gather
     values: torch.Tensor  # (N, C), e.g. one-hot labels
     beta: float  # sharpness
     alpha: float  # residual weight
+    channels: torch.Tensor | None = None  # (D',) int64: the cache reads n(f[:, channels]) (APE)
 
     def __post_init__(self) -> None:
         if self.keys.ndim != 2 or self.values.ndim != 2 or self.keys.shape[0] != self.values.shape[0]:
@@ -64,26 +69,73 @@ class Cache:
                 f"{tuple(self.keys.shape)} and values {tuple(self.values.shape)}")
         _finite("cache keys", self.keys)
         _finite("cache values", self.values)
+        if self.channels is not None:
+            if self.channels.ndim != 1 or len(self.channels) != self.keys.shape[1] or self.channels.is_floating_point():
+                raise ConfigError(f"cache channels must be {self.keys.shape[1]} integer indices (one per key "
+                                  f"column); got shape {tuple(self.channels.shape)} of {self.channels.dtype}")
+            if len(self.channels.unique()) != len(self.channels) or self.channels.min() < 0:
+                raise ConfigError("cache channels must be distinct non-negative indices")
+
+    def query(self, f: torch.Tensor) -> torch.Tensor:
+        """What the keys are compared with: ``f``, or its channel subset renormalized."""
+        return f if self.channels is None else F.normalize(f[:, self.channels], dim=-1)
 
     def affinity(self, f: torch.Tensor) -> torch.Tensor:
-        return torch.exp(-self.beta * (1.0 - f @ self.keys.T))
+        return torch.exp(-self.beta * (1.0 - self.query(f) @ self.keys.T))
 
     def logits(self, f: torch.Tensor) -> torch.Tensor:
         return self.alpha * self.affinity(f) @ self.values
 
 
 @dataclass(frozen=True)
+class ResidualMLP:
+    """CLIP-Adapter's transform: ``n(ratio * relu(relu(f @ W1.T) @ W2.T) + (1 - ratio) * f)``.
+
+    The official adapter reads the unnormalized image feature ``x``; both linears are bias-free and
+    ReLU is positively homogeneous, so ``A(x) = |x| A(f)`` and the renormalized result is the same
+    on ``f = n(x)``: the head can work on the unit embedding like every other branch.
+    """
+
+    down: torch.Tensor  # (H, D)
+    up: torch.Tensor  # (D, H)
+    ratio: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.down.ndim != 2 or tuple(self.up.shape) != (self.down.shape[1], self.down.shape[0]):
+            raise ConfigError(f"residual MLP needs down (hidden, dim) and up (dim, hidden); got "
+                              f"{tuple(self.down.shape)} and {tuple(self.up.shape)}")
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ConfigError(f"residual ratio must be in [0, 1], got {self.ratio}")
+        _finite("residual MLP down weight", self.down)
+        _finite("residual MLP up weight", self.up)
+
+    @property
+    def dim(self) -> int:
+        return int(self.down.shape[1])
+
+    def __call__(self, f: torch.Tensor) -> torch.Tensor:
+        adapted = torch.relu(torch.relu(f @ self.down.T) @ self.up.T)
+        return F.normalize(self.ratio * adapted + (1.0 - self.ratio) * f, dim=-1)
+
+
+@dataclass(frozen=True)
 class FoldedHead:
-    """``logits = [f, exp(f @ Kb_1.T - beta_1), ...] @ weight + bias`` with ``Kb = beta K``."""
+    """``logits = [g, exp(q_1 @ Kb_1.T - beta_1), ...] @ weight + bias`` with ``Kb = beta K``,
+    ``g = transform(f)`` (or ``f``) and ``q_i`` = ``g`` or its renormalized channel subset."""
 
     weight: torch.Tensor  # (D + sum N_i, C)
     bias: torch.Tensor  # (C,)
-    scaled_keys: tuple[torch.Tensor, ...]  # beta_i K_i, (N_i, D)
+    scaled_keys: tuple[torch.Tensor, ...]  # beta_i K_i, (N_i, D_i)
     betas: tuple[float, ...]
+    channels: tuple[torch.Tensor | None, ...]
+    transform: ResidualMLP | None
     activation: str
 
     def logits(self, f: torch.Tensor) -> torch.Tensor:
-        parts = [f] + [torch.exp(f @ k.T - b) for k, b in zip(self.scaled_keys, self.betas)]
+        if self.transform is not None:
+            f = self.transform(f)
+        queries = [f if ch is None else F.normalize(f[:, ch], dim=-1) for ch in self.channels]
+        parts = [f] + [torch.exp(q @ k.T - b) for q, k, b in zip(queries, self.scaled_keys, self.betas)]
         features = torch.cat(parts, dim=-1) if len(parts) > 1 else f
         return features @ self.weight + self.bias
 
@@ -94,6 +146,7 @@ class Head:
     caches: tuple[Cache, ...] = ()
     activation: str = "softmax"
     method: str = "zero-shot"
+    transform: ResidualMLP | None = None  # applied to f before every branch
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "linears", tuple(self.linears))
@@ -108,10 +161,15 @@ class Head:
                 raise ConfigError(f"linear branch {i} has shape {tuple(branch.weight.shape)}, "
                                   f"expected ({classes}, {dim}) like branch 0")
         for i, cache in enumerate(self.caches):
-            if cache.keys.shape[1] != dim or cache.values.shape[1] != classes:
+            key_dim = dim if cache.channels is None else len(cache.channels)
+            if cache.keys.shape[1] != key_dim or cache.values.shape[1] != classes:
                 raise ConfigError(
                     f"cache branch {i} has keys {tuple(cache.keys.shape)} and values {tuple(cache.values.shape)}; "
-                    f"expected keys (N, {dim}) and values (N, {classes}) for {classes} classes of dim {dim}")
+                    f"expected keys (N, {key_dim}) and values (N, {classes}) for {classes} classes of dim {dim}")
+            if cache.channels is not None and int(cache.channels.max()) >= dim:
+                raise ConfigError(f"cache branch {i} gathers channel {int(cache.channels.max())} of a {dim}-dim embedding")
+        if self.transform is not None and self.transform.dim != dim:
+            raise ConfigError(f"the feature transform works on dim {self.transform.dim}, the head on dim {dim}")
 
     @property
     def num_classes(self) -> int:
@@ -123,6 +181,8 @@ class Head:
 
     def logits(self, f: torch.Tensor) -> torch.Tensor:
         """The unfolded reference: every branch evaluated as written, then summed."""
+        if self.transform is not None:
+            f = self.transform(f)
         out = sum(branch.logits(f) for branch in self.linears)
         for cache in self.caches:
             out = out + cache.logits(f)
@@ -144,5 +204,7 @@ class Head:
             bias=bias.float(),
             scaled_keys=tuple((c.beta * c.keys.double()).float().contiguous() for c in self.caches),
             betas=tuple(float(c.beta) for c in self.caches),
+            channels=tuple(c.channels for c in self.caches),
+            transform=self.transform,
             activation=self.activation,
         )

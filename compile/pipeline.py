@@ -10,15 +10,20 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from clipfold.errors import LabelError
 from clipfold.runtime.manifest import HeadInfo, Manifest, Variant, sha256_file
 
 from . import bundle
+from .adapters import registry
+from .adapters.base import ImportRequest
 from .adapters.store import load_adapter
 from .config import CompileConfig, VerifyConfig
 from .fold import fold_input_normalization
 from .graph import ClassifierGraph, export_onnx, io_specs
 from .head import build_zero_shot_head, resolve_templates
+from .heads import Head
 from .load import load_model
 from .verify import eager_reference, verification_pixels, verify_onnx
 
@@ -39,56 +44,114 @@ def _say(progress: Callable[[str], None] | None, message: str) -> None:
         progress(message)
 
 
+@dataclass(frozen=True)
+class _Adaptation:
+    """What the head stage hands to export and verification."""
+
+    labels: tuple[str, ...]
+    head: Head | None  # folded into the graph
+    logits_module: torch.nn.Module | None  # or an image-conditioned head (CoCoOp)
+    reference: object  # unfolded formula: anything with ``scores(unit features)``
+    encoder: object  # anything with ``encode_image(normalized pixels)``: the eager image tower
+    visual: torch.nn.Module  # the image tower to export (input normalization not yet folded)
+    info: HeadInfo
+
+
+class _ModuleScores:
+    def __init__(self, module: torch.nn.Module, activation: str):
+        self.module, self.activation = module, activation
+
+    @torch.no_grad()
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        logits = self.module(features)
+        return logits.softmax(-1) if self.activation == "softmax" else logits.sigmoid()
+
+
+class _Tower:
+    def __init__(self, visual: torch.nn.Module):
+        self.encode_image = visual
+
+
+def _adapter_info(path: Path, method: str, hyperparameters: dict, **extra) -> dict:
+    return {"file": Path(path).name, "sha256": sha256_file(path), "hyperparameters": hyperparameters, **extra}
+
+
+def _adapt(config: CompileConfig, loaded, labels, templates, adapter_file, progress) -> _Adaptation:
+    """The head stage: zero-shot, a clipfold adapter file, or an imported official checkpoint."""
+    model = loaded.model
+    scale = float(model.logit_scale.detach().exp())
+    if adapter_file is not None:
+        adapter_file.check_backbone(config.model, loaded.info.checkpoint_sha256)
+        _say(progress, f"using the {adapter_file.head.method} adapter {config.adapter}")
+        head = adapter_file.head  # Head.logits is its unfolded formula
+        info = HeadInfo(activation=head.activation, logit_scale=scale, logit_bias=None, templates=(),
+                        method=head.method, adapter=_adapter_info(config.adapter, head.method,
+                                                                  adapter_file.hyperparameters))
+        return _Adaptation(labels, head, None, head, model, model.visual, info)
+    if config.method is not None:
+        _say(progress, f"importing the {config.method} checkpoint {config.adapter}")
+        request = ImportRequest(Path(config.adapter), loaded, labels, templates, dict(config.method_options))
+        imported = registry.importer(config.method)(request)
+        if imported.labels != labels:
+            raise LabelError(f"the {config.method} checkpoint scores {len(imported.labels)} classes, "
+                             f"{len(labels)} labels were given")
+        visual = imported.visual if imported.visual is not None else model.visual
+        encoder = _Tower(imported.visual) if imported.visual is not None else model
+        reference = imported.head if imported.head is not None else _ModuleScores(imported.logits_module,
+                                                                                 imported.activation)
+        info = HeadInfo(activation=imported.activation, logit_scale=scale, logit_bias=None,
+                        templates=tuple(templates), method=config.method, slow=imported.slow,
+                        adapter=_adapter_info(config.adapter, config.method, imported.hyperparameters,
+                                              imported=True, options=dict(config.method_options)))
+        return _Adaptation(labels, imported.head, imported.logits_module, reference, encoder, visual, info)
+    _say(progress, f"building the head: {len(labels)} labels x {len(templates)} templates")
+    zero_shot = build_zero_shot_head(model, loaded.tokenizer, labels, templates)
+    info = HeadInfo(activation=zero_shot.activation, logit_scale=zero_shot.logit_scale,
+                    logit_bias=zero_shot.logit_bias, templates=templates)
+    return _Adaptation(labels, zero_shot.to_head(), None, zero_shot, model, model.visual, info)
+
+
 def compile_bundle(config: CompileConfig, progress: Callable[[str], None] | None = None) -> CompileResult:
-    """Compile ``config.model`` with a zero-shot head over ``config.labels`` into a bundle."""
+    """Compile ``config.model`` with a zero-shot, fitted or imported head into a verified bundle."""
     start = time.perf_counter()
-    # Cheap checks first: a bad template spec or existing target fails before the model loads.
-    adapter = load_adapter(config.adapter) if config.adapter is not None else None
-    if adapter is not None and adapter.labels != config.labels:
-        raise LabelError(f"the labels differ from the adapter's {len(adapter.labels)} labels "
-                         f"({', '.join(adapter.labels[:5])}{', ...' if len(adapter.labels) > 5 else ''}); "
+    # Cheap checks first: a bad adapter, method, template spec or existing target fails before the model loads.
+    adapter_file = None
+    if config.adapter is not None and config.method is None:
+        adapter_file = load_adapter(config.adapter)
+    if config.method is not None:
+        registry.importer(config.method)
+    labels = config.labels if config.labels is not None else adapter_file.labels
+    if adapter_file is not None and adapter_file.labels != labels:
+        raise LabelError(f"the labels differ from the adapter's {len(adapter_file.labels)} labels "
+                         f"({', '.join(adapter_file.labels[:5])}{', ...' if len(adapter_file.labels) > 5 else ''}); "
                          "omit --labels to use the adapter's")
-    templates = () if adapter is not None else resolve_templates(config.templates, config.model)
+    templates = () if adapter_file is not None else resolve_templates(config.templates, config.model)
     with bundle.staging_dir(config.out, config.overwrite) as stage:
         _say(progress, f"loading {config.model} ({config.pretrained or 'default weights'})")
         loaded = load_model(config.model, config.pretrained)
+        adaptation = _adapt(config, loaded, labels, templates, adapter_file, progress)
 
-        if adapter is not None:
-            adapter.check_backbone(config.model, loaded.info.checkpoint_sha256)
-            _say(progress, f"using the {adapter.head.method} adapter {config.adapter}")
-            head, reference_head = adapter.head, adapter.head  # Head.logits is its unfolded formula
-            head_info = HeadInfo(activation=head.activation, logit_scale=loaded.model.logit_scale.detach().exp().item(),
-                                 logit_bias=None, templates=(), method=head.method,
-                                 adapter={"file": Path(config.adapter).name, "sha256": sha256_file(config.adapter),
-                                          "hyperparameters": adapter.hyperparameters})
-        else:
-            _say(progress, f"building the head: {len(config.labels)} labels x {len(templates)} templates")
-            reference_head = build_zero_shot_head(loaded.model, loaded.tokenizer, config.labels, templates)
-            head = reference_head.to_head()
-            head_info = HeadInfo(activation=head.activation, logit_scale=reference_head.logit_scale,
-                                 logit_bias=reference_head.logit_bias, templates=templates)
-
-        top_k = min(config.top_k, len(config.labels))
+        top_k = min(config.top_k, len(labels))
         spec = loaded.preprocess
-        visual = fold_input_normalization(loaded.model.visual, spec.mean, spec.std)
-        graph = ClassifierGraph(visual, head, top_k)
+        visual = fold_input_normalization(adaptation.visual, spec.mean, spec.std)
+        graph = ClassifierGraph(visual, adaptation.head, top_k, adaptation.logits_module, adaptation.info.activation)
 
         _say(progress, "exporting ONNX (fp32, dynamic batch)")
         onnx_path = stage / ONNX_FILE
         export_onnx(graph, onnx_path, spec.image_size, config.opset)
 
-        _say(progress, "verifying against open_clip eager")
+        _say(progress, "verifying against the eager model and the unfolded head")
         inputs, outputs = io_specs(spec.image_size, top_k, loaded.info.embed_dim)
         pixels = verification_pixels(spec, config.verify)
-        reference = eager_reference(loaded.model, reference_head, spec, pixels)
+        reference = eager_reference(adaptation.encoder, adaptation.reference, spec, pixels)
         parity = verify_onnx(onnx_path, inputs, outputs, reference, config.verify)
 
         variant = Variant(name="fp32", file=ONNX_FILE, format="onnx", precision="fp32",
                           inputs=inputs, outputs=outputs, parity=parity, top_k=top_k)
         manifest = Manifest(
             model=loaded.info,
-            labels=config.labels,
-            head=head_info,
+            labels=labels,
+            head=adaptation.info,
             preprocess=spec,
             variants=(variant,),
             default_variant="fp32",

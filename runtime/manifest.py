@@ -127,7 +127,8 @@ class HeadInfo:
     logit_bias: float | None
     templates: tuple[str, ...]
     method: str = "zero-shot"
-    adapter: dict[str, Any] | None = None  # file, sha256 and hyperparameters of a fitted adapter
+    adapter: dict[str, Any] | None = None  # file, sha256 and hyperparameters of a fitted or imported adapter
+    slow: bool = False  # the graph runs per-image text work (CoCoOp): expect far higher latency
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "templates", tuple(self.templates))

@@ -22,6 +22,7 @@ import torch
 from clipfold.errors import ConfigError
 
 from ..heads import Head, Linear
+from .base import Fitted, Support
 
 ALPHA_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
@@ -82,3 +83,22 @@ def select_alpha(zero_shot: Head, fit: GaussianFit, features: torch.Tensor, labe
         accuracy[alpha] = float((logits.argmax(1) == labels).float().mean())
     best = max(grid, key=lambda a: (accuracy[a], -grid.index(a)))
     return best, accuracy
+
+
+def fit_gda(support: Support) -> Fitted:
+    """alpha chosen on the validation split (the fit part of the shots); the official defaults otherwise."""
+    zero_shot = Head(linears=(Linear(support.logit_scale * support.text),))
+    alpha, hyper = 1.0, {"alpha_grid": list(ALPHA_GRID)}
+    if support.has_val:
+        alpha, grid = select_alpha(zero_shot, fit_gaussian(support.features, support.labels, support.num_classes),
+                                   support.val_features, support.val_labels)
+        hyper["val_accuracy"] = grid[alpha]
+    hyper["alpha"] = alpha
+    return refit_gda(support, hyper)
+
+
+def refit_gda(support: Support, hyperparameters: dict) -> Fitted:
+    """The head on every shot of ``support`` with alpha already chosen."""
+    zero_shot = Head(linears=(Linear(support.logit_scale * support.text),))
+    fit = fit_gaussian(support.features, support.labels, support.num_classes)
+    return Fitted(gda_head(zero_shot, fit, hyperparameters["alpha"]), dict(hyperparameters))

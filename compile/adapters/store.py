@@ -1,6 +1,7 @@
 """Adapter files: one safetensors file holding a fitted :class:`Head` and its JSON metadata.
 
-Tensors are ``linear.<i>.weight``, ``linear.<i>.bias``, ``cache.<i>.keys`` and ``cache.<i>.values``;
+Tensors are ``linear.<i>.weight``, ``linear.<i>.bias``, ``cache.<i>.keys``, ``cache.<i>.values``,
+``cache.<i>.channels`` (a channel gather) and ``transform.down`` / ``transform.up`` (a residual MLP);
 the safetensors header's ``clipfold`` entry is JSON with the format version, the method and its
 hyperparameters, the labels, the activation, each cache's beta and alpha, and the backbone the
 features came from (open_clip model name and checkpoint sha256). An adapter is only valid on that
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 
 from clipfold.errors import CheckpointError, ConfigError
 
-from ..heads import Cache, Head, Linear
+from ..heads import Cache, Head, Linear, ResidualMLP
 
 FORMAT_VERSION = 1
 METADATA_KEY = "clipfold"
@@ -71,11 +72,17 @@ def save_adapter(adapter: Adapter, path: str | Path) -> Path:
     for i, cache in enumerate(head.caches):
         tensors[f"cache.{i}.keys"] = cache.keys.float().contiguous()
         tensors[f"cache.{i}.values"] = cache.values.float().contiguous()
+        if cache.channels is not None:
+            tensors[f"cache.{i}.channels"] = cache.channels.long().contiguous()
+    if head.transform is not None:
+        tensors["transform.down"] = head.transform.down.float().contiguous()
+        tensors["transform.up"] = head.transform.up.float().contiguous()
     meta = {
         "format_version": FORMAT_VERSION, "method": head.method, "activation": head.activation,
         "labels": list(adapter.labels), "hyperparameters": adapter.hyperparameters,
         "caches": [{"beta": c.beta, "alpha": c.alpha} for c in head.caches],
         "linears": len(head.linears),
+        "transform": None if head.transform is None else {"ratio": head.transform.ratio},
         "backbone": {"model": adapter.backbone.model, "checkpoint_sha256": adapter.backbone.checkpoint_sha256},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,10 +114,15 @@ def load_adapter(path: str | Path) -> Adapter:
     try:
         linears = tuple(Linear(tensors[f"linear.{i}.weight"], tensors.get(f"linear.{i}.bias"))
                         for i in range(meta["linears"]))
-        caches = tuple(Cache(tensors[f"cache.{i}.keys"], tensors[f"cache.{i}.values"], c["beta"], c["alpha"])
+        caches = tuple(Cache(tensors[f"cache.{i}.keys"], tensors[f"cache.{i}.values"], c["beta"], c["alpha"],
+                             tensors.get(f"cache.{i}.channels"))
                        for i, c in enumerate(meta["caches"]))
+        spec = meta.get("transform")
+        transform = None if spec is None else ResidualMLP(tensors["transform.down"], tensors["transform.up"],
+                                                          spec["ratio"])
         backbone = Backbone(**meta["backbone"])
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"adapter {path} is incomplete: missing {exc}; found tensors {sorted(tensors)}") from None
-    head = Head(linears=linears, caches=caches, activation=meta["activation"], method=meta["method"])
+    head = Head(linears=linears, caches=caches, activation=meta["activation"], method=meta["method"],
+                transform=transform)
     return Adapter(head, tuple(meta["labels"]), backbone, meta.get("hyperparameters", {}))

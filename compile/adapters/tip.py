@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from clipfold.errors import ConfigError
 
 from ..heads import Cache, Head, Linear
+from .base import Fitted, Support
 
 SEARCH_SCALE = (7.0, 3.0)  # (beta, alpha), the official configs' defaults
 SEARCH_STEP = (200, 20)
@@ -69,3 +70,21 @@ def search_hp(zero_shot: Head, keys: torch.Tensor, labels: torch.Tensor, feature
             if acc > best[2]:
                 best = (beta, alpha, acc)
     return best
+
+
+def fit_tip(support: Support) -> Fitted:
+    """beta and alpha from the official grid on the validation split; (1, 1) without one."""
+    zero_shot = Head(linears=(Linear(support.logit_scale * support.text),))
+    hyper: dict = {"beta": 1.0, "alpha": 1.0, "search_scale": list(SEARCH_SCALE), "search_step": list(SEARCH_STEP)}
+    if support.has_val:
+        beta, alpha, acc = search_hp(zero_shot, cache_keys(support.views), support.labels,
+                                     support.val_features, support.val_labels)
+        hyper.update(beta=beta, alpha=alpha, val_accuracy=acc)
+    return refit_tip(support, hyper)
+
+
+def refit_tip(support: Support, hyperparameters: dict) -> Fitted:
+    zero_shot = Head(linears=(Linear(support.logit_scale * support.text),))
+    head = tip_adapter_head(zero_shot, cache_keys(support.views), support.labels,
+                            alpha=hyperparameters["alpha"], beta=hyperparameters["beta"])
+    return Fitted(head, dict(hyperparameters))

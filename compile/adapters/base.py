@@ -1,0 +1,144 @@
+"""The two contracts every adaptation method implements: fitting on features, importing a checkpoint.
+
+* A **fitter** takes a :class:`Support` (unit image features of the shots, their labels, a
+  validation split, the class text embeddings) and returns a :class:`Fitted` head. It never sees
+  images or the model: features are encoded (and cached on disk) once by ``fit.py``.
+* An **importer** takes an :class:`ImportRequest` (an official checkpoint and the loaded backbone)
+  and returns an :class:`Imported`: a head over the unit image embedding, and, for methods that
+  change an encoder, the changed image tower (MaPLe) or an image-conditioned logits module
+  (CoCoOp). Importers that merge weights (CLIP-LoRA) change ``request.loaded.model`` in place.
+
+Methods register themselves in :data:`FITTERS` / :data:`IMPORTERS` (see ``registry.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from clipfold.errors import ConfigError
+
+from ..heads import Head
+
+
+@dataclass(frozen=True)
+class Support:
+    """Few-shot features for fitting; every feature row is unit-norm float32."""
+
+    views: torch.Tensor  # (E, N, D): E views of N shots; views[0] is the plain (unaugmented) view
+    labels: torch.Tensor  # (N,) int64 in 0..C-1
+    val_features: torch.Tensor  # (M, D); M may be 0 (then a method uses its defaults)
+    val_labels: torch.Tensor  # (M,)
+    text: torch.Tensor  # (C, D) unit class embeddings of the prompt ensemble
+    logit_scale: float = 100.0  # exp(logit_scale) of the model, CLIP's 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.views.ndim == 2:
+            object.__setattr__(self, "views", self.views[None])
+        e, n, d = self.views.shape
+        if self.labels.shape != (n,):
+            raise ConfigError(f"support has {n} shots but labels of shape {tuple(self.labels.shape)}")
+        if self.text.ndim != 2 or self.text.shape[1] != d:
+            raise ConfigError(f"text embeddings {tuple(self.text.shape)} do not match image features of dim {d}")
+        if self.val_features.shape[0] != self.val_labels.shape[0] or (
+                len(self.val_features) and self.val_features.shape[1] != d):
+            raise ConfigError(f"validation features {tuple(self.val_features.shape)} and labels "
+                              f"{tuple(self.val_labels.shape)} do not match (expected (M, {d}) and (M,))")
+        for name in ("views", "val_features", "text"):
+            if not torch.isfinite(getattr(self, name)).all():
+                raise ConfigError(f"support {name} hold NaN or inf values; expected finite embeddings")
+        if n and (self.labels.min() < 0 or self.labels.max() >= self.num_classes):
+            raise ConfigError(f"support labels must be in 0..{self.num_classes - 1}")
+
+    @property
+    def features(self) -> torch.Tensor:
+        """(N, D): the plain view of every shot."""
+        return self.views[0]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.text.shape[0])
+
+    @property
+    def has_val(self) -> bool:
+        return len(self.val_labels) > 0
+
+
+@dataclass(frozen=True)
+class Fitted:
+    head: Head
+    hyperparameters: dict[str, Any] = field(default_factory=dict)  # chosen values, grids, val accuracy
+
+
+@dataclass(frozen=True)
+class ImportRequest:
+    checkpoint: Path
+    loaded: Any  # compile.load.LoadedModel: model, tokenizer, preprocess, info
+    labels: tuple[str, ...] | None  # class names; importers whose checkpoint lacks them require these
+    templates: tuple[str, ...]  # prompt templates, for importers that build a text head
+    options: Mapping[str, str] = field(default_factory=dict)  # method options, e.g. {"class_token_position": "end"}
+
+
+@dataclass(frozen=True)
+class Imported:
+    labels: tuple[str, ...]
+    head: Head | None  # over the unit image embedding; None only with ``logits_module``
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    visual: nn.Module | None = None  # a replacement image tower taking normalized pixels (MaPLe)
+    logits_module: nn.Module | None = None  # unit f (B, D) -> logits (B, C), image-conditioned (CoCoOp)
+    activation: str = "softmax"
+    slow: bool = False  # the graph runs heavy per-image work (CoCoOp's text tower): flagged in the manifest
+
+    def __post_init__(self) -> None:
+        if (self.head is None) == (self.logits_module is None):
+            raise ConfigError("an imported adapter needs exactly one of a head or an image-conditioned logits module")
+
+
+Fitter = Callable[[Support], Fitted]
+Importer = Callable[[ImportRequest], Imported]
+
+
+def option(request: ImportRequest, name: str, default: str, choices: tuple[str, ...] | None = None) -> str:
+    """A method option from ``--set name=value``, checked against its allowed values."""
+    value = request.options.get(name, default)
+    if choices is not None and value not in choices:
+        raise ConfigError(f"option {name}={value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def float_option(request: ImportRequest, name: str, default: float) -> float:
+    raw = request.options.get(name)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"option {name}={raw!r} is not a number") from None
+
+
+def load_torch_checkpoint(path: Path) -> Any:
+    """``torch.load`` with weights_only (no code runs); a Dassl ``{'state_dict': ...}`` is unwrapped by callers."""
+    from clipfold.errors import CheckpointError
+
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors have many types; name the file and the cause
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+
+
+def require_keys(state: Mapping[str, Any], expected: tuple[str, ...], method: str, path: Path) -> None:
+    """Refuse a checkpoint of unknown layout, naming the keys found and those expected."""
+    from clipfold.errors import CheckpointError
+
+    missing = [k for k in expected if k not in state]
+    if missing:
+        found = sorted(state)[:20]
+        raise CheckpointError(f"{path} is not a {method} checkpoint: missing keys {missing}; expected "
+                              f"{list(expected)}; found {found}{' ...' if len(state) > 20 else ''}")

@@ -1,0 +1,100 @@
+"""CLIP-Adapter (Gao et al., IJCV 2023), with inference as in the official code
+(gaopengcuhk/CLIP-Adapter, ``clip_adapter.py``: ``Adapter`` and ``CustomCLIP.forward``).
+
+A bottleneck MLP ``A = ReLU . Linear(D/4 -> D, no bias) . ReLU . Linear(D -> D/4, no bias)`` is
+blended into the image feature and the result renormalized:
+
+    logits = exp(logit_scale) * n(0.2 A(x) + 0.8 x) @ T.T
+
+with ``T`` the unit class text embeddings. The official code feeds the unnormalized feature
+``x``; the head uses ``f = n(x)``, which is exact because ``A`` is positively homogeneous (see
+:class:`~clipfold.compile.heads.ResidualMLP`).
+
+* import: the Dassl checkpoint ``clip_adapter/model.pth.tar-<epoch>`` (``{'state_dict':
+  {'fc.0.weight', 'fc.2.weight'}, 'epoch', ...}``) plus class names; the text rows are built
+  from ``--templates`` (the official code uses one template per dataset, e.g. ``a photo of a {}.``).
+* fit: the MLP is trained on cached (augmented) features with cross-entropy, as the official
+  trainer does on images; SGD with momentum and a cosine schedule, Dassl's defaults.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from clipfold.errors import CheckpointError, ConfigError
+
+from ..head import build_zero_shot_head
+from ..heads import Head, Linear, ResidualMLP
+from .base import Fitted, Imported, ImportRequest, Support, load_torch_checkpoint, require_keys
+
+RATIO = 0.2
+REDUCTION = 4
+KEYS = ("fc.0.weight", "fc.2.weight")
+EPOCHS, BATCH, LR, MOMENTUM, WEIGHT_DECAY = 200, 32, 2e-3, 0.9, 5e-4  # Dassl's SGD defaults
+
+
+def clip_adapter_head(text: torch.Tensor, logit_scale: float, down: torch.Tensor, up: torch.Tensor,
+                      ratio: float = RATIO) -> Head:
+    return Head(linears=(Linear(logit_scale * F.normalize(text, dim=-1)),), method="clip-adapter",
+                transform=ResidualMLP(down, up, ratio))
+
+
+def import_clip_adapter(request: ImportRequest) -> Imported:
+    state = load_torch_checkpoint(request.checkpoint)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{request.checkpoint} holds a {type(state).__name__}; expected a CLIP-Adapter "
+                              f"state dict with {list(KEYS)}")
+    require_keys(state, KEYS, "CLIP-Adapter", request.checkpoint)
+    if request.labels is None:
+        raise ConfigError("importing CLIP-Adapter needs the class names (--labels), in the training order")
+    model = request.loaded.model
+    dim = request.loaded.info.embed_dim
+    down, up = state["fc.0.weight"].float(), state["fc.2.weight"].float()
+    if down.shape[1] != dim:
+        raise CheckpointError(f"the CLIP-Adapter in {request.checkpoint} works on {down.shape[1]}-dim features, "
+                              f"but {request.loaded.info.name} has {dim}-dim embeddings")
+    names = [label.replace("_", " ") for label in request.labels]  # as the official TextEncoder
+    text = build_zero_shot_head(model, request.loaded.tokenizer, names, request.templates).class_embeddings
+    scale = float(model.logit_scale.detach().exp())
+    head = clip_adapter_head(text, scale, down, up)
+    return Imported(labels=tuple(request.labels), head=head,
+                    hyperparameters={"ratio": RATIO, "reduction": dim // down.shape[0], "logit_scale": scale,
+                                     "templates": list(request.templates)})
+
+
+def fit_clip_adapter(support: Support, epochs: int = EPOCHS) -> Fitted:
+    gen = torch.Generator().manual_seed(support.seed)
+    dim = support.text.shape[1]
+    hidden = max(1, dim // REDUCTION)
+    down = torch.nn.Linear(dim, hidden, bias=False)
+    up = torch.nn.Linear(hidden, dim, bias=False)
+    with torch.no_grad():  # nn.Linear's default init, drawn from the fit's own generator
+        for layer in (down, up):
+            bound = 1.0 / layer.in_features ** 0.5
+            layer.weight.uniform_(-bound, bound, generator=gen)
+    params = [down.weight, up.weight]
+    optimizer = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    x = support.views.reshape(-1, dim)
+    y = support.labels.repeat(support.views.shape[0])
+    steps = (len(x) + BATCH - 1) // BATCH
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps)
+    weight = support.logit_scale * support.text
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for start in range(0, len(x), BATCH):
+            idx = order[start:start + BATCH]
+            adapted = torch.relu(up(torch.relu(down(x[idx]))))
+            logits = F.normalize(RATIO * adapted + (1 - RATIO) * x[idx], dim=-1) @ weight.T
+            loss = F.cross_entropy(logits, y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    head = clip_adapter_head(support.text, support.logit_scale, down.weight.detach().clone(), up.weight.detach().clone())
+    hyper = {"ratio": RATIO, "reduction": REDUCTION, "epochs": epochs, "batch": BATCH, "lr": LR,
+             "optimizer": "sgd", "views": int(support.views.shape[0])}
+    if support.has_val:
+        hyper["val_accuracy"] = float((head.logits(support.val_features).argmax(1) == support.val_labels).float().mean())
+    return Fitted(head, hyper)

@@ -1,0 +1,59 @@
+"""Which methods ``clipfold fit`` and ``clipfold compile --method`` know, and where each lives.
+
+Entries name ``module:function`` and are imported on first use, so listing the methods (or
+failing on an unknown one) imports no method code. A fitter module may also define ``refit_<name>``:
+``fit`` then chooses hyperparameters on a held-out part of the shots and refits on all of them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+from clipfold.errors import ConfigError
+
+FITTERS: dict[str, str] = {
+    "gda": "gda:fit_gda",
+    "tip-adapter": "tip:fit_tip",
+    "tip-adapter-f": "tip_f:fit_tip_f",
+    "ape": "ape:fit_ape",
+    "proker": "proker:fit_proker",
+    "lp++": "lpp:fit_lpp",
+    "taskres": "taskres:fit_taskres",
+    "clip-adapter": "clip_adapter:fit_clip_adapter",
+}
+
+REFITTERS: dict[str, str] = {
+    "gda": "gda:refit_gda",
+    "tip-adapter": "tip:refit_tip",
+    "ape": "ape:refit_ape",
+}
+
+IMPORTERS: dict[str, str] = {
+    "coop": "coop:import_coop",
+    "cocoop": "cocoop:import_cocoop",
+    "maple": "maple:import_maple",
+    "clip-lora": "lora:import_lora",
+    "taskres": "taskres:import_taskres",
+    "tip-adapter-f": "tip_f:import_tip_f",
+    "clip-adapter": "clip_adapter:import_clip_adapter",
+}
+
+
+def _resolve(table: dict[str, str], name: str, what: str) -> Callable:
+    if name not in table:
+        raise ConfigError(f"unknown method {name!r} for {what}; expected one of {', '.join(sorted(table))}")
+    module, function = table[name].split(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), function)
+
+
+def fitter(name: str) -> Callable:
+    return _resolve(FITTERS, name, "fitting")
+
+
+def refitter(name: str) -> Callable | None:
+    return _resolve(REFITTERS, name, "refitting") if name in REFITTERS else None
+
+
+def importer(name: str) -> Callable:
+    return _resolve(IMPORTERS, name, "importing a checkpoint")

@@ -1,0 +1,42 @@
+"""One check shared by the adapter tests: the exported engine equals a method's plain formula.
+
+The engine (onnxruntime, through the torch-free runtime) and the reference see the same uint8
+pixels; the reference encodes them with open_clip eager and applies the test's own transcription
+of the official formula, unfolded, in float64. Scores must agree within 1e-5 and the top-k indices
+must be identical (where the reference's own scores tie, either order is accepted).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from clipfold.compile.config import VerifyConfig
+from clipfold.compile.verify import verification_pixels
+from clipfold.runtime import Engine
+
+
+def normalized_pixels(pixels: np.ndarray, spec) -> torch.Tensor:
+    x = torch.from_numpy(pixels).double() / 255.0
+    return ((x - torch.tensor(spec.mean, dtype=torch.float64).view(1, 3, 1, 1))
+            / torch.tensor(spec.std, dtype=torch.float64).view(1, 3, 1, 1)).float()
+
+
+def assert_engine_matches(bundle_path, spec, reference_logits, images: int = 8) -> float:
+    """``reference_logits(normalized pixels) -> (B, C)``; returns the max |score difference|."""
+    engine = Engine.open(bundle_path)
+    pixels = verification_pixels(spec, VerifyConfig(random_images=images, generated_images=images, seed=7))
+    out = engine.run_pixels(pixels)
+    with torch.no_grad():
+        logits = reference_logits(normalized_pixels(pixels, spec)).double()
+    probs = logits.softmax(-1) if engine.manifest.head.activation == "softmax" else logits.sigmoid()
+    k = out["indices"].shape[1]
+    top = probs.topk(k)
+    diff = float(np.abs(out["scores"] - top.values.numpy()).max())
+    assert diff <= 1e-5, f"engine scores differ from the reference by {diff:.2e}"
+    # Identical top-k, except where the reference itself ties (e.g. scores that underflow to 0).
+    engine_ref = np.take_along_axis(probs.numpy(), out["indices"], axis=1)
+    differs = out["indices"] != top.indices.numpy()
+    tied = np.abs(engine_ref - top.values.numpy()) <= 1e-7
+    assert not (differs & ~tied).any(), f"engine top-k differs from the reference in {int((differs & ~tied).sum())} places"
+    return diff
