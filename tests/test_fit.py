@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from clipfold import errors
 from clipfold.compile.adapters.fit import FitConfig, fit_adapter
@@ -113,3 +114,45 @@ def test_random_weights_cannot_be_adapted(tmp_path, support):
 def test_evaluate_refuses_classes_the_bundle_does_not_know(tiny_bundle, test_folder):
     with pytest.raises(errors.ConfigError, match=r"classes \['dark background'.*the bundle does not know"):
         evaluate_folder(Engine.open(tiny_bundle.path), test_folder)
+
+
+def test_features_are_cached_by_model_and_file_with_augmented_views(support, tmp_path):
+    from clipfold.compile.adapters.features import FeatureCache, ViewConfig
+    from clipfold.compile.load import load_model
+
+    loaded = load_model("clipfold-tiny")
+    _, paths, _ = read_folder(support, shots=2)
+    cache = FeatureCache(loaded, loaded.info.checkpoint_sha256, ViewConfig(views=3, seed=1), tmp_path / "cache")
+    first = cache.encode(paths)
+    assert first.shape == (3, len(paths), 64) and (cache.hits, cache.misses) == (0, len(paths))
+    assert torch.allclose(first.norm(dim=-1), torch.ones(3, len(paths)), atol=1e-5)
+    assert (first[1] - first[0]).abs().max() > 1e-3 and (first[2] - first[1]).abs().max() > 1e-3  # views differ
+    again = FeatureCache(loaded, loaded.info.checkpoint_sha256, ViewConfig(views=3, seed=1), tmp_path / "cache")
+    second = again.encode(list(reversed(paths)))  # keyed by content, not by position
+    assert (again.hits, again.misses) == (len(paths), 0) and torch.equal(second, first.flip(1))
+    fresh = FeatureCache(loaded, loaded.info.checkpoint_sha256, ViewConfig(views=3, seed=1), None).encode(paths)
+    assert torch.allclose(fresh, first, atol=1e-6)  # augmentation is a function of the file and the seed
+    plain = encode_images_plain(loaded, paths)
+    assert torch.allclose(first[0], plain, atol=1e-6)  # view 0 is exactly what the runtime feeds the engine
+
+
+def encode_images_plain(loaded, paths):
+    from clipfold.compile.verify import encode_pixels
+    from clipfold.runtime.images import load_image
+    from clipfold.runtime.preprocess import preprocess
+
+    return encode_pixels(loaded.model, loaded.preprocess, preprocess([load_image(p) for p in paths], loaded.preprocess))
+
+
+def test_a_second_fit_encodes_nothing_and_every_fitter_runs_from_the_cli(support, tmp_path):
+    cache = tmp_path / "cache"
+    args = ("--support", str(support), "--shots", "4", "--views", "2", "--cache-dir", str(cache),
+            "--templates", str(_templates(tmp_path)))
+    proc = _cli("fit", "ape", *args, "--out", str(tmp_path / "ape.safetensors"))
+    assert proc.returncode == 0, proc.stderr
+    assert "encoding 16 images x 2 views (0 cached)" in proc.stderr
+    proc = _cli("fit", "clip-adapter", *args, "--out", str(tmp_path / "ca.safetensors"))
+    assert proc.returncode == 0, proc.stderr
+    assert "encoding" not in proc.stderr and "'cached_features': 16" in proc.stdout
+    proc = _cli("fit", "nope", *args, "--out", str(tmp_path / "x.safetensors"))
+    assert proc.returncode != 0 and "invalid choice: 'nope'" in proc.stderr
