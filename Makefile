@@ -6,7 +6,7 @@ CLI    := $(VENV)/bin/clipfold
 STAMP  := $(VENV)/.clipfold-installed
 DEMO   ?= out/demo
 
-.PHONY: install demo test test-all bench train-tiny clean
+.PHONY: install demo test test-all bench fewshot train-tiny clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-columns=median,iqr,min,rounds \
 		--benchmark-json=benchmarks/results/latest.json
+
+# The few-shot table: every fitting method at 1/2/4/8/16 shots vs zero-shot, through real bundles.
+fewshot: $(STAMP)
+	$(PY) -m benchmarks.fewshot
 
 # Re-train the embedded tiny model (deterministic; a few minutes on 2 cores).
 train-tiny: $(STAMP)
