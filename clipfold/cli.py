@@ -70,6 +70,22 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_head_add(args: argparse.Namespace) -> int:
+    from clipfold.compile.config import read_labels
+    from clipfold.compile.extra_head import HeadAddConfig, add_head
+
+    config = HeadAddConfig(bundle=args.bundle, name=args.name, adapter=args.adapter,
+                           labels=read_labels(args.labels) if args.labels is not None else None,
+                           templates=args.templates, method=args.method, method_options=_options(args.set),
+                           top_k=args.top_k, replace=args.replace)
+    manifest = add_head(config, progress=_progress(time.perf_counter()))
+    head = manifest.extra_head(args.name)
+    print(f"added head {head.name!r} to {args.bundle}: {head.head.method}, {len(head.labels)} labels, "
+          f"top-{head.top_k}; parity on {head.parity.images} embeddings: top-k agreement "
+          f"{head.parity.topk_agreement:.0%}, max |score diff| {head.parity.max_abs_score_diff:.2e}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from clipfold.compile.load import list_models
 
@@ -82,7 +98,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_classify(args: argparse.Namespace) -> int:
     from clipfold.runtime import Engine
 
-    engine = Engine.open(args.bundle, variant=args.variant, threads=args.threads)
+    engine = Engine.open(args.bundle, variant=args.variant, threads=args.threads, head=args.head)
     results = engine.classify(args.images, k=args.k)
     if args.json:
         payload = [
@@ -102,7 +118,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from clipfold.runtime import Engine
     from clipfold.runtime.folders import evaluate_folder
 
-    result = evaluate_folder(Engine.open(args.bundle, variant=args.variant, threads=args.threads), args.folder)
+    engine = Engine.open(args.bundle, variant=args.variant, threads=args.threads, head=args.head)
+    result = evaluate_folder(engine, args.folder)
     if args.json:
         print(json.dumps({"images": result.images, "top1": result.top1, "per_class": result.per_class}, indent=2))
         return 0
@@ -133,6 +150,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         star = "*" if v.name == m.default_variant else " "
         print(f"variant{star}   {v.name}: {v.file} ({v.precision}), top-{v.top_k}; parity on {p.images} images: "
               f"cosine min {p.embedding_cosine_min:.7f}, top-k agreement {p.topk_agreement:.0%}")
+    for h in m.heads:
+        print(f"head +      {h.name}: {h.head.method}, {len(h.labels)} labels, top-{h.top_k} ({h.file}); parity on "
+              f"{h.parity.images} embeddings: top-k agreement {h.parity.topk_agreement:.0%}")
     print(f"checksums   {len(m.files)} files verified")
     print(f"producer    {', '.join(f'{k} {v}' for k, v in m.producer.items())}")
     return 0
@@ -182,10 +202,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of trained methods")
     p.set_defaults(func=cmd_fit)
 
+    p = sub.add_parser("head", help="manage the extra heads of a bundle")
+    head_sub = p.add_subparsers(dest="head_command", required=True)
+    p = head_sub.add_parser("add", help="add a head (label set, fitted adapter or head-only checkpoint) "
+                            "without re-exporting the image tower")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--name", required=True, help="the head's name; select it with --head NAME")
+    p.add_argument("--adapter", type=Path, default=None, help="a fitted adapter file, or with --method a checkpoint")
+    p.add_argument("--method", default=None, choices=sorted(IMPORTERS), help="import --adapter as this method's checkpoint")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="an option of the imported method")
+    p.add_argument("--labels", default=None, help="a zero-shot label set (file or comma list), or an import's class names")
+    p.add_argument("--templates", default=None, help="templates for a zero-shot head (as for compile)")
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--replace", action="store_true", help="replace an existing head of that name")
+    p.set_defaults(func=cmd_head_add)
+
     p = sub.add_parser("classify", help="classify images with a bundle")
     p.add_argument("bundle", type=Path)
     p.add_argument("images", nargs="+")
     p.add_argument("--k", type=int, default=5)
+    p.add_argument("--head", default=None, help="an extra head by name (default: the fused head)")
     p.add_argument("--variant", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
@@ -194,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="top-1 accuracy of a bundle on a folder with one sub-folder per class")
     p.add_argument("bundle", type=Path)
     p.add_argument("folder", type=Path)
+    p.add_argument("--head", default=None, help="an extra head by name (default: the fused head)")
     p.add_argument("--variant", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")

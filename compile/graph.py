@@ -21,29 +21,16 @@ log = logging.getLogger(__name__)
 EXTERNAL_DATA_BYTES = 1_500_000_000
 
 
-class ClassifierGraph(nn.Module):
-    """Folded image tower + L2 norm + the folded head + softmax/sigmoid + TopK.
+class HeadModule(nn.Module):
+    """The folded head: unit embedding ``f`` (B, D) -> logits (B, C).
 
-    The head arrives folded (:meth:`Head.fold`): all linear branches in one matrix that already
-    carries ``exp(logit_scale)``, and each cache branch as one exp(GEMM) whose outputs join the
-    embedding in a single MatMul (+ bias). A CLIP-Adapter transform runs first; an APE cache
-    gathers its channels and renormalizes them. An image-conditioned adapter (CoCoOp) passes
-    ``logits_module`` instead of a head: it maps the unit embedding to logits itself.
-    The ``embedding`` output is always the backbone's unit embedding.
+    All linear branches arrive as one matrix that already carries ``exp(logit_scale)``, and each
+    cache branch as one exp(GEMM) whose outputs join the embedding in a single MatMul (+ bias).
+    A CLIP-Adapter transform runs first; an APE cache gathers its channels and renormalizes them.
     """
 
-    def __init__(self, visual: nn.Module, head: Head | None, top_k: int, logits_module: nn.Module | None = None,
-                 activation: str = "softmax"):
+    def __init__(self, head: Head):
         super().__init__()
-        self.visual = visual
-        self.top_k = int(top_k)
-        self.logits_module = logits_module
-        self.betas: tuple[float, ...] = ()
-        self.transform = None
-        self.has_bias = False
-        self.sigmoid = activation == "sigmoid"
-        if head is None:
-            return
         folded = head.fold()
         self.register_buffer("weight", folded.weight)
         self.register_buffer("bias", folded.bias)
@@ -54,18 +41,16 @@ class ClassifierGraph(nn.Module):
                 self.register_buffer(f"cache_channels_{i}", channels.long())
         self.gathers = tuple(c is not None for c in folded.channels)
         self.betas = folded.betas
+        self.ratio = None
         if folded.transform is not None:
             self.register_buffer("transform_down", folded.transform.down.float())
             self.register_buffer("transform_up", folded.transform.up.float())
-            self.transform = float(folded.transform.ratio)
-        self.sigmoid = folded.activation == "sigmoid"
+            self.ratio = float(folded.transform.ratio)
 
-    def head_logits(self, features: torch.Tensor) -> torch.Tensor:
-        if self.logits_module is not None:
-            return self.logits_module(features)
-        if self.transform is not None:
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.ratio is not None:
             adapted = torch.relu(torch.relu(features @ self.transform_down.T) @ self.transform_up.T)
-            features = F.normalize(self.transform * adapted + (1.0 - self.transform) * features, dim=-1)
+            features = F.normalize(self.ratio * adapted + (1.0 - self.ratio) * features, dim=-1)
         if self.betas:
             affinities = []
             for i, beta in enumerate(self.betas):
@@ -76,16 +61,53 @@ class ClassifierGraph(nn.Module):
             logits = torch.cat([features, *affinities], dim=-1) @ self.weight
         else:
             logits = features @ self.weight
-        if self.has_bias:
-            logits = logits + self.bias
-        return logits
+        return logits + self.bias if self.has_bias else logits
+
+
+def _scores_topk(logits: torch.Tensor, sigmoid: bool, top_k: int):
+    scores = logits.sigmoid() if sigmoid else logits.softmax(dim=-1)
+    return scores.topk(top_k, dim=-1)
+
+
+class ClassifierGraph(nn.Module):
+    """Folded image tower + L2 norm + the folded head + softmax/sigmoid + TopK.
+
+    An image-conditioned adapter (CoCoOp) passes ``logits_module`` instead of a head: it maps the
+    unit embedding to logits itself. The ``embedding`` output is always the backbone's unit
+    embedding, which extra heads (:class:`HeadGraph`) read.
+    """
+
+    def __init__(self, visual: nn.Module, head: Head | None, top_k: int, logits_module: nn.Module | None = None,
+                 activation: str = "softmax"):
+        super().__init__()
+        self.visual = visual
+        self.head = HeadModule(head) if head is not None else logits_module
+        self.sigmoid = (head.activation if head is not None else activation) == "sigmoid"
+        self.top_k = int(top_k)
 
     def forward(self, pixels: torch.Tensor):
         features = F.normalize(self.visual(pixels.to(torch.float32)), dim=-1)
-        logits = self.head_logits(features)
-        scores = logits.sigmoid() if self.sigmoid else logits.softmax(dim=-1)
-        top_scores, top_indices = scores.topk(self.top_k, dim=-1)
+        top_scores, top_indices = _scores_topk(self.head(features), self.sigmoid, self.top_k)
         return top_scores, top_indices, features
+
+
+class HeadGraph(nn.Module):
+    """An extra head: the bundle's unit embedding in, top-k scores and indices out."""
+
+    def __init__(self, head: Head, top_k: int):
+        super().__init__()
+        self.head = HeadModule(head)
+        self.sigmoid = head.activation == "sigmoid"
+        self.top_k = int(top_k)
+
+    def forward(self, embedding: torch.Tensor):
+        return _scores_topk(self.head(embedding), self.sigmoid, self.top_k)
+
+
+def head_io_specs(embed_dim: int, top_k: int) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    inputs = (TensorSpec("embedding", "float32", ("batch", embed_dim)),)
+    outputs = (TensorSpec("scores", "float32", ("batch", top_k)), TensorSpec("indices", "int64", ("batch", top_k)))
+    return inputs, outputs
 
 
 def io_specs(image_size: tuple[int, int], top_k: int, embed_dim: int) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
@@ -100,9 +122,19 @@ def io_specs(image_size: tuple[int, int], top_k: int, embed_dim: int) -> tuple[t
 
 
 def export_onnx(graph: ClassifierGraph, path: Path, image_size: tuple[int, int], opset: int) -> None:
-    """Export with torch's dynamo exporter and a dynamic batch dimension."""
-    graph.eval()
+    """Export the classifier with torch's dynamo exporter and a dynamic batch dimension."""
     example = torch.randint(0, 256, (2, 3, *image_size), dtype=torch.uint8)
+    _export(graph, example, "pixels", ["scores", "indices", "embedding"], path, opset, type(graph.visual).__name__)
+
+
+def export_head_onnx(graph: HeadGraph, path: Path, embed_dim: int, opset: int) -> None:
+    example = F.normalize(torch.randn(2, embed_dim), dim=-1)
+    _export(graph, example, "embedding", ["scores", "indices"], path, opset, "head")
+
+
+def _export(graph: nn.Module, example: torch.Tensor, input_name: str, output_names: list[str], path: Path,
+            opset: int, what: str) -> None:
+    graph.eval()
     param_bytes = sum(p.numel() * p.element_size() for p in graph.state_dict().values())
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
@@ -110,9 +142,9 @@ def export_onnx(graph: ClassifierGraph, path: Path, image_size: tuple[int, int],
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 graph, (example,), dynamo=True, verbose=False, opset_version=opset,
-                input_names=["pixels"], output_names=["scores", "indices", "embedding"],
-                dynamic_shapes={"pixels": {0: batch}},
+                input_names=[input_name], output_names=output_names,
+                dynamic_shapes={input_name: {0: batch}},
             )
             program.save(str(path), external_data=param_bytes > EXTERNAL_DATA_BYTES)
     except Exception as exc:
-        raise ExportError(f"ONNX export of {type(graph.visual).__name__} failed: {type(exc).__name__}: {exc}") from exc
+        raise ExportError(f"ONNX export of {what} failed: {type(exc).__name__}: {exc}") from exc

@@ -16,7 +16,7 @@ import numpy as np
 
 from clipfold.errors import BackendUnavailableError, ConfigError
 
-from .manifest import TensorSpec, Variant
+from .manifest import ExtraHead, TensorSpec, Variant
 
 
 class Backend:
@@ -92,7 +92,8 @@ def default_threads() -> int:
 BACKENDS = {"onnxruntime": OnnxRuntimeBackend}
 
 
-def open_backend(name: str, variant: Variant, path: Path, threads: int | None = None) -> Backend:
+def open_backend(name: str, graph: Variant | ExtraHead, path: Path, threads: int | None = None) -> Backend:
+    """A backend for one graph of the bundle: a variant, or an extra head."""
     if name not in BACKENDS:
         raise BackendUnavailableError(f"unknown backend {name!r}; available: {sorted(BACKENDS)}")
-    return BACKENDS[name](path, variant.inputs, variant.outputs, threads=threads)
+    return BACKENDS[name](path, graph.inputs, graph.outputs, threads=threads)

@@ -1,4 +1,9 @@
-"""``Engine``: open a bundle, check it, and classify or embed images with it. No torch."""
+"""``Engine``: open a bundle, check it, and classify or embed images with it. No torch.
+
+A bundle's default head is fused into its graph. An extra head (``clipfold head add``) is a
+second, small graph fed by the fused graph's ``embedding`` output: ``Engine.open(path,
+head="name")`` chains the two, and ``labels`` and ``classify`` then speak for that head.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from clipfold.errors import BundleError, ChecksumError, ConfigError
 
 from .backend import Backend, open_backend
 from .images import ImageSource, load_image
-from .manifest import Manifest, Variant, sha256_file
+from .manifest import DEFAULT_HEAD, ExtraHead, Manifest, Variant, sha256_file
 from .preprocess import preprocess
 
 DEFAULT_BATCH = 32
@@ -29,18 +34,20 @@ class Engine:
     """A verified bundle ready to run. Build it with :meth:`open`."""
 
     def __init__(self, path: Path, manifest: Manifest, variant: Variant, backend: Backend,
-                 batch_size: int = DEFAULT_BATCH):
+                 batch_size: int = DEFAULT_BATCH, head: ExtraHead | None = None, head_backend: Backend | None = None):
         self.path = path
         self.manifest = manifest
         self.variant = variant
         self.backend = backend
         self.batch_size = batch_size
+        self.head = head  # None: the default head fused into the variant
+        self.head_backend = head_backend
 
     @classmethod
     def open(cls, path: str | Path, *, variant: str | None = None, backend: str = "onnxruntime",
              threads: int | None = None, batch_size: int = DEFAULT_BATCH,
-             verify_checksums: bool = True) -> "Engine":
-        """Read the manifest (refusing newer schemas), check every checksum, open the backend."""
+             verify_checksums: bool = True, head: str | None = None) -> "Engine":
+        """Read the manifest (refusing newer schemas), check every checksum, open the backend(s)."""
         path = Path(path)
         if not path.is_dir():
             raise BundleError(f"bundle {path} not found (expected a directory holding manifest.json)")
@@ -50,23 +57,31 @@ class Engine:
         chosen = manifest.variant(variant)
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        extra = None if head in (None, DEFAULT_HEAD) else manifest.extra_head(head)
+        head_backend = None if extra is None else open_backend(backend, extra, path / extra.file, threads)
         return cls(path, manifest, chosen, open_backend(backend, chosen, path / chosen.file, threads),
-                   batch_size=batch_size)
+                   batch_size=batch_size, head=extra, head_backend=head_backend)
 
     @property
     def labels(self) -> tuple[str, ...]:
-        return self.manifest.labels
+        return self.manifest.labels if self.head is None else self.head.labels
 
     @property
     def max_k(self) -> int:
-        return self.variant.top_k
+        return self.variant.top_k if self.head is None else self.head.top_k
+
+    def _run(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        out = self.backend.run({"pixels": pixels})
+        if self.head_backend is not None:
+            out = {**self.head_backend.run({"embedding": out["embedding"]}), "embedding": out["embedding"]}
+        return out
 
     # --- inference --------------------------------------------------------------------------
     def run_pixels(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         """Run preprocessed uint8 NCHW pixels through the graph in batches; outputs concatenated."""
         outs: dict[str, list[np.ndarray]] = {}
         for start in range(0, len(pixels), self.batch_size):
-            for name, value in self.backend.run({"pixels": pixels[start:start + self.batch_size]}).items():
+            for name, value in self._run(pixels[start:start + self.batch_size]).items():
                 outs.setdefault(name, []).append(value)
         return {name: np.concatenate(values) for name, values in outs.items()}
 
@@ -76,17 +91,17 @@ class Engine:
         for source in images:
             batch.append(load_image(source))
             if len(batch) == self.batch_size:
-                yield self.backend.run({"pixels": preprocess(batch, self.manifest.preprocess)})
+                yield self._run(preprocess(batch, self.manifest.preprocess))
                 batch = []
         if batch:
-            yield self.backend.run({"pixels": preprocess(batch, self.manifest.preprocess)})
+            yield self._run(preprocess(batch, self.manifest.preprocess))
 
     def classify(self, images: Sequence[ImageSource], k: int = 5) -> list[list[Prediction]]:
         """Top-``k`` labels and scores per image (softmax probabilities, or sigmoid for SigLIP)."""
         if not 1 <= k <= self.max_k:
             raise ConfigError(
                 f"k={k} is out of range: this bundle's graph returns at most top-{self.max_k} "
-                f"(recompile with --top-k {k} for more)")
+                f"(recompile, or add the head again, with --top-k {k} for more)")
         results = []
         for out in self._run_images(_as_list(images)):
             for scores, indices in zip(out["scores"], out["indices"]):

@@ -16,7 +16,8 @@ from typing import Any
 
 from clipfold.errors import BundleError, SchemaVersionError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: optional extra heads over the default variant's embedding
+DEFAULT_HEAD = "default"  # the head fused into the variants
 MANIFEST_NAME = "manifest.json"
 
 RESIZE_MODES = ("shortest", "longest", "squash")
@@ -137,6 +138,42 @@ class HeadInfo:
 
 
 @dataclass(frozen=True)
+class HeadParity:
+    """Agreement of an extra head's graph with its unfolded formula, on the bundle's own embeddings."""
+
+    images: int
+    topk_agreement: float
+    top1_agreement: float
+    max_abs_score_diff: float
+
+
+@dataclass(frozen=True)
+class ExtraHead:
+    """A head added to a bundle (``clipfold head add``): a small graph from the default variant's
+    ``embedding`` output to ``scores`` and ``indices``, with its own labels."""
+
+    name: str
+    file: str
+    labels: tuple[str, ...]
+    head: HeadInfo
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    top_k: int
+    parity: HeadParity
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(self.labels))
+        object.__setattr__(self, "head", _coerce(HeadInfo, self.head))
+        object.__setattr__(self, "inputs", tuple(_coerce(TensorSpec, t) for t in self.inputs))
+        object.__setattr__(self, "outputs", tuple(_coerce(TensorSpec, t) for t in self.outputs))
+        object.__setattr__(self, "parity", _coerce(HeadParity, self.parity))
+        _check(bool(self.name) and self.name == self.name.strip(), f"head name {self.name!r} is empty or padded")
+        _check(len(self.labels) > 0, f"head {self.name!r} has no labels")
+        _check(len(set(self.labels)) == len(self.labels), f"head {self.name!r} has duplicate labels")
+        _check(1 <= self.top_k <= len(self.labels), f"head {self.name!r} has top_k {self.top_k} out of range")
+
+
+@dataclass(frozen=True)
 class Manifest:
     model: ModelInfo
     labels: tuple[str, ...]
@@ -149,6 +186,7 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
     created: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    heads: tuple[ExtraHead, ...] = ()  # extra heads; the default head is fused into every variant
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", _coerce(ModelInfo, self.model))
@@ -165,6 +203,18 @@ class Manifest:
                f"default_variant {self.default_variant!r} is not one of {names}")
         for v in self.variants:
             _check(v.file in self.files, f"variant file {v.file!r} has no checksum in files")
+        object.__setattr__(self, "heads", tuple(_coerce(ExtraHead, h) for h in self.heads))
+        head_names = [h.name for h in self.heads]
+        _check(len(set(head_names)) == len(head_names), f"duplicate head names {head_names}")
+        _check(DEFAULT_HEAD not in head_names, f"an extra head may not be called {DEFAULT_HEAD!r}")
+        for h in self.heads:
+            _check(h.file in self.files, f"head file {h.file!r} has no checksum in files")
+
+    def extra_head(self, name: str) -> ExtraHead:
+        for h in self.heads:
+            if h.name == name:
+                return h
+        raise BundleError(f"bundle has no head {name!r}; it has {[DEFAULT_HEAD] + [h.name for h in self.heads]}")
 
     def variant(self, name: str | None = None) -> Variant:
         name = name or self.default_variant

@@ -30,13 +30,17 @@ def assert_engine_matches(bundle_path, spec, reference_logits, images: int = 8) 
     with torch.no_grad():
         logits = reference_logits(normalized_pixels(pixels, spec)).double()
     probs = logits.softmax(-1) if engine.manifest.head.activation == "softmax" else logits.sigmoid()
-    k = out["indices"].shape[1]
-    top = probs.topk(k)
-    diff = float(np.abs(out["scores"] - top.values.numpy()).max())
+    return assert_topk_matches(out["scores"], out["indices"], probs)
+
+
+def assert_topk_matches(scores: np.ndarray, indices: np.ndarray, probs: torch.Tensor) -> float:
+    """Engine top-k ``scores``/``indices`` against the reference's full score matrix ``probs``."""
+    top = probs.double().topk(indices.shape[1])
+    diff = float(np.abs(scores - top.values.numpy()).max())
     assert diff <= 1e-5, f"engine scores differ from the reference by {diff:.2e}"
     # Identical top-k, except where the reference itself ties (e.g. scores that underflow to 0).
-    engine_ref = np.take_along_axis(probs.numpy(), out["indices"], axis=1)
-    differs = out["indices"] != top.indices.numpy()
+    engine_ref = np.take_along_axis(probs.double().numpy(), indices, axis=1)
+    differs = indices != top.indices.numpy()
     tied = np.abs(engine_ref - top.values.numpy()) <= 1e-7
     assert not (differs & ~tied).any(), f"engine top-k differs from the reference in {int((differs & ~tied).sum())} places"
     return diff

@@ -14,7 +14,6 @@ from clipfold.compile.adapters.store import Adapter, Backbone, save_adapter
 from clipfold.compile.config import CompileConfig
 from clipfold.compile.head import build_zero_shot_head
 from clipfold.compile.pipeline import compile_bundle
-from clipfold.compile.tiny import data
 from clipfold.runtime.manifest import sha256_file
 
 from .engine_parity import assert_engine_matches

@@ -88,7 +88,7 @@ def test_beats_zero_shot_on_a_task_the_model_was_not_trained_to_name(tiny, tmp_p
     # The fitted head exports to one graph and verifies against eager like any head.
     spec = tiny.preprocess
     graph = ClassifierGraph(fold_input_normalization(tiny.model.visual, spec.mean, spec.std), head, 2)
-    assert graph.has_bias
+    assert graph.head.has_bias
     export_onnx(graph, tmp_path / "gda.onnx", spec.image_size, opset=18)
     reference = eager_reference(tiny.model, head, spec, verification_pixels(spec, VerifyConfig()))
     inputs, outputs = io_specs(spec.image_size, 2, tiny.info.embed_dim)

@@ -1,0 +1,127 @@
+"""LP++: the fitted head equals the official training loop run in float64, and it adapts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipfold import errors
+from clipfold.compile.adapters.base import Support
+from clipfold.compile.adapters.lpp import fit_lpp
+from clipfold.compile.head import build_zero_shot_head
+from clipfold.compile.tiny import data
+
+from .test_gda import BACKGROUNDS, _features, _shots
+
+
+def official_lpp(features, labels, text_weights, shots, val_features, val_labels, epochs, seed):
+    """LinearProbe_P2.forward transcribed: features (N, D), text_weights (D, K); returns (W, b, alpha)."""
+    features, text_weights, val_features = features.double(), text_weights.double(), val_features.double()
+    n, d = features.shape
+    k = text_weights.shape[1]
+    one_hot = F.one_hot(labels, k).double()
+    classifier = torch.nn.Linear(d, k, bias=True).double()
+    classifier.weight.data = one_hot.T @ features  # compute_centroids: class sums
+    g = torch.Generator().manual_seed(seed)
+    classifier.bias.data = (torch.rand(k, generator=g, dtype=torch.float64) * 2 - 1) / d ** 0.5
+    lr_temp = 4 * n / max(np.linalg.eigh((features.T @ features).numpy())[0])  # scipy's eigh in the official code
+    alpha_tilde = (one_hot.T @ (features @ text_weights)) / one_hot.sum(0)[:, None] * shots
+    alpha_vec = (250 / shots * alpha_tilde).mean() * torch.ones(1, k, dtype=torch.float64)
+    alpha_vec.requires_grad_(True)
+    lr_alpha = n / (torch.sum((features @ text_weights) ** 2, dim=0).max() * 4)
+    optimizer = torch.optim.SGD(classifier.parameters(), float(lr_temp), momentum=0.9)
+    best_acc, best = 0.0, None
+    for epoch in range(epochs):
+        logits = classifier(features) + torch.ones(n, 1, dtype=torch.float64) @ alpha_vec * (features @ text_weights)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if (epoch + 1) % 10 == 0:
+            alpha_vec.data -= lr_alpha * alpha_vec.grad.data
+        if len(val_labels):
+            with torch.no_grad():
+                val_logits = classifier(val_features) + alpha_vec * (val_features @ text_weights)
+            acc = float((val_logits.argmax(1) == val_labels).double().mean())
+            if acc >= best_acc:
+                best_acc = acc
+                best = (classifier.weight.detach().clone(), classifier.bias.detach().clone(), alpha_vec.detach().clone())
+    if best is None:
+        best = (classifier.weight.detach(), classifier.bias.detach(), alpha_vec.detach())
+    return best
+
+
+def official_logits(f, state, text_weights):
+    w, b, alpha = state
+    return f.double() @ w.T + b + alpha * (f.double() @ text_weights.double())
+
+
+def _rel(ours, ref):
+    return float((ours.double() - ref).abs().max() / ref.abs().max())
+
+
+def _task(seed=0, classes=5, dim=32, shots=4, val=10):
+    g = torch.Generator().manual_seed(seed)
+    means = F.normalize(torch.randn(classes, dim, generator=g), dim=-1)
+    labels = torch.arange(classes).repeat_interleave(shots)
+    views = F.normalize(means[labels] + 0.8 * torch.randn(2, len(labels), dim, generator=g) / dim ** 0.5 * 4, dim=-1)
+    val_y = torch.arange(classes).repeat(val)
+    val_f = F.normalize(means[val_y] + 0.8 * torch.randn(len(val_y), dim, generator=g) / dim ** 0.5 * 4, dim=-1)
+    text = F.normalize(means + 0.7 * torch.randn(classes, dim, generator=g) / dim ** 0.5 * 4, dim=-1)
+    return views, labels, val_f, val_y, text
+
+
+@pytest.mark.parametrize("with_val", [True, False])
+def test_matches_the_official_loop(tiny, with_val):
+    views, labels, val_f, val_y, text = _task()
+    if not with_val:
+        val_f, val_y = val_f[:0], val_y[:0]
+    support = Support(views=views, labels=labels, val_features=val_f, val_labels=val_y, text=text, seed=5)
+    fitted = fit_lpp(support)
+    # The official features are one augmented pass: views[1].
+    state = official_lpp(views[1], labels, text.T, 4, val_f, val_y, 300, seed=5)
+    g = torch.Generator().manual_seed(2)
+    random_f = F.normalize(torch.randn(40, 32, generator=g), dim=-1)
+    for f in (random_f, val_f if with_val else random_f[:5]):
+        reference = official_logits(f, state, text.T)
+        for logits in (fitted.head.logits(f), fitted.head.fold().logits(f)):
+            assert _rel(logits, reference) <= 1e-5, _rel(logits, reference)
+            assert torch.equal(logits.topk(2).indices, reference.topk(2).indices)
+    hyper = fitted.hyperparameters
+    assert hyper["epochs"] == 300 and hyper["view"] == 1
+    if with_val:
+        assert 0 <= hyper["best_epoch"] <= 299 and 0 <= hyper["val_accuracy"] <= 1
+    else:
+        assert hyper["best_epoch"] == 299 and "val_accuracy" not in hyper
+    assert abs(float(state[2].mean()) - hyper["init_alpha"]) > 1e-6  # alpha moved off its init
+
+
+def test_on_real_features_beats_zero_shot(tiny):
+    names = [f"{b} background" for b in BACKGROUNDS]
+    zero_shot = build_zero_shot_head(tiny.model, tiny.tokenizer, names, ("a photo on a {}.", "a {}."))
+    text = zero_shot.class_embeddings
+    test_f, test_y = _features(tiny, data.generate(300, seed=4243))
+    val_f, val_y = _features(tiny, _shots(6, 98))
+    shots_f, shots_y = _features(tiny, _shots(12, 11))
+    support = Support(views=shots_f, labels=shots_y, val_features=val_f, val_labels=val_y, text=text)
+    fitted = fit_lpp(support)
+    reference = official_logits(test_f, official_lpp(shots_f, shots_y, text.T, 12, val_f, val_y, 300, 0), text.T)
+    ours = fitted.head.fold().logits(test_f)
+    assert _rel(ours, reference) <= 1e-5, _rel(ours, reference)
+    assert torch.equal(ours.argmax(1), reference.argmax(1))
+    zs = float((zero_shot.logits(test_f).argmax(1) == test_y).float().mean())
+    adapted = float((ours.argmax(1) == test_y).float().mean())
+    assert adapted >= zs + 0.05, (zs, adapted)
+    assert np.isfinite(fitted.hyperparameters["val_accuracy"])
+
+
+def test_bad_support_is_refused():
+    views, labels, val_f, val_y, text = _task()
+    with pytest.raises(errors.ConfigError, match=r"classes \[4\] have no support samples"):
+        fit_lpp(Support(views=views[:, :16], labels=labels[:16], val_features=val_f, val_labels=val_y, text=text))
+    with pytest.raises(errors.ConfigError, match="NaN or inf"):
+        Support(views=torch.full_like(views, float("nan")), labels=labels, val_features=val_f, val_labels=val_y, text=text)
+    with pytest.raises(errors.ConfigError, match="do not match image features of dim 32"):
+        Support(views=views, labels=labels, val_features=val_f, val_labels=val_y, text=text[:, :16])
