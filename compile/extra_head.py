@@ -106,7 +106,8 @@ def _build(config: HeadAddConfig, manifest: Manifest, progress) -> tuple[Head, t
             raise ConfigError(f"{config.method} changes the encoder; compile a new bundle instead")
         info = HeadInfo(activation=imported.activation, logit_scale=manifest.head.logit_scale, logit_bias=None,
                         templates=tuple(templates), method=config.method,
-                        adapter={"file": Path(config.adapter).name, "sha256": sha256_file(config.adapter),
+                        adapter={"file": Path(imported.source or config.adapter).name,
+                                 "sha256": sha256_file(imported.source or config.adapter),
                                  "hyperparameters": imported.hyperparameters, "imported": True,
                                  "options": dict(config.method_options)})
         return imported.head, imported.labels, info

@@ -101,7 +101,7 @@ def _adapt(config: CompileConfig, loaded, labels, templates, adapter_file, progr
                                                                                  imported.activation)
         info = HeadInfo(activation=imported.activation, logit_scale=scale, logit_bias=None,
                         templates=tuple(templates), method=config.method, slow=imported.slow,
-                        adapter=_adapter_info(config.adapter, config.method, imported.hyperparameters,
+                        adapter=_adapter_info(imported.source or config.adapter, config.method, imported.hyperparameters,
                                               imported=True, options=dict(config.method_options)))
         return _Adaptation(labels, imported.head, imported.logits_module, reference, encoder, visual, info)
     _say(progress, f"building the head: {len(labels)} labels x {len(templates)} templates")

@@ -96,6 +96,7 @@ class Imported:
     logits_module: nn.Module | None = None  # unit f (B, D) -> logits (B, C), image-conditioned (CoCoOp)
     activation: str = "softmax"
     slow: bool = False  # the graph runs heavy per-image work (CoCoOp's text tower): flagged in the manifest
+    source: Path | None = None  # the file read, when the request named a directory (Dassl's output)
 
     def __post_init__(self) -> None:
         if (self.head is None) == (self.logits_module is None):

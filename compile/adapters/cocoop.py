@@ -99,4 +99,4 @@ def import_cocoop(request: ImportRequest) -> Imported:
                           float(model.logit_scale.exp())).eval()
     return Imported(labels=labels, head=None, logits_module=module, slow=True,
                     hyperparameters={"n_ctx": n_ctx, "meta_hidden": int(hidden), "epoch": epoch,
-                                     "checkpoint": file.name})
+                                     "checkpoint": file.name}, source=file)

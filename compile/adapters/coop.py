@@ -79,4 +79,4 @@ def import_coop(request: ImportRequest) -> Imported:
     head = Head(linears=(Linear(scale * text),), method="coop")
     return Imported(labels=labels, head=head, hyperparameters={
         "n_ctx": n_ctx, "csc": ctx.ndim == 3, "class_token_position": position,
-        "epoch": epoch, "checkpoint": file.name})
+        "epoch": epoch, "checkpoint": file.name}, source=file)

@@ -152,4 +152,4 @@ def import_maple(request: ImportRequest) -> Imported:
     head = Head(linears=(Linear(float(model.logit_scale.exp()) * text),), method="maple")
     visual = MapleVisual(model.visual, shallow, deep_visual).eval()
     return Imported(labels=labels, head=head, visual=visual, hyperparameters={
-        "n_ctx": n_ctx, "prompt_depth": count + 1, "epoch": epoch, "checkpoint": file.name})
+        "n_ctx": n_ctx, "prompt_depth": count + 1, "epoch": epoch, "checkpoint": file.name}, source=file)

@@ -1,0 +1,118 @@
+"""Every method, end to end: checkpoint or support set -> ``compile_bundle`` -> the torch-free engine,
+compared with the method's official formula (the tests' own transcriptions, unfolded, float64).
+
+The per-method test files check the formulas on features; this file checks that what ships — the
+exported, folded ONNX graph run by onnxruntime — still equals them on pixels.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipfold.compile.adapters.fit import FitConfig, fit_adapter
+from clipfold.compile.adapters.registry import FITTERS, IMPORTERS
+from clipfold.compile.config import CompileConfig
+from clipfold.compile.pipeline import compile_bundle
+
+from . import test_cocoop, test_coop, test_lora, test_maple, test_taskres, test_tip_f
+from .engine_parity import assert_engine_matches
+from .test_fit import _write_folder
+from .test_gda import _shots
+
+
+def _compile(tmp_path, labels, method, checkpoint, templates=("{}",), **options):
+    return compile_bundle(CompileConfig(labels=labels, out=tmp_path / f"{method}.bundle", adapter=checkpoint,
+                                        method=method, method_options=options, templates=templates, top_k=3))
+
+
+def _unit(model, x):
+    return F.normalize(model.encode_image(x).double(), dim=-1)
+
+
+def test_coop_engine(tiny, tmp_path):
+    g = torch.Generator().manual_seed(1)
+    ctx = test_coop.word_embeddings(tiny, "a photo of a") + 0.2 * torch.randn(4, 64, generator=g)
+    official = test_coop.OfficialCoOp(tiny, test_coop.LABELS, ctx, "middle")
+    test_coop.write_dassl_checkpoint(tmp_path / "out", "prompt_learner", {"ctx": ctx})
+    result = _compile(tmp_path, test_coop.LABELS, "coop", tmp_path / "out", class_token_position="middle")
+    assert result.manifest.head.adapter["options"] == {"class_token_position": "middle"}
+    assert_engine_matches(result.path, tiny.preprocess, lambda x: official.logits(tiny.model.encode_image(x)))
+
+
+def test_cocoop_engine_is_image_conditioned_and_flagged_slow(tiny, tmp_path):
+    state = test_cocoop.cocoop_state(tiny)
+    test_coop.write_dassl_checkpoint(tmp_path / "out", "prompt_learner", state)
+    result = _compile(tmp_path, test_cocoop.LABELS, "cocoop", tmp_path / "out")
+    assert result.manifest.head.slow and result.manifest.head.method == "cocoop"
+    assert_engine_matches(result.path, tiny.preprocess, lambda x: test_cocoop.official_cocoop_logits(
+        tiny, test_cocoop.LABELS, state, tiny.model.encode_image(x)), images=4)
+
+
+def test_maple_engine_runs_the_prompted_image_tower(tiny, tmp_path):
+    state = test_maple.maple_state(tiny, depth=3)
+    test_coop.write_dassl_checkpoint(tmp_path / "out", "MultiModalPromptLearner", state, epoch=5)
+    result = _compile(tmp_path, test_maple.LABELS, "maple", tmp_path / "out")
+    official = test_maple.OfficialMaPLe(tiny, test_maple.LABELS, state)
+    assert_engine_matches(result.path, tiny.preprocess, official.logits)
+
+
+def test_clip_lora_engine_runs_the_merged_encoders(tiny, tmp_path):
+    path = tmp_path / "lora_weights.pt"
+    weights, _ = test_lora._lora_file(path, copy.deepcopy(tiny.model), "both", "qkvo", r=2, alpha=1)
+
+    def layers_of(m):
+        return [("text", b) for b in m.transformer.resblocks] + [("visual", b) for b in m.visual.transformer.resblocks]
+
+    reference = test_lora._reference_model(tiny.model, weights, layers_of, scaling=1 / math.sqrt(2))
+    result = _compile(tmp_path, test_lora.LABELS, "clip-lora", path, templates=test_lora.TEMPLATES)
+    text = test_lora._ensemble(reference, tiny.tokenizer)
+    assert_engine_matches(result.path, tiny.preprocess,
+                          lambda x: reference.logit_scale.exp() * _unit(reference, x.double()) @ text.T)
+
+
+def test_taskres_engine(tiny, tmp_path):
+    base, residuals = test_taskres._checkpoint_tensors(classes=len(test_taskres.LABELS))
+    path = test_taskres._write_dassl(tmp_path, base, residuals)
+    result = _compile(tmp_path, test_taskres.LABELS, "taskres", path, alpha="0.5")
+    scale = float(tiny.model.logit_scale.detach().exp())
+    assert_engine_matches(result.path, tiny.preprocess, lambda x: test_taskres.official_taskres_logits(
+        tiny.model.encode_image(x), base, residuals, 0.5, scale))
+
+
+def test_tip_adapter_f_engine(tiny, tmp_path):
+    path, weight, values = test_tip_f._official_files(tmp_path / "caches", dim=64)
+    result = _compile(tmp_path, test_tip_f.LABELS, "tip-adapter-f", path, templates=test_tip_f.TEMPLATES,
+                      beta="5.5", alpha="2.0")
+    from clipfold.compile.head import build_zero_shot_head
+
+    text = build_zero_shot_head(tiny.model, tiny.tokenizer, test_tip_f.LABELS, test_tip_f.TEMPLATES).class_embeddings
+    assert_engine_matches(result.path, tiny.preprocess, lambda x: test_tip_f.official_tip_f_logits(
+        _unit(tiny.model, x), weight.float(), values, text.double().T, 2.0, 5.5))
+
+
+def test_every_importer_has_an_engine_test():
+    tested = {"coop", "cocoop", "maple", "clip-lora", "taskres", "tip-adapter-f"}
+    assert set(IMPORTERS) == tested | {"clip-adapter"}  # clip-adapter: tests/test_clip_adapter.py
+
+
+@pytest.fixture(scope="module")
+def support(tmp_path_factory):
+    root = tmp_path_factory.mktemp("support")
+    return _write_folder(root / "support", _shots(4, 21)), _write_folder(root / "val", _shots(2, 22))
+
+
+@pytest.mark.parametrize("method", sorted(FITTERS))
+def test_every_fitted_method_compiles_to_its_head(tiny, support, tmp_path, method):
+    """fit -> adapter file -> compile -> engine equals the fitted head's unfolded formula."""
+    from clipfold.compile.adapters.features import ViewConfig
+
+    adapter = fit_adapter(FitConfig(method, support[0], tmp_path / "a.safetensors", val=support[1], cache_dir=None,
+                                    views=ViewConfig(views=2), templates="label"))
+    result = compile_bundle(CompileConfig(labels=None, adapter=tmp_path / "a.safetensors", out=tmp_path / "b", top_k=2))
+    assert result.manifest.head.method == method == adapter.head.method
+    assert_engine_matches(result.path, tiny.preprocess, lambda x: adapter.head.logits(_unit(tiny.model, x).float()))
