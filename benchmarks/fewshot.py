@@ -22,14 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from clipfold.compile.adapters.features import ViewConfig
 from clipfold.compile.adapters.fit import FitConfig, fit_adapter
 from clipfold.compile.adapters.registry import FITTERS
 from clipfold.compile.config import CompileConfig
 from clipfold.compile.pipeline import compile_bundle, producer_versions
 from clipfold.compile.tiny import data
+from clipfold.compile.tiny.samples import write_background_folder
 from clipfold.runtime import Engine
 from clipfold.runtime.folders import evaluate_folder
 
@@ -37,29 +36,11 @@ RESULTS = Path(__file__).parent / "results"
 TEMPLATES = ("a photo on a {}.", "a {}.")
 
 
-def _write(root: Path, samples) -> Path:
-    for i, s in enumerate(samples):
-        folder = root / f"{s.background} background"
-        folder.mkdir(parents=True, exist_ok=True)
-        s.image.save(folder / f"{i:04d}.png")
-    return root
-
-
-def _balanced(n: int, seed: int):
-    out, need, rng = [], dict.fromkeys(data.BACKGROUNDS, n), np.random.default_rng(seed)
-    while any(need.values()):
-        s = data.render(rng)
-        if need[s.background]:
-            need[s.background] -= 1
-            out.append(s)
-    return out
-
-
 def run(shots: list[int], methods: list[str], views: int, test_images: int, seed: int) -> dict:
     work = Path(tempfile.mkdtemp(prefix="clipfold-fewshot-"))
-    support = _write(work / "support", _balanced(max(shots), 1000 + seed))
-    val = _write(work / "val", _balanced(4, 2000 + seed))
-    test = _write(work / "test", data.generate(test_images, seed=3000 + seed))
+    support = write_background_folder(work / "support", data.per_background(max(shots), 1000 + seed))
+    val = write_background_folder(work / "val", data.per_background(4, 2000 + seed))
+    test = write_background_folder(work / "test", data.generate(test_images, seed=3000 + seed))
     labels = tuple(sorted(f"{b} background" for b in data.BACKGROUNDS))
     zs = compile_bundle(CompileConfig(labels=labels, templates=TEMPLATES, out=work / "zero-shot.bundle", top_k=1))
     zero_shot = evaluate_folder(Engine.open(zs.path), test).top1

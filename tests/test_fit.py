@@ -11,18 +11,14 @@ import torch
 from clipfold import errors
 from clipfold.compile.adapters.fit import FitConfig, fit_adapter
 from clipfold.compile.tiny import data
+from clipfold.compile.tiny.samples import write_background_folder
 from clipfold.runtime import Engine
 from clipfold.runtime.folders import evaluate_folder, read_folder
 
 from .test_gda import BACKGROUNDS, _shots
 
 
-def _write_folder(root, samples):
-    for i, s in enumerate(samples):
-        folder = root / f"{s.background} background"
-        folder.mkdir(parents=True, exist_ok=True)
-        s.image.save(folder / f"{i:03d}.png")
-    return root
+_write_folder = write_background_folder
 
 
 @pytest.fixture(scope="module")

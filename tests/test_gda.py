@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,13 +57,7 @@ def _features(loaded, samples):
 
 def _shots(n, seed):
     """``n`` samples of each background, from the seeded stream."""
-    out, need, rng = [], dict.fromkeys(BACKGROUNDS, n), np.random.default_rng(seed)
-    while any(need.values()):
-        s = data.render(rng)
-        if need[s.background]:
-            need[s.background] -= 1
-            out.append(s)
-    return out
+    return data.per_background(n, seed)
 
 
 def test_beats_zero_shot_on_a_task_the_model_was_not_trained_to_name(tiny, tmp_path):

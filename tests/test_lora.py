@@ -16,6 +16,7 @@ from clipfold.compile.adapters.lora import import_lora
 from clipfold.compile.load import LoadedModel
 from clipfold.compile.tiny import data
 from clipfold.runtime.preprocess import preprocess
+from .fewshot_helpers import rel_diff
 
 LABELS = ("red circle", "blue square", "green triangle", "yellow star")
 TEMPLATES = ("a photo of a {}.", "a {}.")
@@ -100,10 +101,6 @@ def _ensemble(model, tokenizer):
     return torch.stack(rows)
 
 
-def _rel(ours, ref):
-    return float((ours.double() - ref).abs().max() / ref.abs().max())
-
-
 @pytest.mark.parametrize("encoder, params", [("both", "qkvo"), ("vision", "qv"), ("text", "ko")])
 def test_merged_model_equals_the_unmerged_lora_branches(tiny, tmp_path, encoder, params):
     model = copy.deepcopy(tiny.model)
@@ -131,8 +128,8 @@ def test_merged_model_equals_the_unmerged_lora_branches(tiny, tmp_path, encoder,
         plain_img = F.normalize(tiny.model.encode_image(pixels.float()), dim=-1)
         ref_logits = reference.logit_scale.exp() * ref_img @ _ensemble(reference, tiny.tokenizer).T
         ours_logits = imported.head.logits(ours_img)
-    assert _rel(ours_img, ref_img) <= 1e-5, _rel(ours_img, ref_img)
-    assert _rel(ours_logits, ref_logits) <= 1e-5, _rel(ours_logits, ref_logits)
+    assert rel_diff(ours_img, ref_img) <= 1e-5, rel_diff(ours_img, ref_img)
+    assert rel_diff(ours_logits, ref_logits) <= 1e-5, rel_diff(ours_logits, ref_logits)
     assert torch.equal(ours_logits.topk(2).indices, ref_logits.topk(2).indices)
     # The update is not a no-op: the tower that got LoRA changed.
     if encoder != "text":

@@ -13,6 +13,7 @@ from clipfold.compile.adapters.lpp import fit_lpp
 from clipfold.compile.head import build_zero_shot_head
 from clipfold.compile.tiny import data
 
+from .fewshot_helpers import rel_diff, synthetic_task
 from .test_gda import BACKGROUNDS, _features, _shots
 
 
@@ -58,24 +59,9 @@ def official_logits(f, state, text_weights):
     return f.double() @ w.T + b + alpha * (f.double() @ text_weights.double())
 
 
-def _rel(ours, ref):
-    return float((ours.double() - ref).abs().max() / ref.abs().max())
-
-
-def _task(seed=0, classes=5, dim=32, shots=4, val=10):
-    g = torch.Generator().manual_seed(seed)
-    means = F.normalize(torch.randn(classes, dim, generator=g), dim=-1)
-    labels = torch.arange(classes).repeat_interleave(shots)
-    views = F.normalize(means[labels] + 0.8 * torch.randn(2, len(labels), dim, generator=g) / dim ** 0.5 * 4, dim=-1)
-    val_y = torch.arange(classes).repeat(val)
-    val_f = F.normalize(means[val_y] + 0.8 * torch.randn(len(val_y), dim, generator=g) / dim ** 0.5 * 4, dim=-1)
-    text = F.normalize(means + 0.7 * torch.randn(classes, dim, generator=g) / dim ** 0.5 * 4, dim=-1)
-    return views, labels, val_f, val_y, text
-
-
 @pytest.mark.parametrize("with_val", [True, False])
 def test_matches_the_official_loop(tiny, with_val):
-    views, labels, val_f, val_y, text = _task()
+    views, labels, val_f, val_y, text = synthetic_task(classes=5, dim=32, shots=4, views=2, val_per_class=10, noise=3.2 / 32 ** 0.5, text_noise=2.8 / 32 ** 0.5)
     if not with_val:
         val_f, val_y = val_f[:0], val_y[:0]
     support = Support(views=views, labels=labels, val_features=val_f, val_labels=val_y, text=text, seed=5)
@@ -87,7 +73,7 @@ def test_matches_the_official_loop(tiny, with_val):
     for f in (random_f, val_f if with_val else random_f[:5]):
         reference = official_logits(f, state, text.T)
         for logits in (fitted.head.logits(f), fitted.head.fold().logits(f)):
-            assert _rel(logits, reference) <= 1e-5, _rel(logits, reference)
+            assert rel_diff(logits, reference) <= 1e-5, rel_diff(logits, reference)
             assert torch.equal(logits.topk(2).indices, reference.topk(2).indices)
     hyper = fitted.hyperparameters
     assert hyper["epochs"] == 300 and hyper["view"] == 1
@@ -109,7 +95,7 @@ def test_on_real_features_beats_zero_shot(tiny):
     fitted = fit_lpp(support)
     reference = official_logits(test_f, official_lpp(shots_f, shots_y, text.T, 12, val_f, val_y, 300, 0), text.T)
     ours = fitted.head.fold().logits(test_f)
-    assert _rel(ours, reference) <= 1e-5, _rel(ours, reference)
+    assert rel_diff(ours, reference) <= 1e-5, rel_diff(ours, reference)
     assert torch.equal(ours.argmax(1), reference.argmax(1))
     zs = float((zero_shot.logits(test_f).argmax(1) == test_y).float().mean())
     adapted = float((ours.argmax(1) == test_y).float().mean())
@@ -118,7 +104,7 @@ def test_on_real_features_beats_zero_shot(tiny):
 
 
 def test_bad_support_is_refused():
-    views, labels, val_f, val_y, text = _task()
+    views, labels, val_f, val_y, text = synthetic_task(classes=5, dim=32, shots=4, views=2, val_per_class=10, noise=3.2 / 32 ** 0.5, text_noise=2.8 / 32 ** 0.5)
     with pytest.raises(errors.ConfigError, match=r"classes \[4\] have no support samples"):
         fit_lpp(Support(views=views[:, :16], labels=labels[:16], val_features=val_f, val_labels=val_y, text=text))
     with pytest.raises(errors.ConfigError, match="NaN or inf"):

@@ -12,6 +12,7 @@ from clipfold.compile.adapters.proker import fit_proker
 from clipfold.compile.head import build_zero_shot_head
 from clipfold.compile.tiny import data
 
+from .fewshot_helpers import rel_diff, synthetic_task
 from .test_gda import BACKGROUNDS, _features, _shots
 
 
@@ -38,24 +39,8 @@ def official_proker(vecs, labels, val_features, val_labels, test_features, clip_
     return test_features @ clip_weights + kernel(test_features, vecs, beta) @ alpha_i, hp
 
 
-def _rel(ours, ref):
-    return float((ours.double() - ref).abs().max() / ref.abs().max())
-
-
-def _task(seed=0, classes=4, dim=24, shots=3, views=3):
-    g = torch.Generator().manual_seed(seed)
-    means = F.normalize(torch.randn(classes, dim, generator=g), dim=-1)
-    labels = torch.arange(classes).repeat_interleave(shots)
-    noise = lambda *s: torch.randn(*s, dim, generator=g)  # noqa: E731
-    views_t = F.normalize(means[labels] + 0.9 * noise(views, len(labels)), dim=-1)
-    val_y = torch.arange(classes).repeat(8)
-    val_f = F.normalize(means[val_y] + 0.9 * noise(len(val_y)), dim=-1)
-    text = F.normalize(means + 0.8 * noise(classes), dim=-1)
-    return views_t, labels, val_f, val_y, text
-
-
 def test_matches_the_official_grid_search_and_closed_form():
-    views, labels, val_f, val_y, text = _task()
+    views, labels, val_f, val_y, text = synthetic_task()
     fitted = fit_proker(Support(views=views, labels=labels, val_features=val_f, val_labels=val_y, text=text))
     e, n, d = views.shape
     vecs, vec_labels = views.reshape(e * n, d), labels.repeat(e)  # the augment loop appends whole passes
@@ -65,17 +50,17 @@ def test_matches_the_official_grid_search_and_closed_form():
     assert hyper["beta"] == pytest.approx(beta, abs=1e-6) and hyper["lmbda"] == pytest.approx(lmbda, abs=1e-6)
     assert hyper["cache_size"] == e * n and 0 < hyper["val_accuracy"] <= 1
     for logits in (fitted.head.logits(test_f), fitted.head.fold().logits(test_f)):
-        assert _rel(logits, reference) <= 1e-5, _rel(logits, reference)
+        assert rel_diff(logits, reference) <= 1e-5, rel_diff(logits, reference)
         assert torch.equal(logits.topk(2).indices, reference.topk(2).indices)
 
 
 @pytest.mark.parametrize("shots, hp", [(1, (3.0, 0.05)), (3, (2.6, 0.05)), (16, (1.7, 0.1))])
 def test_without_validation_uses_the_official_imagenet_values(shots, hp):
-    views, labels, val_f, val_y, text = _task(shots=shots, views=1)
+    views, labels, val_f, val_y, text = synthetic_task(shots=shots, views=1)
     fitted = fit_proker(Support(views=views, labels=labels, val_features=val_f[:0], val_labels=val_y[:0], text=text))
     assert (fitted.hyperparameters["beta"], fitted.hyperparameters["lmbda"]) == hp
     reference, _ = official_proker(views[0], labels, None, None, val_f, text.T, hp=hp)
-    assert _rel(fitted.head.fold().logits(val_f), reference) <= 1e-5
+    assert rel_diff(fitted.head.fold().logits(val_f), reference) <= 1e-5
 
 
 def test_on_real_features_beats_zero_shot(tiny):
@@ -88,7 +73,7 @@ def test_on_real_features_beats_zero_shot(tiny):
     fitted = fit_proker(Support(views=shots_f, labels=shots_y, val_features=val_f, val_labels=val_y, text=text))
     reference, _ = official_proker(shots_f, shots_y, val_f, val_y, test_f, text.T)
     ours = fitted.head.fold().logits(test_f)
-    assert _rel(ours, reference) <= 1e-5, _rel(ours, reference)
+    assert rel_diff(ours, reference) <= 1e-5, rel_diff(ours, reference)
     assert torch.equal(ours.argmax(1), reference.argmax(1))
     zs = float((zero_shot.logits(test_f).argmax(1) == test_y).float().mean())
     adapted = float((ours.argmax(1) == test_y).float().mean())
@@ -96,7 +81,7 @@ def test_on_real_features_beats_zero_shot(tiny):
 
 
 def test_a_class_without_shots_is_refused():
-    views, labels, val_f, val_y, text = _task()
+    views, labels, val_f, val_y, text = synthetic_task()
     keep = labels != 2
     with pytest.raises(errors.ConfigError, match=r"classes \[2\] have no support samples"):
         fit_proker(Support(views=views[:, keep], labels=labels[keep], val_features=val_f, val_labels=val_y, text=text))

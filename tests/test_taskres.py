@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import CosineAnnealingLR, _LRScheduler
 
 from clipfold import errors
-from clipfold.compile.adapters.base import ImportRequest, Support
+from clipfold.compile.adapters.base import ImportRequest
 from clipfold.compile.adapters.taskres import fit_taskres, import_taskres, train_residuals
-from clipfold.compile.head import build_zero_shot_head
 from clipfold.compile.tiny import data
 
-from .test_gda import BACKGROUNDS, _features, _shots
+from .fewshot_helpers import background_task, rel_diff
+from .test_gda import _features
 
 LABELS = ("cat", "dog", "car", "tree", "boat")
 
@@ -64,10 +64,6 @@ def _request(tiny, path, labels=LABELS, **options):
     return ImportRequest(checkpoint=path, loaded=tiny, labels=labels, templates=("{}",), options=options)
 
 
-def _rel(ours, ref):
-    return float((ours.double() - ref).abs().max() / ref.abs().max())
-
-
 @pytest.mark.parametrize("alpha", [None, "0.5"])
 def test_import_matches_the_official_formula(tiny, tmp_path, alpha):
     base, residuals = _checkpoint_tensors()
@@ -82,11 +78,11 @@ def test_import_matches_the_official_formula(tiny, tmp_path, alpha):
     for f in (random_f, real_f):
         reference = official_taskres_logits(f, base, residuals, a, scale)
         for logits in (imported.head.logits(f), imported.head.fold().logits(f)):
-            assert _rel(logits, reference) <= 1e-5, _rel(logits, reference)
+            assert rel_diff(logits, reference) <= 1e-5, rel_diff(logits, reference)
             assert torch.equal(logits.topk(3).indices, reference.topk(3).indices)
     # alpha matters: the other value gives other logits.
     other = official_taskres_logits(random_f, base, residuals, 1.5 - a, scale)
-    assert _rel(imported.head.logits(random_f), other) > 1e-3
+    assert rel_diff(imported.head.logits(random_f), other) > 1e-3
 
 
 def test_plain_state_dict_checkpoint_is_accepted(tiny, tmp_path):
@@ -156,17 +152,11 @@ def test_training_follows_the_official_recipe():
     ours = train_residuals(views, labels, base, 0.5, 100.0, seed=3, epochs=12)
     ref = reference_training(views.double(), labels, base.double(), 0.5, 100.0, seed=3, epochs=12)
     assert ours.abs().max() > 1e-3  # it trained
-    assert _rel(ours, ref) <= 1e-5, _rel(ours, ref)
+    assert rel_diff(ours, ref) <= 1e-5, rel_diff(ours, ref)
 
 
 def test_fit_beats_zero_shot_and_records_its_choice(tiny):
-    names = [f"{b} background" for b in BACKGROUNDS]
-    zero_shot = build_zero_shot_head(tiny.model, tiny.tokenizer, names, ("a photo on a {}.", "a {}."))
-    test_f, test_y = _features(tiny, data.generate(300, seed=4243))
-    val_f, val_y = _features(tiny, _shots(6, 98))
-    shots_f, shots_y = _features(tiny, _shots(12, 11))
-    support = Support(views=shots_f, labels=shots_y, val_features=val_f, val_labels=val_y,
-                      text=zero_shot.class_embeddings, logit_scale=zero_shot.logit_scale, seed=0)
+    zero_shot, support, test_f, test_y = background_task(tiny)
     fitted = fit_taskres(support)
     hyper = fitted.hyperparameters
     assert hyper["alpha"] in (0.5, 1.0) and set(hyper["val_accuracy_by_alpha"]) == {"0.5", "1.0"}

@@ -15,7 +15,8 @@ from clipfold.compile.adapters.tip_f import fit_tip_f, import_tip_f, train_adapt
 from clipfold.compile.head import build_zero_shot_head
 from clipfold.compile.tiny import data
 
-from .test_gda import BACKGROUNDS, _features, _shots
+from .fewshot_helpers import background_task, rel_diff
+from .test_gda import _features
 
 LABELS = ("red circle", "blue square", "green triangle")
 TEMPLATES = ("a photo of a {}.", "a {}.")
@@ -50,10 +51,6 @@ def _request(tiny, path, labels=LABELS, **options):
     return ImportRequest(checkpoint=path, loaded=tiny, labels=labels, templates=TEMPLATES, options=options)
 
 
-def _rel(ours, ref):
-    return float((ours.double() - ref).abs().max() / ref.abs().max())
-
-
 @pytest.mark.parametrize("options, beta, alpha", [({}, 1.0, 1.17), ({"beta": "5.5", "alpha": "2.0"}, 5.5, 2.0)])
 def test_import_matches_the_official_formula(tiny, tmp_path, options, beta, alpha):
     path, weight, values = _official_files(tmp_path / "caches" / "imagenet", dim=64)
@@ -68,7 +65,7 @@ def test_import_matches_the_official_formula(tiny, tmp_path, options, beta, alph
     for f in (random_f, real_f):
         reference = official_tip_f_logits(f, weight.float(), values, clip_weights, alpha, beta)
         for logits in (imported.head.logits(f), imported.head.fold().logits(f)):
-            assert _rel(logits, reference) <= 1e-5, _rel(logits, reference)
+            assert rel_diff(logits, reference) <= 1e-5, rel_diff(logits, reference)
             assert torch.equal(logits.topk(2).indices, reference.topk(2).indices)
 
 
@@ -154,18 +151,13 @@ def test_training_matches_the_official_loop():
     ours, chosen = train_adapter(views, labels, text, keys.t(), seed=4, epochs=6, val=(val_f, val_y))
     reference = official_training(views, labels, text.T.double(), keys, seed=4, epochs=6, val_f=val_f, val_y=val_y)
     assert (ours - keys.t()).abs().max() > 1e-3  # it trained
-    assert _rel(ours, reference) <= 1e-5, _rel(ours, reference)
+    assert rel_diff(ours, reference) <= 1e-5, rel_diff(ours, reference)
     assert 0 < chosen["val_accuracy"] <= 1
 
 
 def test_fit_beats_zero_shot_on_real_features(tiny):
-    names = [f"{b} background" for b in BACKGROUNDS]
-    zero_shot = build_zero_shot_head(tiny.model, tiny.tokenizer, names, ("a photo on a {}.", "a {}."))
-    test_f, test_y = _features(tiny, data.generate(300, seed=4243))
-    val_f, val_y = _features(tiny, _shots(6, 98))
-    shots_f, shots_y = _features(tiny, _shots(12, 11))
-    support = Support(views=shots_f, labels=shots_y, val_features=val_f, val_labels=val_y,
-                      text=zero_shot.class_embeddings)
+    zero_shot, support, test_f, test_y = background_task(tiny)
+    shots_y = support.labels
     fitted = fit_tip_f(support)
     hyper = fitted.hyperparameters
     cache = fitted.head.caches[0]
@@ -173,7 +165,7 @@ def test_fit_beats_zero_shot_on_real_features(tiny):
     reference = official_tip_f_logits(test_f, cache.keys, F.one_hot(shots_y).float(),
                                       zero_shot.class_embeddings.T, hyper["alpha"], hyper["beta"])
     ours = fitted.head.fold().logits(test_f)
-    assert _rel(ours, reference) <= 1e-5, _rel(ours, reference)
+    assert rel_diff(ours, reference) <= 1e-5, rel_diff(ours, reference)
     zs = float((zero_shot.logits(test_f).argmax(1) == test_y).float().mean())
     adapted = float((ours.argmax(1) == test_y).float().mean())
     assert adapted >= zs + 0.03, (zs, adapted)

@@ -131,3 +131,14 @@ def generate(n: int, seed: int, size: int = IMAGE_SIZE) -> list[Sample]:
     """``n`` samples drawn from the stream ``seed`` (deterministic)."""
     stream = iterate(seed, size)
     return [next(stream) for _ in range(n)]
+
+
+def per_background(n: int, seed: int, size: int = IMAGE_SIZE) -> list[Sample]:
+    """``n`` samples of each background type, in stream order (the few-shot task's support sets)."""
+    out, need, rng = [], dict.fromkeys(BACKGROUNDS, n), np.random.default_rng(seed)
+    while any(need.values()):
+        sample = render(rng, size)
+        if need[sample.background]:
+            need[sample.background] -= 1
+            out.append(sample)
+    return out

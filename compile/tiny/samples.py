@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 
 from . import data
 
@@ -32,24 +31,21 @@ def write_samples(out: Path, n_images: int = 6, seed: int = 2024) -> tuple[Path,
     return labels, paths
 
 
+def write_background_folder(root: Path, samples) -> Path:
+    """A labelled folder: one sub-folder per background type ("dark background", ...)."""
+    for i, sample in enumerate(samples):
+        folder = Path(root) / f"{sample.background} background"
+        folder.mkdir(parents=True, exist_ok=True)
+        sample.image.save(folder / f"{i:04d}.png")
+    return Path(root)
+
+
 def write_fewshot(out: Path, shots: int = 12, test: int = 200, seed: int = 11) -> Path:
     root = Path(out) / "fewshot"
-    labels = [f"{b} background" for b in data.BACKGROUNDS]
-    rng = np.random.default_rng(seed)
-    need = dict.fromkeys(labels, shots)
-    support = []
-    while any(need.values()):
-        sample = data.render(rng)
-        label = f"{sample.background} background"
-        if need[label]:
-            need[label] -= 1
-            support.append(sample)
-    for split, samples in (("support", support), ("test", data.generate(test, seed=seed + 1))):
-        for i, sample in enumerate(samples):
-            folder = root / split / f"{sample.background} background"
-            folder.mkdir(parents=True, exist_ok=True)
-            sample.image.save(folder / f"{i:04d}.png")
-    (root / "labels.txt").write_text("\n".join(sorted(labels)) + "\n", encoding="utf-8")
+    write_background_folder(root / "support", data.per_background(shots, seed))
+    write_background_folder(root / "test", data.generate(test, seed=seed + 1))
+    labels = sorted(f"{b} background" for b in data.BACKGROUNDS)
+    (root / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
     (root / "templates.txt").write_text("a photo on a {}.\na {}.\n", encoding="utf-8")
     return root
 
