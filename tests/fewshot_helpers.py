@@ -41,3 +41,13 @@ def background_task(tiny, shots=12, val=6, test=300):
     support = Support(views=shots_f, labels=shots_y, val_features=val_f, val_labels=val_y,
                       text=zero_shot.class_embeddings, logit_scale=zero_shot.logit_scale, seed=0)
     return zero_shot, support, test_f, test_y
+
+
+def assert_matches_and_adapts(ours, reference, zero_shot_logits, test_y, gain: float) -> tuple[float, float]:
+    """``ours`` equals the official ``reference`` (<= 1e-5 relative, same top-1) and beats zero-shot by ``gain``."""
+    assert rel_diff(ours, reference) <= 1e-5, rel_diff(ours, reference)
+    assert torch.equal(ours.argmax(1), reference.argmax(1))
+    zs = float((zero_shot_logits.argmax(1) == test_y).float().mean())
+    adapted = float((ours.argmax(1) == test_y).float().mean())
+    assert adapted >= zs + gain, (zs, adapted)
+    return zs, adapted

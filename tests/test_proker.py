@@ -9,11 +9,8 @@ import torch.nn.functional as F
 from clipfold import errors
 from clipfold.compile.adapters.base import Support
 from clipfold.compile.adapters.proker import fit_proker
-from clipfold.compile.head import build_zero_shot_head
-from clipfold.compile.tiny import data
 
-from .fewshot_helpers import rel_diff, synthetic_task
-from .test_gda import BACKGROUNDS, _features, _shots
+from .fewshot_helpers import assert_matches_and_adapts, background_task, rel_diff, synthetic_task
 
 
 def official_proker(vecs, labels, val_features, val_labels, test_features, clip_weights, hp=None):
@@ -64,20 +61,12 @@ def test_without_validation_uses_the_official_imagenet_values(shots, hp):
 
 
 def test_on_real_features_beats_zero_shot(tiny):
-    names = [f"{b} background" for b in BACKGROUNDS]
-    zero_shot = build_zero_shot_head(tiny.model, tiny.tokenizer, names, ("a photo on a {}.", "a {}."))
-    text = zero_shot.class_embeddings
-    test_f, test_y = _features(tiny, data.generate(300, seed=4243))
-    val_f, val_y = _features(tiny, _shots(6, 98))
-    shots_f, shots_y = _features(tiny, _shots(12, 11))
-    fitted = fit_proker(Support(views=shots_f, labels=shots_y, val_features=val_f, val_labels=val_y, text=text))
+    zero_shot, support, test_f, test_y = background_task(tiny)
+    text, shots_f, shots_y = support.text, support.features, support.labels
+    val_f, val_y = support.val_features, support.val_labels
+    fitted = fit_proker(support)
     reference, _ = official_proker(shots_f, shots_y, val_f, val_y, test_f, text.T)
-    ours = fitted.head.fold().logits(test_f)
-    assert rel_diff(ours, reference) <= 1e-5, rel_diff(ours, reference)
-    assert torch.equal(ours.argmax(1), reference.argmax(1))
-    zs = float((zero_shot.logits(test_f).argmax(1) == test_y).float().mean())
-    adapted = float((ours.argmax(1) == test_y).float().mean())
-    assert adapted >= zs + 0.05, (zs, adapted)
+    assert_matches_and_adapts(fitted.head.fold().logits(test_f), reference, zero_shot.logits(test_f), test_y, 0.05)
 
 
 def test_a_class_without_shots_is_refused():
