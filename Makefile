@@ -27,6 +27,9 @@ demo: $(STAMP)
 	$(CLI) compile --adapter $(DEMO)/gda.safetensors --out $(DEMO)/gda.bundle --overwrite
 	$(CLI) evaluate $(DEMO)/zero-shot.bundle $(DEMO)/fewshot/test
 	$(CLI) evaluate $(DEMO)/gda.bundle $(DEMO)/fewshot/test
+	# Swappable heads: the same adapter as a second head of the first bundle, no image tower re-exported.
+	$(CLI) head add $(DEMO)/tiny.bundle --name backgrounds --adapter $(DEMO)/gda.safetensors --replace
+	$(CLI) evaluate $(DEMO)/tiny.bundle $(DEMO)/fewshot/test --head backgrounds
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -4,7 +4,8 @@ The task is one the embedded tiny model was never trained to name — the backgr
 generated images (4 classes) — and every number comes from the real path: ``clipfold fit`` on a
 support folder (features cached, augmented views), ``clipfold compile --adapter``, and the
 torch-free engine's ``evaluate_folder`` on a separate test folder. Hyperparameters are chosen on a
-separate validation folder (4 images per class), never on the test folder. Support sets are nested:
+separate validation folder (25 images per class by default, as Tip-Adapter and APE search on a
+validation set rather than on held-out shots), never on the test folder. Support sets are nested:
 the k-shot set is the first k images of each class of the 16-shot set.
 
     python -m benchmarks.fewshot [--shots 1 2 4 8 16] [--methods gda tip-adapter ...] [--views 11]
@@ -36,10 +37,10 @@ RESULTS = Path(__file__).parent / "results"
 TEMPLATES = ("a photo on a {}.", "a {}.")
 
 
-def run(shots: list[int], methods: list[str], views: int, test_images: int, seed: int) -> dict:
+def run(shots: list[int], methods: list[str], views: int, test_images: int, seed: int, val_per_class: int) -> dict:
     work = Path(tempfile.mkdtemp(prefix="clipfold-fewshot-"))
     support = write_background_folder(work / "support", data.per_background(max(shots), 1000 + seed))
-    val = write_background_folder(work / "val", data.per_background(4, 2000 + seed))
+    val = write_background_folder(work / "val", data.per_background(val_per_class, 2000 + seed))
     test = write_background_folder(work / "test", data.generate(test_images, seed=3000 + seed))
     labels = tuple(sorted(f"{b} background" for b in data.BACKGROUNDS))
     zs = compile_bundle(CompileConfig(labels=labels, templates=TEMPLATES, out=work / "zero-shot.bundle", top_k=1))
@@ -61,7 +62,7 @@ def run(shots: list[int], methods: list[str], views: int, test_images: int, seed
             print(f"{method:14s} {k:2d} shots: {table[method][str(k)]:.1%} (fit {fit_s:.1f}s)", file=sys.stderr)
     return {"task": "background type of generated images (4 classes), embedded tiny model",
             "zero_shot": zero_shot, "top1": table, "fit_seconds": seconds, "shots": shots, "views": views,
-            "val_per_class": 4, "test_images": test_images, "seed": seed,
+            "val_per_class": val_per_class, "test_images": test_images, "seed": seed,
             "machine": platform.machine(), "producer": producer_versions()}
 
 
@@ -85,10 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(FITTERS), choices=list(FITTERS))
     parser.add_argument("--views", type=int, default=11, help="1 plain + 10 augmented, as the official caches")
     parser.add_argument("--test-images", type=int, default=400)
+    parser.add_argument("--val-per-class", type=int, default=25,
+                        help="validation images per class for the hyperparameter search (never the test set)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "fewshot-tiny")
     args = parser.parse_args(argv)
-    result = run(sorted(args.shots), args.methods, args.views, args.test_images, args.seed)
+    result = run(sorted(args.shots), args.methods, args.views, args.test_images, args.seed, args.val_per_class)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(markdown(result))

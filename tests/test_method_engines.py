@@ -116,3 +116,38 @@ def test_every_fitted_method_compiles_to_its_head(tiny, support, tmp_path, metho
     result = compile_bundle(CompileConfig(labels=None, adapter=tmp_path / "a.safetensors", out=tmp_path / "b", top_k=2))
     assert result.manifest.head.method == method == adapter.head.method
     assert_engine_matches(result.path, tiny.preprocess, lambda x: adapter.head.logits(_unit(tiny.model, x).float()))
+
+
+def test_cli_imports_a_checkpoint_and_bad_ones_write_nothing(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    from clipfold import errors
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "clipfold", *args], capture_output=True, text=True, timeout=300)
+
+    ctx = test_coop.word_embeddings(tiny, "a photo of a")
+    test_coop.write_dassl_checkpoint(tmp_path / "out", "prompt_learner", {"ctx": ctx}, epoch=7)
+    labels = ",".join(test_coop.LABELS)
+    proc = cli("compile", "--adapter", str(tmp_path / "out"), "--method", "coop", "--labels", labels,
+               "--set", "class_token_position=front", "--out", str(tmp_path / "coop.bundle"), "--top-k", "2")
+    assert proc.returncode == 0, proc.stderr
+    head = __import__("clipfold.runtime", fromlist=["Engine"]).Engine.open(tmp_path / "coop.bundle").manifest.head
+    assert head.method == "coop" and head.adapter["file"] == "model.pth.tar-7"
+    assert head.adapter["hyperparameters"]["class_token_position"] == "front"
+
+    proc = cli("compile", "--adapter", str(tmp_path / "out"), "--method", "coop", "--labels", labels,
+               "--set", "class_token_position", "--out", str(tmp_path / "x.bundle"))
+    assert proc.returncode == 2 and "--set expects KEY=VALUE, got 'class_token_position'" in proc.stderr
+    proc = cli("compile", "--adapter", str(tmp_path / "out"), "--method", "coop", "--out", str(tmp_path / "x.bundle"))
+    assert proc.returncode != 0 and "compile needs --labels" in proc.stderr
+
+    torch.save({"state_dict": {"prompt": torch.zeros(4, 64)}, "epoch": 1}, tmp_path / "bad.pth.tar")
+    with pytest.raises(errors.CheckpointError, match=r"missing keys \['ctx'\].*found \['prompt'\]"):
+        _compile(tmp_path / "fail", test_coop.LABELS, "coop", tmp_path / "bad.pth.tar")
+    with pytest.raises(errors.CheckpointError, match="width"):
+        _compile(tmp_path / "fail", test_coop.LABELS, "coop", test_coop.write_dassl_checkpoint(
+            tmp_path / "wide", "prompt_learner", {"ctx": torch.zeros(4, 512)}))
+    assert not any((tmp_path / "fail").iterdir())  # no bundle, no partial directory left behind
+    assert not (tmp_path / "x.bundle").exists()
