@@ -24,8 +24,9 @@ EXTERNAL_DATA_BYTES = 1_500_000_000
 class HeadModule(nn.Module):
     """The folded head: unit embedding ``f`` (B, D) -> logits (B, C).
 
-    All linear branches arrive as one matrix that already carries ``exp(logit_scale)``, and each
-    cache branch as one exp(GEMM) whose outputs join the embedding in a single MatMul (+ bias).
+    All linear branches arrive as one matrix that already carries ``exp(logit_scale)``; a cache
+    branch is one exp(GEMM + key bias) whose outputs either join the embedding in the single outer
+    MatMul or, for one-hot values, are summed per class (:func:`~clipfold.compile.heads._fold_cache`).
     A CLIP-Adapter transform runs first; an APE cache gathers its channels and renormalizes them.
     """
 
@@ -35,12 +36,13 @@ class HeadModule(nn.Module):
         self.register_buffer("weight", folded.weight)
         self.register_buffer("bias", folded.bias)
         self.has_bias = bool(folded.bias.abs().max() > 0)
-        for i, (keys, channels) in enumerate(zip(folded.scaled_keys, folded.channels)):
-            self.register_buffer(f"cache_keys_{i}", keys)
-            if channels is not None:
-                self.register_buffer(f"cache_channels_{i}", channels.long())
-        self.gathers = tuple(c is not None for c in folded.channels)
-        self.betas = folded.betas
+        self.slots = tuple(c.slots for c in folded.caches)
+        self.gathers = tuple(c.channels is not None for c in folded.caches)
+        for i, cache in enumerate(folded.caches):
+            self.register_buffer(f"cache_keys_{i}", cache.keys)
+            self.register_buffer(f"cache_bias_{i}", cache.key_bias)
+            if cache.channels is not None:
+                self.register_buffer(f"cache_channels_{i}", cache.channels.long())
         self.ratio = None
         if folded.transform is not None:
             self.register_buffer("transform_down", folded.transform.down.float())
@@ -51,16 +53,19 @@ class HeadModule(nn.Module):
         if self.ratio is not None:
             adapted = torch.relu(torch.relu(features @ self.transform_down.T) @ self.transform_up.T)
             features = F.normalize(self.ratio * adapted + (1.0 - self.ratio) * features, dim=-1)
-        if self.betas:
-            affinities = []
-            for i, beta in enumerate(self.betas):
-                query = features
-                if self.gathers[i]:
-                    query = F.normalize(features.index_select(-1, getattr(self, f"cache_channels_{i}")), dim=-1)
-                affinities.append(torch.exp(query @ getattr(self, f"cache_keys_{i}").T - beta))
-            logits = torch.cat([features, *affinities], dim=-1) @ self.weight
-        else:
-            logits = features @ self.weight
+        parts, reduced = [features], []
+        for i, slots in enumerate(self.slots):
+            query = features
+            if self.gathers[i]:
+                query = F.normalize(features.index_select(-1, getattr(self, f"cache_channels_{i}")), dim=-1)
+            a = torch.exp(query @ getattr(self, f"cache_keys_{i}").T + getattr(self, f"cache_bias_{i}"))
+            if slots is None:
+                parts.append(a)
+            else:
+                reduced.append(a.reshape(a.shape[0], -1, slots).sum(-1))
+        logits = (torch.cat(parts, dim=-1) if len(parts) > 1 else features) @ self.weight
+        for r in reduced:
+            logits = logits + r
         return logits + self.bias if self.has_bias else logits
 
 

@@ -11,9 +11,11 @@ A head is a sum of branches over the unit image embedding ``f`` (1, D):
 
 ``Head.logits`` is the unfolded reference formula. ``Head.fold`` rewrites it for export: every
 linear branch summed into one ``(W, b)``; each cache's ``beta`` moved into its keys
-(``exp(f @ (beta K).T - beta)``) and its ``alpha`` into its values, and the caches' outer GEMMs
-merged with the linear one: ``[f, A_1, ...] @ [W.T; alpha_1 V_1; ...] + b``. One MatMul then
-scores every branch; the graph never runs a branch twice.
+(``exp(f @ (beta K).T - beta)``). A cache whose values are one positive entry per row (one-hot
+labels, possibly reweighted) becomes a reduction: ``alpha`` and the weights go into a per-key bias
+and the keys are sorted by label, so the branch is ``exp(...).reshape(B, C, shots).sum(-1)``. Any
+other cache keeps ``alpha V`` as rows of the outer GEMM, merged with the linear one:
+``[f, A_1, ...] @ [W.T; alpha_1 V_1; ...] + b``. The graph never runs a branch twice.
 """
 
 from __future__ import annotations
@@ -118,26 +120,79 @@ class ResidualMLP:
         return F.normalize(self.ratio * adapted + (1.0 - self.ratio) * f, dim=-1)
 
 
+PAD_BIAS = -1e4  # exp(q . 0 - 1e4) is exactly 0 in float32 and float64: padded keys add nothing
+
+
+@dataclass(frozen=True)
+class FoldedCache:
+    """One cache branch as exported: ``a = exp(q @ keys.T + key_bias)``, then either its own rows of
+    the merged GEMM (``slots`` None) or, for one-hot values, a per-class sum: the keys are sorted by
+    label and padded to ``slots`` per class, so ``a.reshape(B, C, slots).sum(-1)`` is the branch."""
+
+    keys: torch.Tensor  # (N', D_i): beta K, label-sorted and padded when reduced
+    key_bias: torch.Tensor  # (N',): -beta, plus log(alpha * value) when reduced; PAD_BIAS on padding
+    channels: torch.Tensor | None
+    slots: int | None
+
+    def activations(self, f: torch.Tensor) -> torch.Tensor:
+        query = f if self.channels is None else F.normalize(f[:, self.channels], dim=-1)
+        return torch.exp(query @ self.keys.T + self.key_bias)
+
+
 @dataclass(frozen=True)
 class FoldedHead:
-    """``logits = [g, exp(q_1 @ Kb_1.T - beta_1), ...] @ weight + bias`` with ``Kb = beta K``,
-    ``g = transform(f)`` (or ``f``) and ``q_i`` = ``g`` or its renormalized channel subset."""
+    """``logits = [g, a_i (GEMM caches)] @ weight + bias + sum_i reduce(a_i) (reduced caches)`` with
+    ``g = transform(f)`` (or ``f``) and ``a_i`` each cache's activations (:class:`FoldedCache`)."""
 
-    weight: torch.Tensor  # (D + sum N_i, C)
+    weight: torch.Tensor  # (D + sum N_i over GEMM caches, C)
     bias: torch.Tensor  # (C,)
-    scaled_keys: tuple[torch.Tensor, ...]  # beta_i K_i, (N_i, D_i)
-    betas: tuple[float, ...]
-    channels: tuple[torch.Tensor | None, ...]
+    caches: tuple[FoldedCache, ...]
     transform: ResidualMLP | None
     activation: str
 
     def logits(self, f: torch.Tensor) -> torch.Tensor:
         if self.transform is not None:
             f = self.transform(f)
-        queries = [f if ch is None else F.normalize(f[:, ch], dim=-1) for ch in self.channels]
-        parts = [f] + [torch.exp(q @ k.T - b) for q, k, b in zip(queries, self.scaled_keys, self.betas)]
+        parts, reduced = [f], 0.0
+        for cache in self.caches:
+            a = cache.activations(f)
+            if cache.slots is None:
+                parts.append(a)
+            else:
+                reduced = reduced + a.reshape(a.shape[0], -1, cache.slots).sum(-1)
         features = torch.cat(parts, dim=-1) if len(parts) > 1 else f
-        return features @ self.weight + self.bias
+        return features @ self.weight + self.bias + reduced
+
+
+def _fold_cache(cache: Cache, classes: int) -> tuple[FoldedCache, torch.Tensor | None]:
+    """The folded branch, and its GEMM rows ``alpha V`` (None when it folds to a reduction).
+
+    Cost model per image, N keys and C classes: the GEMM rows cost N*C multiply-adds and N*C stored
+    weights (Tip-Adapter on ImageNet, 16 shots: 16M of each, 64 MB fp32); the reduction costs N'
+    additions and stores nothing. It applies when every value row has one positive entry (one-hot
+    labels, APE's refined values) and ``alpha > 0``, so ``alpha * v * exp(x) = exp(x + log(alpha v))``,
+    and when padding to equal shots per class at most doubles the keys.
+    """
+    keys = cache.beta * cache.keys.double()
+    values = cache.values.double()
+    nonzero = values != 0
+    one_per_row = bool((nonzero.sum(1) == 1).all()) and bool((values[nonzero] > 0).all())
+    if one_per_row and cache.alpha > 0 and len(values):
+        labels = nonzero.double().argmax(1)
+        weights = values[torch.arange(len(values)), labels]
+        counts = torch.bincount(labels, minlength=classes)
+        slots = int(counts.max())
+        if slots * classes <= 2 * len(values):
+            padded_keys = torch.zeros(classes * slots, keys.shape[1], dtype=torch.float64)
+            padded_bias = torch.full((classes * slots,), PAD_BIAS, dtype=torch.float64)
+            for k in range(classes):
+                rows = torch.nonzero(labels == k).flatten()
+                at = k * slots + torch.arange(len(rows))
+                padded_keys[at] = keys[rows]
+                padded_bias[at] = -cache.beta + torch.log(cache.alpha * weights[rows])
+            return FoldedCache(padded_keys.float().contiguous(), padded_bias.float(), cache.channels, slots), None
+    bias = torch.full((len(keys),), -float(cache.beta), dtype=torch.float32)
+    return FoldedCache(keys.float().contiguous(), bias, cache.channels, None), cache.alpha * values
 
 
 @dataclass(frozen=True)
@@ -198,13 +253,12 @@ class Head:
         weight = sum(b.weight.double() for b in self.linears).T
         bias = sum((b.bias.double() for b in self.linears if b.bias is not None),
                    torch.zeros(self.num_classes, dtype=torch.float64))
-        blocks = [weight] + [c.alpha * c.values.double() for c in self.caches]
+        folded = [_fold_cache(c, self.num_classes) for c in self.caches]
+        blocks = [weight] + [rows for _, rows in folded if rows is not None]
         return FoldedHead(
             weight=torch.cat(blocks, dim=0).float().contiguous(),
             bias=bias.float(),
-            scaled_keys=tuple((c.beta * c.keys.double()).float().contiguous() for c in self.caches),
-            betas=tuple(float(c.beta) for c in self.caches),
-            channels=tuple(c.channels for c in self.caches),
+            caches=tuple(cache for cache, _ in folded),
             transform=self.transform,
             activation=self.activation,
         )

@@ -54,9 +54,32 @@ def test_fold_equals_unfolded_formula(activation):
 def test_folded_matrix_merges_every_branch():
     head = _random_head()
     folded = head.fold()
-    assert folded.weight.shape == (head.embed_dim + 20 + 10, head.num_classes)
-    assert len(folded.scaled_keys) == 2 and folded.betas == (5.5, 1.0)
+    # The one-hot cache (20 keys over 7 classes, 2-3 each) folds to a per-class sum over 3 padded
+    # slots, so only the dense cache's 10 value rows join the outer GEMM.
+    assert folded.weight.shape == (head.embed_dim + 10, head.num_classes)
+    assert [c.slots for c in folded.caches] == [3, None] and folded.caches[0].keys.shape == (21, head.embed_dim)
     torch.testing.assert_close(folded.bias, head.linears[1].bias)
+
+
+@pytest.mark.parametrize("case", ["weighted", "imbalanced", "negative-alpha", "two-per-row"])
+def test_cache_reduction_and_its_fallbacks_are_exact(case):
+    g = torch.Generator().manual_seed(5)
+    classes, dim = 5, 12
+    labels = torch.tensor([0] * 12 + [1, 2, 3, 4]) if case == "imbalanced" else torch.arange(15) % classes
+    values = F.one_hot(labels, classes).double()
+    if case == "weighted":  # APE's refined values: one positive entry per row
+        values = values * (0.5 + torch.rand(len(labels), 1, generator=g, dtype=torch.float64))
+    if case == "two-per-row":
+        values[:, 0] = 0.5
+    alpha = -0.7 if case == "negative-alpha" else 2.3
+    head = Head(linears=(Linear(30 * _unit(classes, dim, seed=6)),),
+                caches=(Cache(_unit(len(labels), dim, seed=7), values.float(), beta=4.0, alpha=alpha),))
+    folded = head.fold()
+    reduced = case == "weighted"
+    assert (folded.caches[0].slots is not None) == reduced
+    f = _unit(50, dim, seed=8)
+    reference = head.logits(f.double().float()).double()
+    assert (folded.logits(f).double() - reference).abs().max() / reference.abs().max() <= 1e-5
 
 
 def test_zero_shot_head_converts_to_one_linear_branch():
