@@ -24,12 +24,16 @@ demo: $(STAMP)
 	# Few-shot: fit GDA on 12 shots of a task the model was never trained to name, compare.
 	$(CLI) fit gda --support $(DEMO)/fewshot/support --templates $(DEMO)/fewshot/templates.txt --out $(DEMO)/gda.safetensors
 	$(CLI) compile --labels $(DEMO)/fewshot/labels.txt --templates $(DEMO)/fewshot/templates.txt --out $(DEMO)/zero-shot.bundle --overwrite
-	$(CLI) compile --adapter $(DEMO)/gda.safetensors --out $(DEMO)/gda.bundle --overwrite
+	# The adapted bundle with int8 variants, each gated against fp32 on the labelled test images.
+	$(CLI) compile --adapter $(DEMO)/gda.safetensors --out $(DEMO)/gda.bundle --overwrite \
+		--precision int8-dynamic,int8-static,int4-weight --calib $(DEMO)/fewshot/support --gate-data $(DEMO)/fewshot/test
 	$(CLI) evaluate $(DEMO)/zero-shot.bundle $(DEMO)/fewshot/test
 	$(CLI) evaluate $(DEMO)/gda.bundle $(DEMO)/fewshot/test
 	# Swappable heads: the same adapter as a second head of the first bundle, no image tower re-exported.
 	$(CLI) head add $(DEMO)/tiny.bundle --name backgrounds --adapter $(DEMO)/gda.safetensors --replace
 	$(CLI) evaluate $(DEMO)/tiny.bundle $(DEMO)/fewshot/test --head backgrounds
+	# Latency vs accuracy of every variant and of open_clip eager on this machine, with the Pareto plot.
+	$(CLI) profile $(DEMO)/gda.bundle --data $(DEMO)/fewshot/test --batch 1,8 --rounds 10 --out $(DEMO)/profile
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,6 +1,7 @@
 """Benchmark plumbing: pair each clipfold measurement with its reference from the same run.
 
-Each benchmark records ``extra_info = {"pair": NAME, "role": "reference" | "candidate"}``; at the
+Each benchmark records ``extra_info = {"pair": NAME, "role": "reference" | "candidate"}`` (or
+``{"pairs": {NAME: ROLE, ...}}`` when it serves several comparisons); at the
 end of the session every complete pair is reported as a ratio of medians (reference / candidate,
 so > 1 means clipfold is faster) and written to ``benchmarks/results/ratios-<host>.json``,
 tagged with the machine and library versions.
@@ -43,18 +44,25 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         extra = bench.get("extra_info", {}) if isinstance(bench, dict) else bench.extra_info
         stats = bench["stats"] if isinstance(bench, dict) else bench.stats
         median = stats["median"] if isinstance(stats, dict) else stats.median
+        roles = dict(extra.get("pairs", {}))
         if "pair" in extra:
-            pairs.setdefault(extra["pair"], {})[extra["role"]] = median
+            roles[extra["pair"]] = extra["role"]
+        for pair, role in roles.items():
+            pairs.setdefault(pair, {})[role] = median
     ratios = {
         name: {"reference_median_s": p["reference"], "candidate_median_s": p["candidate"],
                "speedup": p["reference"] / p["candidate"]}
         for name, p in sorted(pairs.items()) if {"reference", "candidate"} <= set(p)
     }
+    gates = {}
+    for bench in benchmarks:
+        extra = bench.get("extra_info", {}) if isinstance(bench, dict) else bench.extra_info
+        gates.update(extra.get("gates", {}))
     output_json["clipfold_ratios"] = ratios
     output_json["clipfold_machine"] = machine_info()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "ratios-latest.json").write_text(json.dumps(
-        {"machine": output_json["clipfold_machine"], "ratios": ratios}, indent=2) + "\n")
+        {"machine": output_json["clipfold_machine"], "ratios": ratios, "gates": gates}, indent=2) + "\n")
     for name, r in ratios.items():
         print(f"\n{name}: reference/candidate = {r['speedup']:.2f}x "
               f"({r['reference_median_s'] * 1e3:.1f} ms vs {r['candidate_median_s'] * 1e3:.1f} ms)")

@@ -1,4 +1,16 @@
-"""Image → top-k for random-weight ViT-B-32: clipfold's ONNX Runtime fp32 engine vs open_clip eager.
+"""Image → top-k, all in one run: open_clip eager, clipfold fp32 and its reduced-precision variants.
+
+Speed: random-weight ViT-B-32 (latency does not depend on the weights). Pairs, as ratios of
+medians (reference / candidate, > 1 means the candidate is faster):
+
+* ``vitb32_image_to_top5_b{1,8}``: open_clip eager vs the fused fp32 engine (target >= 2.0x at b1);
+* ``vitb32_{variant}_vs_fp32_b{1,8}``: the fp32 engine vs each variant (target >= 1.3x at b8 for
+  the best int8 variant).
+
+Accuracy of the same recipes: the embedded tiny model, compiled with the same precisions and the
+default gate (min cosine 0.99, top-1 agreement 99 %) on held-out images; its gate figures are
+written beside the ratios. Random weights make ViT-B-32's own agreement figures meaningless, so
+its variants are built with the gate's limits at zero and the search off (figures still recorded).
 
 Both sides start from decoded PIL images and end at top-k labels, so preprocessing is counted on
 both (torchvision on the eager side, Pillow + numpy in the runtime). Run with ``make bench``.
@@ -10,23 +22,37 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from clipfold.compile.adapters.fit import FitConfig, fit_adapter
 from clipfold.compile.config import CompileConfig
 from clipfold.compile.head import build_zero_shot_head
 from clipfold.compile.load import load_model
 from clipfold.compile.pipeline import compile_bundle
+from clipfold.compile.precision import GateConfig, QuantConfig
 from clipfold.compile.tiny import data
+from clipfold.compile.tiny.samples import write_background_folder
 from clipfold.runtime import Engine
 
 LABELS = tuple(data.class_names())
 MODEL = "ViT-B-32"
+VARIANTS = ("int8-dynamic", "int8-static", "int4-weight")
+RELAXED = GateConfig(min_cosine=0.0, min_top1_agreement=0.0, max_accuracy_drop=1.0, images=16)
+
+
+def _gate_figures(manifest, prefix: str) -> dict:
+    return {f"{prefix}:{v.name}": {"min_cosine": v.gate.embedding_cosine_min, "mean_cosine": v.gate.embedding_cosine_mean,
+                                   "top1_agreement": v.gate.top1_agreement, "accuracy": v.gate.accuracy,
+                                   "fp32_accuracy": v.gate.reference_accuracy, "images": v.gate.images,
+                                   "kept_float": len(v.gate.kept_float)}
+            for v in manifest.variants if v.gate is not None}
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
     torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("bench") / "vitb32.bundle"
-    compile_bundle(CompileConfig(labels=LABELS, out=out, model=MODEL, templates="label", top_k=5))
-    engine = Engine.open(out)
+    vit = compile_bundle(CompileConfig(labels=LABELS, out=tmp / "vitb32.bundle", model=MODEL, templates="label", top_k=5,
+                                       precisions=("fp32", *VARIANTS), quant=QuantConfig(search=False), gate=RELAXED))
+    engines = {v.name: Engine.open(vit.path, variant=v.name) for v in vit.manifest.variants}
     torch.manual_seed(0)
     loaded = load_model(MODEL)
     head = build_zero_shot_head(loaded.model, loaded.tokenizer, LABELS, ("{}",))
@@ -34,7 +60,22 @@ def setup(tmp_path_factory):
 
     _, _, transform = open_clip.create_model_and_transforms(MODEL)
     images = [s.image for s in data.generate(8, seed=3)]
-    return engine, loaded.model, head, transform, images
+    gates = {**_gate_figures(vit.manifest, "vitb32-random"), **_tiny_gates(tmp)}
+    return engines, loaded.model, head, transform, images, gates
+
+
+def _tiny_gates(tmp) -> dict:
+    """The same precisions on the tiny model's held-out images of the few-shot background task,
+    gated with the defaults (a variant that misses would raise here)."""
+    support = tmp / "support"
+    test = tmp / "test"
+    for folder, samples in ((support, data.per_background(12, 11)), (test, data.per_background(50, 99))):
+        write_background_folder(folder, samples)
+    adapter = tmp / "gda.safetensors"
+    fit_adapter(FitConfig("gda", support, adapter, templates=("a photo on a {}.", "a {}."), cache_dir=None))
+    tiny = compile_bundle(CompileConfig(labels=None, adapter=adapter, out=tmp / "tiny.bundle", precisions=("fp32", *VARIANTS),
+                                        quant=QuantConfig(calib=support), gate=GateConfig(data=test)))
+    return _gate_figures(tiny.manifest, "tiny-gda")
 
 
 def _eager_topk(model, head, transform, images, k=5):
@@ -46,14 +87,21 @@ def _eager_topk(model, head, transform, images, k=5):
 
 @pytest.mark.parametrize("batch", [1, 8])
 def test_eager(benchmark, setup, batch):
-    engine, model, head, transform, images = setup
-    benchmark.extra_info.update(pair=f"vitb32_image_to_top5_b{batch}", role="reference")
+    engines, model, head, transform, images, gates = setup
+    benchmark.extra_info.update(pair=f"vitb32_image_to_top5_b{batch}", role="reference", gates=gates)
     benchmark.pedantic(_eager_topk, args=(model, head, transform, images[:batch]), rounds=15, warmup_rounds=2)
 
 
 @pytest.mark.parametrize("batch", [1, 8])
-def test_clipfold_onnxruntime_fp32(benchmark, setup, batch):
-    engine, model, head, transform, images = setup
-    benchmark.extra_info.update(pair=f"vitb32_image_to_top5_b{batch}", role="candidate")
-    result = benchmark.pedantic(engine.classify, args=(images[:batch],), kwargs={"k": 5}, rounds=15, warmup_rounds=2)
+@pytest.mark.parametrize("variant", ["fp32", *VARIANTS])
+def test_clipfold_onnxruntime(benchmark, setup, batch, variant):
+    engines, model, head, transform, images, gates = setup
+    if variant == "fp32":
+        roles = {f"vitb32_image_to_top5_b{batch}": "candidate",
+                 **{f"vitb32_{v}_vs_fp32_b{batch}": "reference" for v in VARIANTS}}
+    else:
+        roles = {f"vitb32_{variant}_vs_fp32_b{batch}": "candidate"}
+    benchmark.extra_info.update(pairs=roles, variant=variant)
+    result = benchmark.pedantic(engines[variant].classify, args=(images[:batch],), kwargs={"k": 5}, rounds=15,
+                                warmup_rounds=2)
     assert len(result) == batch

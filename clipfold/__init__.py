@@ -11,7 +11,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Engine", "compile_bundle", "CompileConfig", "ClipfoldError", "__version__"]
+__all__ = ["Engine", "compile_bundle", "CompileConfig", "QuantConfig", "GateConfig", "ClipfoldError", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -23,6 +23,10 @@ def __getattr__(name: str) -> Any:
         from clipfold.compile import pipeline
 
         return getattr(pipeline, name)
+    if name in ("QuantConfig", "GateConfig"):
+        from clipfold.compile import precision
+
+        return getattr(precision, name)
     if name == "ClipfoldError":
         from clipfold.errors import ClipfoldError
 

@@ -26,6 +26,7 @@ def _progress(start: float):
 def cmd_compile(args: argparse.Namespace) -> int:
     from clipfold.compile.config import CompileConfig, read_labels
     from clipfold.compile.pipeline import compile_bundle
+    from clipfold.compile.precision import DEFAULT_KEEP_FLOAT, GateConfig, QuantConfig
 
     if args.labels is None and (args.adapter is None or args.method is not None):
         raise ConfigError("compile needs --labels (a file or a comma list), or --adapter with a clipfold adapter "
@@ -34,6 +35,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
         labels=read_labels(args.labels) if args.labels is not None else None, out=args.out, model=args.model,
         pretrained=args.pretrained, templates=args.templates, top_k=args.top_k, overwrite=args.overwrite,
         adapter=args.adapter, method=args.method, method_options=_options(args.set),
+        precisions=args.precision,
+        quant=QuantConfig(calib=args.calib, calibration=args.calibration, calib_images=args.calib_images,
+                          per_channel=args.per_channel, search=not args.no_search,
+                          keep_float=DEFAULT_KEEP_FLOAT + tuple(args.keep_float or ())),
+        gate=GateConfig(min_cosine=args.gate_min_cosine, min_top1_agreement=args.gate_min_top1,
+                        min_top5_overlap=args.gate_min_top5, max_accuracy_drop=args.gate_max_accuracy_drop,
+                        data=args.gate_data, images=args.gate_images),
     )
     result = compile_bundle(config, progress=_progress(time.perf_counter()))
     variant = result.manifest.variant()
@@ -42,6 +50,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(f"parity vs open_clip eager ({p.images} images): cosine min {p.embedding_cosine_min:.7f} "
           f"mean {p.embedding_cosine_mean:.7f}, top-{variant.top_k} agreement {p.topk_agreement:.0%}, "
           f"max |score diff| {p.max_abs_score_diff:.2e}")
+    for v in result.manifest.variants[1:]:
+        g = v.gate
+        accuracy = f", accuracy {g.accuracy:.1%} (fp32 {g.reference_accuracy:.1%})" if g.accuracy is not None else ""
+        print(f"{v.name} vs fp32 ({g.images} held-out images): cosine min {g.embedding_cosine_min:.5f} mean "
+              f"{g.embedding_cosine_mean:.5f}, top-1 agreement {g.top1_agreement:.1%}, top-5 overlap "
+              f"{g.top5_overlap:.1%}{accuracy}" + (f"; {len(g.kept_float)} node(s) kept in float" if g.kept_float else ""))
     return 0
 
 
@@ -129,6 +143,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from clipfold.compile.profile import ProfileConfig, parse_batches, profile, table, write
+
+    cfg = ProfileConfig(bundles=tuple(args.bundles), data=args.data, batches=parse_batches(args.batch),
+                        backend=args.backend, threads=args.threads, rounds=args.rounds, eager=not args.no_eager,
+                        out=args.out)
+    rows = profile(cfg, progress=_progress(time.perf_counter()))
+    print(table(rows, cfg.batches))
+    if cfg.out is not None:
+        json_path, png = write(rows, cfg)
+        print(f"wrote {json_path}" + (f" and {png}" if png else " (no plot: matplotlib is not installed)"))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from clipfold.runtime import Engine
 
@@ -148,8 +176,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for v in m.variants:
         p = v.parity
         star = "*" if v.name == m.default_variant else " "
-        print(f"variant{star}   {v.name}: {v.file} ({v.precision}), top-{v.top_k}; parity on {p.images} images: "
-              f"cosine min {p.embedding_cosine_min:.7f}, top-k agreement {p.topk_agreement:.0%}")
+        line = (f"variant{star}   {v.name}: {v.file} ({v.precision}, {'/'.join(v.backends)}), top-{v.top_k}; "
+                f"parity on {p.images} images: cosine min {p.embedding_cosine_min:.7f}, top-k agreement {p.topk_agreement:.0%}")
+        if v.gate is not None:
+            g = v.gate
+            line += (f"; gate vs fp32 on {g.images}: cosine min {g.embedding_cosine_min:.5f}, top-1 agreement "
+                     f"{g.top1_agreement:.1%}" + (f", {len(g.kept_float)} node(s) in float" if g.kept_float else ""))
+        print(line)
     for h in m.heads:
         print(f"head +      {h.name}: {h.head.method}, {len(h.labels)} labels, top-{h.top_k} ({h.file}); parity on "
               f"{h.parity.images} embeddings: top-k agreement {h.parity.topk_agreement:.0%}")
@@ -160,6 +193,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from clipfold.compile.adapters.registry import FITTERS, IMPORTERS  # names only; no torch import
+    from clipfold.compile.precision import CALIBRATIONS, PRECISIONS
 
     parser = argparse.ArgumentParser(prog="clipfold", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,6 +216,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: tiny for the tiny model, imagenet80 otherwise)")
     p.add_argument("--top-k", type=int, default=10, help="largest k the graph returns (default 10)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    q = p.add_argument_group("precision variants (each gated against fp32 before it is written)")
+    q.add_argument("--precision", default="fp32", help=f"comma list of {', '.join(PRECISIONS)} (fp32 is always built)")
+    q.add_argument("--calib", type=Path, default=None, help="folder of calibration images (default: generated images)")
+    q.add_argument("--calibration", default="minmax", choices=CALIBRATIONS, help="activation range method (static, fp8)")
+    q.add_argument("--calib-images", type=int, default=32, help="calibration images to use (default 32)")
+    q.add_argument("--per-channel", action="store_true", help="per-channel int8 weights (off: ORT narrows them to 7 bits)")
+    q.add_argument("--keep-float", action="append", metavar="OP_TYPE", help="an operator type to keep in float (repeatable)")
+    q.add_argument("--no-search", action="store_true", help="fail instead of returning sensitive nodes to float")
+    q.add_argument("--gate-data", type=Path, default=None, help="labelled folder (class sub-folders) for the gate; adds accuracy")
+    q.add_argument("--gate-images", type=int, default=128, help="generated gate images without --gate-data (default 128)")
+    q.add_argument("--gate-min-cosine", type=float, default=0.99, help="minimum embedding cosine vs fp32 (default 0.99)")
+    q.add_argument("--gate-min-top1", type=float, default=0.99, help="minimum top-1 agreement with fp32 (default 0.99)")
+    q.add_argument("--gate-min-top5", type=float, default=0.0, help="minimum top-5 overlap with fp32 (default 0)")
+    q.add_argument("--gate-max-accuracy-drop", type=float, default=0.01, help="with --gate-data (default 0.01)")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("fit", help="fit a few-shot adapter on a support folder (one sub-folder per class)")
@@ -235,6 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("profile", help="measure every variant of the bundles (and open_clip eager) on this machine")
+    p.add_argument("bundles", nargs="+", type=Path)
+    p.add_argument("--data", type=Path, default=None, help="labelled folder (class sub-folders) for accuracy")
+    p.add_argument("--batch", default="1,8", help="comma list of batch sizes (default 1,8)")
+    p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) or tensorrt")
+    p.add_argument("--threads", type=int, default=None, help="threads per engine (default: all usable cores)")
+    p.add_argument("--rounds", type=int, default=10, help="timed rounds per batch size (default 10)")
+    p.add_argument("--no-eager", action="store_true", help="skip the open_clip eager row")
+    p.add_argument("--out", type=Path, default=None, help="write OUT.json and the Pareto plot OUT.png")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("inspect", help="show a bundle's manifest after checking its files")
     p.add_argument("bundle", type=Path)

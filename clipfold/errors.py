@@ -46,6 +46,10 @@ class VerificationError(ClipfoldError):
         self.failures = list(failures or [])
 
 
+class GateError(VerificationError):
+    """A reduced-precision variant misses the accuracy gate against fp32; it is not written."""
+
+
 # --- bundles --------------------------------------------------------------------------------
 class BundleError(ClipfoldError):
     """A bundle is missing, malformed, or cannot be written."""

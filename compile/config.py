@@ -7,6 +7,8 @@ from pathlib import Path
 
 from clipfold.errors import ConfigError, LabelError
 
+from .precision import GateConfig, QuantConfig, parse_precisions
+
 DEFAULT_MODEL = "clipfold-tiny"
 
 
@@ -50,8 +52,13 @@ class CompileConfig:
     adapter: Path | None = None  # a fitted adapter file, or a checkpoint of ``method``; replaces the zero-shot head
     method: str | None = None  # import ``adapter`` as this method's official checkpoint
     method_options: dict[str, str] = field(default_factory=dict)
+    precisions: tuple[str, ...] = ("fp32",)  # variants to build; fp32 always, first
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    fuse: bool = True  # ONNX Runtime fused operators in the fp32 graph (see optimize.py)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "precisions", parse_precisions(self.precisions))
         if self.labels is None:
             if self.adapter is None or self.method is not None:
                 raise LabelError("labels are required unless a clipfold adapter file (which carries its "

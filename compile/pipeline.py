@@ -25,11 +25,14 @@ from .graph import ClassifierGraph, export_onnx, io_specs
 from .head import build_zero_shot_head, resolve_templates
 from .heads import Head
 from .load import load_model
+from .optimize import FUSED_OPS, fuse_for_onnxruntime, op_counts, use_sdpa_attention
+from .variants import Sources, build_variants
 from .verify import eager_reference, verification_pixels, verify_onnx
 
 __all__ = ["CompileConfig", "VerifyConfig", "CompileResult", "compile_bundle"]
 
 ONNX_FILE = "model.onnx"
+PORTABLE_FILE = "model.portable.onnx"  # standard operators only; fp8 starts from it, then it is removed
 
 
 @dataclass(frozen=True)
@@ -134,26 +137,37 @@ def compile_bundle(config: CompileConfig, progress: Callable[[str], None] | None
         top_k = min(config.top_k, len(labels))
         spec = loaded.preprocess
         visual = fold_input_normalization(adaptation.visual, spec.mean, spec.std)
+        if config.fuse:
+            use_sdpa_attention(visual)
         graph = ClassifierGraph(visual, adaptation.head, top_k, adaptation.logits_module, adaptation.info.activation)
 
         _say(progress, "exporting ONNX (fp32, dynamic batch)")
-        onnx_path = stage / ONNX_FILE
-        export_onnx(graph, onnx_path, spec.image_size, config.opset)
+        onnx_path, portable_path = stage / ONNX_FILE, stage / PORTABLE_FILE
+        export_onnx(graph, portable_path if config.fuse else onnx_path, spec.image_size, config.opset)
+        if config.fuse:
+            _say(progress, "fusing attention, LayerNorm and GELU for ONNX Runtime")
+            fuse_for_onnxruntime(portable_path, onnx_path)
 
         _say(progress, "verifying against the eager model and the unfolded head")
         inputs, outputs = io_specs(spec.image_size, top_k, loaded.info.embed_dim)
         pixels = verification_pixels(spec, config.verify)
         reference = eager_reference(adaptation.encoder, adaptation.reference, spec, pixels)
         parity = verify_onnx(onnx_path, inputs, outputs, reference, config.verify)
+        fused = {op: n for op, n in sorted(op_counts(onnx_path).items()) if op in FUSED_OPS}
 
         variant = Variant(name="fp32", file=ONNX_FILE, format="onnx", precision="fp32",
-                          inputs=inputs, outputs=outputs, parity=parity, top_k=top_k)
+                          inputs=inputs, outputs=outputs, parity=parity, top_k=top_k, fused_ops=fused)
+        sources = Sources(onnx_path, portable_path if config.fuse else onnx_path, inputs, outputs, top_k)
+        extra = build_variants(config.precisions, stage, sources, spec, labels, reference, config.verify,
+                               config.quant, config.gate, progress)
+        if config.fuse:
+            portable_path.unlink()
         manifest = Manifest(
             model=loaded.info,
             labels=labels,
             head=adaptation.info,
             preprocess=spec,
-            variants=(variant,),
+            variants=(variant, *extra),
             default_variant="fp32",
             files=bundle.checksum_tree(stage),
             producer=producer_versions(),

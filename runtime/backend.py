@@ -96,4 +96,10 @@ def open_backend(name: str, graph: Variant | ExtraHead, path: Path, threads: int
     """A backend for one graph of the bundle: a variant, or an extra head."""
     if name not in BACKENDS:
         raise BackendUnavailableError(f"unknown backend {name!r}; available: {sorted(BACKENDS)}")
+    runs_on = getattr(graph, "backends", (name,))
+    if name not in runs_on:
+        hint = " (install clipfold[gpu] on a machine with an NVIDIA GPU)" if "tensorrt" in runs_on else ""
+        raise BackendUnavailableError(
+            f"variant {graph.name!r} ({getattr(graph, 'precision', '?')}) runs on {list(runs_on)}, not on {name!r}"
+            f"{hint}; pick another variant with --variant")
     return BACKENDS[name](path, graph.inputs, graph.outputs, threads=threads)

@@ -16,7 +16,7 @@ from typing import Any
 
 from clipfold.errors import BundleError, SchemaVersionError
 
-SCHEMA_VERSION = 2  # 2: optional extra heads over the default variant's embedding
+SCHEMA_VERSION = 3  # 2: optional extra heads; 3: variants carry backends, quantization and an accuracy gate
 DEFAULT_HEAD = "default"  # the head fused into the variants
 MANIFEST_NAME = "manifest.json"
 
@@ -88,8 +88,39 @@ class Parity:
 
 
 @dataclass(frozen=True)
+class Gate:
+    """A reduced-precision variant measured against the bundle's fp32 variant on held-out images.
+
+    ``accuracy`` and ``reference_accuracy`` are top-1 on labelled images (``None`` without labels);
+    ``thresholds`` are the limits it was held to, ``kept_float`` the quantizable nodes the
+    sensitivity search returned to float.
+    """
+
+    reference: str
+    images: int
+    source: str
+    embedding_cosine_min: float
+    embedding_cosine_mean: float
+    top1_agreement: float
+    top5_overlap: float
+    accuracy: float | None
+    reference_accuracy: float | None
+    thresholds: dict[str, float]
+    kept_float: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kept_float", tuple(self.kept_float))
+
+
+@dataclass(frozen=True)
 class Variant:
-    """One engine file in the bundle, e.g. the fp32 ONNX graph."""
+    """One engine file in the bundle, e.g. the fp32 ONNX graph or an int8 one.
+
+    ``backends`` lists the backends that can run the file (an fp8 QDQ graph is for TensorRT);
+    ``quantization`` describes the scheme (method, calibration, per-channel, ...), ``gate`` its
+    agreement with the fp32 variant; both are absent for fp32, whose ``parity`` against open_clip
+    eager is the reference check. ``fused_ops`` counts the ONNX Runtime fused operators.
+    """
 
     name: str
     file: str
@@ -99,11 +130,19 @@ class Variant:
     outputs: tuple[TensorSpec, ...]
     parity: Parity
     top_k: int
+    backends: tuple[str, ...] = ("onnxruntime",)
+    quantization: dict[str, Any] | None = None
+    gate: Gate | None = None
+    fused_ops: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(_coerce(TensorSpec, t) for t in self.inputs))
         object.__setattr__(self, "outputs", tuple(_coerce(TensorSpec, t) for t in self.outputs))
         object.__setattr__(self, "parity", _coerce(Parity, self.parity))
+        object.__setattr__(self, "backends", tuple(self.backends))
+        if self.gate is not None:
+            object.__setattr__(self, "gate", _coerce(Gate, self.gate))
+        _check(len(self.backends) > 0, f"variant {self.name!r} names no backend")
         _check(self.format == "onnx", f"variant {self.name!r} has unknown format {self.format!r}")
         _check(self.top_k >= 1, f"variant {self.name!r} has top_k {self.top_k} < 1")
 

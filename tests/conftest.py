@@ -36,3 +36,19 @@ def compile_random(model: str, out, labels=("cat", "dog", "car", "tree", "boat",
     from clipfold.compile.pipeline import compile_bundle
 
     return compile_bundle(CompileConfig(labels=labels, out=out, model=model, templates="label", top_k=3))
+
+
+@pytest.fixture(scope="module")
+def gda_task(tmp_path_factory):
+    """A GDA head on the tiny model's background task, which it is confident about (so agreement
+    between precisions is meaningful), with labelled support and test folders: (dir, adapter, test)."""
+    from clipfold.compile.adapters.fit import FitConfig, fit_adapter
+    from clipfold.compile.tiny import data
+    from clipfold.compile.tiny.samples import write_background_folder
+
+    tmp = tmp_path_factory.mktemp("gda-task")
+    write_background_folder(tmp / "support", data.per_background(6, 11))
+    test = write_background_folder(tmp / "test", data.per_background(20, 99))
+    adapter = tmp / "gda.safetensors"
+    fit_adapter(FitConfig("gda", tmp / "support", adapter, templates=("a photo on a {}.", "a {}."), cache_dir=None))
+    return tmp, adapter, test

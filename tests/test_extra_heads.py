@@ -16,6 +16,7 @@ from clipfold.compile.config import CompileConfig
 from clipfold.compile.extra_head import HeadAddConfig, add_head
 from clipfold.compile.pipeline import compile_bundle
 from clipfold.runtime import Engine
+from clipfold.runtime.manifest import SCHEMA_VERSION
 
 from .engine_parity import assert_topk_matches, normalized_pixels
 from .test_fit import _write_folder
@@ -45,7 +46,7 @@ def test_heads_are_added_without_touching_the_backbone_and_selected_by_name(tiny
     add_head(HeadAddConfig(bundle, "backgrounds", labels=BG, templates=TEMPLATES, top_k=2))
     manifest = add_head(HeadAddConfig(bundle, "gda", adapter=gda_file, top_k=3))
     assert (bundle / "model.onnx").read_bytes() == fused  # the image tower was not re-exported
-    assert [h.name for h in manifest.heads] == ["backgrounds", "gda"] and manifest.schema_version == 2
+    assert [h.name for h in manifest.heads] == ["backgrounds", "gda"] and manifest.schema_version == SCHEMA_VERSION
     assert manifest.extra_head("gda").head.method == "gda" and manifest.extra_head("gda").parity.topk_agreement == 1.0
 
     from clipfold.compile.adapters.store import load_adapter

@@ -1,0 +1,120 @@
+"""The accuracy gate: a reduced-precision variant against the fp32 variant on held-out images.
+
+Figures: embedding cosine (min and mean), top-1 agreement, top-5 overlap and, with a labelled
+folder, top-1 accuracy of both. Agreement is tie-aware: a different top-1 index still agrees
+when fp32 scores it within ``tie_tolerance`` of its own top-1 (the two are tied in fp32).
+Generated calibration and gate images come from disjoint seeds; with user folders (``--calib``,
+``--gate-data``) keeping them apart is the user's call, as with any held-out set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from clipfold.errors import ConfigError, ImageError
+from clipfold.runtime.backend import OnnxRuntimeBackend
+from clipfold.runtime.folders import IMAGE_SUFFIXES, read_folder
+from clipfold.runtime.images import load_image
+from clipfold.runtime.manifest import Gate, PreprocessSpec, TensorSpec
+from clipfold.runtime.preprocess import preprocess
+
+from .precision import GateConfig, QuantConfig
+from .tiny import data as tiny_data
+
+CALIB_SEED = 777  # generated calibration images; the gate's default seed is different
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    pixels: np.ndarray  # (N, 3, H, W) uint8
+    targets: np.ndarray | None  # label index per image, with a labelled folder
+    source: str
+
+
+def _load(paths: Sequence[Path], spec: PreprocessSpec, what: str) -> np.ndarray:
+    images = []
+    for path in paths:
+        try:
+            images.append(load_image(path))
+        except ImageError as exc:
+            raise ImageError(f"{what} image {path} cannot be used: {exc}") from None
+    return preprocess(images, spec)
+
+
+def held_out_images(spec: PreprocessSpec, labels: Sequence[str], cfg: GateConfig) -> HeldOut:
+    if cfg.data is None:
+        samples = tiny_data.generate(cfg.images, seed=cfg.seed)
+        return HeldOut(preprocess([s.image for s in samples], spec), None, f"{cfg.images} generated images")
+    classes, paths, targets = read_folder(cfg.data)
+    unknown = [c for c in classes if c not in labels]
+    if unknown:
+        raise ConfigError(f"gate data {cfg.data} has classes {unknown[:5]} that are not labels of this model; "
+                          f"expected sub-folders named like the labels {list(labels)[:6]}")
+    index = {label: i for i, label in enumerate(labels)}
+    mapped = np.array([index[classes[t]] for t in targets], dtype=np.int64)
+    return HeldOut(_load(paths, spec, "gate"), mapped, f"{len(paths)} labelled images from {cfg.data}")
+
+
+def calibration_images(spec: PreprocessSpec, cfg: QuantConfig) -> tuple[np.ndarray, str]:
+    """The images activation ranges are calibrated on: ``cfg.calib`` or generated ones."""
+    if cfg.calib is None:
+        samples = tiny_data.generate(cfg.calib_images, seed=CALIB_SEED)
+        return preprocess([s.image for s in samples], spec), f"{cfg.calib_images} generated images"
+    if not cfg.calib.is_dir():
+        raise ConfigError(f"calibration folder {cfg.calib} not found; pass a folder of images with --calib")
+    paths = sorted(p for p in cfg.calib.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise ConfigError(f"calibration folder {cfg.calib} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+                          "quantization needs a few representative images to calibrate on")
+    paths = paths[:cfg.calib_images]
+    return _load(paths, spec, "calibration"), f"{len(paths)} images from {cfg.calib}"
+
+
+def run_graph(path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], pixels: np.ndarray,
+              batch_size: int = 16) -> dict[str, np.ndarray]:
+    backend = OnnxRuntimeBackend(path, inputs, outputs)
+    parts: dict[str, list[np.ndarray]] = {}
+    for lo in range(0, len(pixels), batch_size):
+        for name, value in backend.run({"pixels": pixels[lo:lo + batch_size]}).items():
+            parts.setdefault(name, []).append(value)
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def measure(reference: dict[str, np.ndarray], got: dict[str, np.ndarray], held: HeldOut, cfg: GateConfig,
+            tie_tolerance: float = 1e-5, reference_name: str = "fp32") -> Gate:
+    a, b = reference["embedding"].astype(np.float64), got["embedding"].astype(np.float64)
+    cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    ref_idx, ref_scores, idx = reference["indices"], reference["scores"], got["indices"]
+    same = idx[:, 0] == ref_idx[:, 0]
+    # A different pick agrees when fp32 scores it as high as its own top-1 (within the tolerance).
+    in_ref = idx[:, :1] == ref_idx
+    tied = np.any(in_ref & (ref_scores >= ref_scores[:, :1] - tie_tolerance), axis=1)
+    k = min(5, idx.shape[1])
+    overlap = np.mean([len(set(r[:k]) & set(g[:k])) / k for r, g in zip(ref_idx, idx)])
+    accuracy = reference_accuracy = None
+    if held.targets is not None:
+        accuracy = float(np.mean(idx[:, 0] == held.targets))
+        reference_accuracy = float(np.mean(ref_idx[:, 0] == held.targets))
+    return Gate(reference=reference_name, images=len(cos), source=held.source,
+                embedding_cosine_min=float(cos.min()), embedding_cosine_mean=float(cos.mean()),
+                top1_agreement=float(np.mean(same | tied)), top5_overlap=float(overlap),
+                accuracy=accuracy, reference_accuracy=reference_accuracy, thresholds=cfg.thresholds())
+
+
+def failures(gate: Gate, cfg: GateConfig) -> list[str]:
+    """Every figure that misses its limit, with both numbers."""
+    out = []
+    if gate.embedding_cosine_min < cfg.min_cosine:
+        out.append(f"min embedding cosine {gate.embedding_cosine_min:.5f} < {cfg.min_cosine}")
+    if gate.top1_agreement < cfg.min_top1_agreement:
+        out.append(f"top-1 agreement {gate.top1_agreement:.2%} < {cfg.min_top1_agreement:.2%}")
+    if gate.top5_overlap < cfg.min_top5_overlap:
+        out.append(f"top-5 overlap {gate.top5_overlap:.2%} < {cfg.min_top5_overlap:.2%}")
+    if gate.accuracy is not None and gate.reference_accuracy - gate.accuracy > cfg.max_accuracy_drop:
+        out.append(f"accuracy {gate.accuracy:.2%} is {gate.reference_accuracy - gate.accuracy:.2%} below fp32's "
+                   f"{gate.reference_accuracy:.2%} (limit {cfg.max_accuracy_drop:.2%})")
+    return out

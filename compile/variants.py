@@ -1,0 +1,181 @@
+"""Reduced-precision variants: build each from the verified fp32 graph, gate it, or refuse it.
+
+For each precision after fp32: build the file into the bundle's staging directory, run it and
+fp32 on held-out images, and compare (:mod:`.gate`). int8-static with ``search`` then returns
+the most sensitive nodes to float, doubling how many each round, until the gate holds. A variant
+that still misses raises :class:`~clipfold.errors.GateError` naming every figure that missed and
+what the search left in float; the whole compile then writes nothing.
+
+Sensitivity of a quantized node = how much error it *adds*: one minus the cosine of its output
+against fp32, minus the same for its activation input, both measured with every node quantized.
+That ranks the node where error appears, not the later nodes that merely inherit it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from clipfold.errors import BackendUnavailableError, GateError
+from clipfold.runtime.manifest import Gate, PreprocessSpec, TensorSpec, Variant
+
+from . import gate as gating
+from . import quantize
+from .config import VerifyConfig
+from .precision import PRECISIONS, GateConfig, QuantConfig
+from .verify import Reference, compare
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sources:
+    """The verified fp32 graphs the variants start from, and their tensor specs."""
+
+    fused: Path
+    portable: Path
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    top_k: int
+
+
+def variant_file(precision: str) -> str:
+    return f"model.{precision}.onnx"
+
+
+def build_variants(precisions: Sequence[str], stage: Path, sources: Sources, spec: PreprocessSpec,
+                   labels: Sequence[str], reference: Reference, verify: VerifyConfig, quant: QuantConfig,
+                   gate_cfg: GateConfig, progress: Callable[[str], None] | None = None) -> list[Variant]:
+    """Every precision but fp32, built, gated and described; files are written into ``stage``."""
+    wanted = [p for p in precisions if p != "fp32"]
+    if not wanted:
+        return []
+    if "bf16" in wanted:
+        raise BackendUnavailableError(
+            "bf16 needs a backend with bf16 kernels (TensorRT or CUDA: install clipfold[gpu] on an NVIDIA GPU "
+            "machine); ONNX Runtime's CPU provider has none, so a bf16 variant can be neither run nor verified here")
+    say = progress or (lambda message: None)
+    held = gating.held_out_images(spec, labels, gate_cfg)
+    say(f"gate: fp32 on {held.source}")
+    fp32_out = gating.run_graph(sources.fused, sources.inputs, sources.outputs, held.pixels)
+    calib = calib_source = None
+    if {"int8-static", "fp8"} & set(wanted):
+        calib, calib_source = gating.calibration_images(spec, quant)
+    variants = []
+    with quantize.scratch_dir(stage) as scratch:
+        scratch = Path(scratch)
+        graphs: dict[str, tuple[Path, list[str]]] = {}
+
+        def source(kind: str) -> tuple[Path, list[str]]:
+            if kind not in graphs:
+                src = sources.portable if kind == "portable" else sources.fused
+                path = scratch / f"{kind}.onnx"
+                graphs[kind] = (path, quantize.prepare(src, path, unpack=kind == "unpacked"))
+            return graphs[kind]
+
+        for precision in wanted:
+            say(f"building {precision}: {PRECISIONS[precision][0]}")
+            builder = _Builder(precision, stage / variant_file(precision), scratch, source, quant, calib,
+                               held.pixels[:8])
+            details, figures, kept = builder.build_and_gate(
+                lambda path: gating.run_graph(path, sources.inputs, sources.outputs, held.pixels),
+                lambda out: gating.measure(fp32_out, out, held, gate_cfg, verify.tie_tolerance), gate_cfg, say)
+            if calib_source is not None and "calibration" in details:
+                details["calibration_source"] = calib_source
+            figures = Gate(**{**figures.__dict__, "kept_float": tuple(kept)})
+            parity = _eager_parity(stage / variant_file(precision), sources, reference, verify)
+            say(f"  {precision}: min cosine {figures.embedding_cosine_min:.5f}, top-1 agreement "
+                f"{figures.top1_agreement:.1%}" + (f", accuracy {figures.accuracy:.1%} (fp32 {figures.reference_accuracy:.1%})"
+                                                    if figures.accuracy is not None else "")
+                + (f"; {len(kept)} node(s) returned to float" if kept else ""))
+            variants.append(Variant(name=precision, file=variant_file(precision), format="onnx", precision=precision,
+                                    inputs=sources.inputs, outputs=sources.outputs, parity=parity, top_k=sources.top_k,
+                                    backends=PRECISIONS[precision][1], quantization=details, gate=figures,
+                                    fused_ops=quantize.fused_op_counts(stage / variant_file(precision))))
+    return variants
+
+
+def _eager_parity(path: Path, sources: Sources, reference: Reference, verify: VerifyConfig):
+    """The same figures fp32 records against open_clip eager, for information (not enforced)."""
+    out = gating.run_graph(path, sources.inputs, sources.outputs, reference.pixels)
+    parity, _ = compare(reference, out["scores"], out["indices"], out["embedding"], verify, min_cosine=0.0)
+    return parity
+
+
+class _Builder:
+    def __init__(self, precision: str, out: Path, scratch: Path, source, quant: QuantConfig, calib,
+                 probe: np.ndarray):
+        self.precision, self.out, self.scratch, self.source, self.quant, self.calib = (
+            precision, out, scratch, source, quant, calib)
+        self.probe = probe  # a few held-out images for the sensitivity ranking
+
+    def _build(self, returned: Sequence[str]) -> dict:
+        p, q = self.precision, self.quant
+        if p == "int8-dynamic":
+            src, head = self.source("fused")
+            return quantize.int8_dynamic(src, self.out, self._exclude(head, returned), q)
+        if p in ("int8-static", "fp8"):
+            src, head = self.source("portable" if p == "fp8" else "unpacked")
+            return quantize.int8_static(src, self.out, self._exclude(head, returned), q, self.calib,
+                                        self.scratch / f"ranges-{p}.json", fp8=p == "fp8")
+        if p in ("int8-weight", "int4-weight"):
+            src, head = self.source("unpacked")
+            return quantize.weight_only(src, self.out, self._exclude(head, returned), q, bits=8 if p == "int8-weight" else 4)
+        if p == "fp16":
+            src, head = self.source("fused")
+            return quantize.float16(src, self.out, self._exclude(head, returned), q)
+        raise AssertionError(p)
+
+    def _exclude(self, always_float: list[str], returned: Sequence[str]) -> list[str]:
+        return sorted(set(always_float) | set(returned))
+
+    def candidates(self) -> list[str]:
+        src, head = self.source(self._kind())
+        ops = ("MatMul", "Attention") if self.precision == "int8-dynamic" else quantize.QUANTIZABLE
+        return quantize.quantizable_nodes(src, self._exclude(head, ()), self.quant.keep_float, ops)
+
+    def build_and_gate(self, run, measure, cfg: GateConfig, say) -> tuple[dict, Gate, list[str]]:
+        returned: list[str] = []
+        details = self._build(returned)
+        figures = measure(run(self.out))
+        first = missed = gating.failures(figures, cfg)
+        ranked: list[str] = []
+        if missed and self.quant.search:
+            ranked = self._rank()
+            step = 1
+            while missed and len(returned) < len(ranked):
+                returned = ranked[:min(len(ranked), len(returned) + step)]
+                step *= 2
+                say(f"  {self.precision}: {'; '.join(missed)}: returning {len(returned)} most sensitive node(s) to float")
+                details = self._build(returned)
+                figures = measure(run(self.out))
+                missed = gating.failures(figures, cfg)
+        if missed or (returned and len(returned) == len(ranked)):
+            self.out.unlink(missing_ok=True)
+            if not self.quant.search:
+                search = "The sensitivity search was off (--no-search)."
+            elif missed:
+                search = (f"With all {len(ranked)} quantizable nodes returned to float it still misses: "
+                          + "; ".join(missed) + ".")
+            else:
+                search = (f"The search had to return all {len(ranked)} quantizable nodes to float, which leaves the "
+                          "fp32 graph under another name.")
+            raise GateError(
+                f"variant {self.precision!r} misses the accuracy gate against fp32 on {figures.images} images "
+                f"({figures.source}); fully quantized:\n  - " + "\n  - ".join(first) + f"\n{search}\n"
+                "Lower the limits (--gate-min-cosine, --gate-min-top1), gate on labelled data (--gate-data), "
+                "or drop the variant.", first)
+        if returned:
+            details = {**details, "returned_to_float": len(returned), "quantizable": len(ranked)}
+        return details, figures, returned
+
+    def _kind(self) -> str:
+        return {"int8-dynamic": "fused", "fp16": "fused", "fp8": "portable"}.get(self.precision, "unpacked")
+
+    def _rank(self) -> list[str]:
+        """Quantized nodes ordered by the error they add (largest first)."""
+        return quantize.rank_by_added_error(self.out, self.source(self._kind())[0], self.candidates(), self.probe)

@@ -1,0 +1,150 @@
+"""Precision variants: every precision's build + gate path, the gate refusing, and the fused fp32 graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from clipfold import cli, errors
+from clipfold.compile.config import CompileConfig
+from clipfold.compile.gate import held_out_images, run_graph
+from clipfold.compile.optimize import op_counts
+from clipfold.compile.pipeline import compile_bundle
+from clipfold.compile.precision import GateConfig, QuantConfig, parse_precisions
+from clipfold.compile.quantize import prepare
+from clipfold.runtime import Engine
+from clipfold.runtime.manifest import Manifest
+
+TEMPLATES = ("a photo on a {}.", "a {}.")
+ALL = ("int8-dynamic", "int8-static", "int8-weight", "int4-weight", "fp16", "fp8")
+# The operators that show each precision was really applied (not silently left in fp32).
+SIGNATURE = {"int8-dynamic": "QAttention", "int8-static": "QuantizeLinear", "int8-weight": "MatMulNBits",
+             "int4-weight": "MatMulNBits", "fp8": "QuantizeLinear"}
+
+
+@pytest.fixture(scope="module")
+def variants_bundle(gda_task):
+    tmp, adapter, test = gda_task
+    return compile_bundle(CompileConfig(labels=None, adapter=adapter, out=tmp / "all.bundle", precisions=("fp32", *ALL),
+                                        quant=QuantConfig(calib=tmp / "support"), gate=GateConfig(data=test)))
+
+
+def test_fp32_graph_is_fused_for_onnxruntime(variants_bundle):
+    fp32 = variants_bundle.manifest.variant("fp32")
+    layers = 3  # clipfold-tiny's vision tower
+    assert fp32.fused_ops == {"Attention": layers, "BiasGelu": layers, "SkipLayerNormalization": 2 * layers}
+    ops = op_counts(variants_bundle.path / fp32.file)
+    # What fusion removes: the per-layer reshapes/transposes of attention and the elementwise GELU.
+    assert ops.get("Transpose", 0) <= 1 and "Erf" not in ops and "Softmax" in ops  # the head's softmax only
+    assert fp32.parity.embedding_cosine_min >= 0.99999 and fp32.parity.topk_agreement == 1.0
+
+
+def test_every_precision_is_built_gated_and_recorded(variants_bundle):
+    manifest = Manifest.read(variants_bundle.path)
+    assert [v.name for v in manifest.variants] == ["fp32", *ALL]
+    for v in manifest.variants[1:]:
+        g = v.gate
+        assert g.reference == "fp32" and g.images == 80 and g.accuracy is not None
+        assert g.embedding_cosine_min >= 0.99 and g.top1_agreement >= 0.99, (v.name, g)
+        assert g.reference_accuracy - g.accuracy <= 0.01, (v.name, g)
+        assert v.quantization and v.quantization["method"], v.name
+        assert not g.kept_float, f"{v.name} needed {len(g.kept_float)} float nodes on a confident task"
+        if v.name in SIGNATURE:
+            assert v.fused_ops.get(SIGNATURE[v.name], 0) > 0, (v.name, v.fused_ops)
+    assert manifest.variant("int8-static").quantization["calibration_source"].endswith("support")
+    assert manifest.variant("fp8").backends == ("tensorrt",)
+
+
+def test_fp8_graph_is_float8_qdq(variants_bundle):
+    model = onnx.load(str(variants_bundle.path / "model.fp8.onnx"))
+    onnx.checker.check_model(model)
+    inits = {i.name: i for i in model.graph.initializer}
+    quant = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert quant and all(inits[n.input[2]].data_type == onnx.TensorProto.FLOAT8E4M3FN for n in quant)
+    # Standard operators only: TensorRT parses no com.microsoft contrib operators.
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+
+
+def test_variants_run_in_the_engine_and_agree_with_fp32(variants_bundle, gda_task):
+    images = sorted(gda_task[2].rglob("*.png"))[:12]
+    fp32 = [p[0].index for p in Engine.open(variants_bundle.path).classify(images, k=1)]
+    for name in ("int8-dynamic", "int8-static", "int4-weight", "fp16"):
+        assert [p[0].index for p in Engine.open(variants_bundle.path, variant=name).classify(images, k=1)] == fp32, name
+    with pytest.raises(errors.BackendUnavailableError, match=r"runs on \['tensorrt'\].*clipfold\[gpu\]"):
+        Engine.open(variants_bundle.path, variant="fp8")
+    with pytest.raises(errors.BundleError, match=r"no variant 'int2'.*'int8-dynamic'"):
+        Engine.open(variants_bundle.path, variant="int2")
+
+
+def test_fp16_keeps_the_head_and_logits_in_fp32(variants_bundle):
+    model = onnx.load(str(variants_bundle.path / "model.fp16.onnx"))
+    casts = {n.output[0]: n for n in model.graph.node if n.op_type == "Cast"}
+    to = {n.output[0]: next(a.i for a in n.attribute if a.name == "to") for n in casts.values()}
+    round_trips = [n for n in casts.values() if to[n.output[0]] == onnx.TensorProto.FLOAT
+                   and n.input[0] in to and to[n.input[0]] == onnx.TensorProto.FLOAT16]
+    assert not round_trips, [n.name for n in round_trips]
+    # The converter had put such pairs between the head's MatMul and softmax; they were removed.
+    assert variants_bundle.manifest.variant("fp16").quantization["fp32_round_trips_removed"] >= 1
+    weights = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+    assert weights, "no weight was converted to fp16"
+
+
+def test_unpacked_attention_is_exact(variants_bundle, tmp_path):
+    """int8-static and weight-only start from a graph whose Attention nodes are unpacked; it must equal fp32."""
+    manifest, fp32 = variants_bundle.manifest, variants_bundle.manifest.variant("fp32")
+    prepare(variants_bundle.path / fp32.file, tmp_path / "unpacked.onnx", unpack=True)
+    assert op_counts(tmp_path / "unpacked.onnx").get("MultiHeadAttention") == 3
+    pixels = held_out_images(manifest.preprocess, manifest.labels, GateConfig(images=16)).pixels
+    a = run_graph(variants_bundle.path / fp32.file, fp32.inputs, fp32.outputs, pixels)
+    b = run_graph(tmp_path / "unpacked.onnx", fp32.inputs, fp32.outputs, pixels)
+    assert np.abs(a["embedding"] - b["embedding"]).max() < 1e-5
+    assert (a["indices"][:, 0] == b["indices"][:, 0]).all()
+
+
+def test_the_gate_refuses_a_variant_that_misses_and_nothing_is_written(tiny_labels, tmp_path):
+    """30 colour x shape labels: the tiny model's top-1/top-2 gaps are often < 1e-3, so int8 flips
+    several percent of top-1 picks; the search must not pass off an all-float graph as int8."""
+    out = tmp_path / "refused.bundle"
+    with pytest.raises(errors.GateError) as info:
+        compile_bundle(CompileConfig(labels=tiny_labels, out=out, precisions="int8-dynamic"))
+    message = str(info.value)
+    assert "int8-dynamic" in message and "top-1 agreement" in message and "< 99.00%" in message
+    assert "return all" in message and "quantizable nodes" in message
+    assert not out.exists() and not list(tmp_path.glob(".refused.bundle*"))
+    with pytest.raises(errors.GateError, match="search was off"):
+        compile_bundle(CompileConfig(labels=tiny_labels, out=out, precisions="int8-static",
+                                     quant=QuantConfig(search=False), gate=GateConfig(images=32)))
+    assert not out.exists()
+
+
+def test_an_unreachable_gate_is_refused(gda_task, tmp_path):
+    _, adapter, test = gda_task
+    with pytest.raises(errors.GateError, match=r"min embedding cosine 0\.\d+ < 1\.0"):
+        compile_bundle(CompileConfig(labels=None, adapter=adapter, out=tmp_path / "b", precisions="int4-weight",
+                                     gate=GateConfig(min_cosine=1.0, data=test), quant=QuantConfig(search=False)))
+
+
+def test_bad_precision_input_is_named(gda_task, tmp_path, capsys):
+    _, adapter, _ = gda_task
+    with pytest.raises(errors.ConfigError, match=r"unknown precision 'int3'.*int8-dynamic"):
+        parse_precisions("fp32,int3")
+    assert parse_precisions("int8-static,fp32,int8-static") == ("fp32", "int8-static")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(errors.ConfigError, match=r"calibration folder .*empty holds no images"):
+        compile_bundle(CompileConfig(labels=None, adapter=adapter, out=tmp_path / "a", precisions="int8-static",
+                                     quant=QuantConfig(calib=empty)))
+    (empty / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(errors.ImageError, match=r"calibration image .*broken.png"):
+        compile_bundle(CompileConfig(labels=None, adapter=adapter, out=tmp_path / "a", precisions="int8-static",
+                                     quant=QuantConfig(calib=empty)))
+    with pytest.raises(errors.BackendUnavailableError, match=r"bf16 .*clipfold\[gpu\]"):
+        compile_bundle(CompileConfig(labels=None, adapter=adapter, out=tmp_path / "a", precisions="bf16"))
+    with pytest.raises(errors.ConfigError, match="unknown calibration method 'kl'"):
+        QuantConfig(calibration="kl")
+    with pytest.raises(errors.ConfigError, match=r"min_cosine must be in \[0, 1\]"):
+        GateConfig(min_cosine=1.5)
+    assert not (tmp_path / "a").exists()
+    assert cli.main(["compile", "--adapter", str(adapter), "--out", str(tmp_path / "a"), "--precision", "int3"]) == 2
+    assert "unknown precision 'int3'" in capsys.readouterr().err and not (tmp_path / "a").exists()
