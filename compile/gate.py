@@ -9,6 +9,7 @@ Generated calibration and gate images come from disjoint seeds; with user folder
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -56,7 +57,7 @@ def held_out_images(spec: PreprocessSpec, labels: Sequence[str], cfg: GateConfig
                           f"expected sub-folders named like the labels {list(labels)[:6]}")
     index = {label: i for i, label in enumerate(labels)}
     mapped = np.array([index[classes[t]] for t in targets], dtype=np.int64)
-    return HeldOut(_load(paths, spec, "gate"), mapped, f"{len(paths)} labelled images from {cfg.data}")
+    return HeldOut(_load(paths, spec, "gate"), mapped, f"{len(paths)} labelled images from {cfg.data.name}/")
 
 
 def calibration_images(spec: PreprocessSpec, cfg: QuantConfig) -> tuple[np.ndarray, str]:
@@ -70,8 +71,13 @@ def calibration_images(spec: PreprocessSpec, cfg: QuantConfig) -> tuple[np.ndarr
     if not paths:
         raise ConfigError(f"calibration folder {cfg.calib} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
                           "quantization needs a few representative images to calibrate on")
-    paths = paths[:cfg.calib_images]
-    return _load(paths, spec, "calibration"), f"{len(paths)} images from {cfg.calib}"
+    # Round-robin over sub-folders (classes), so a limit does not drop whole classes.
+    groups: dict[Path, list[Path]] = {}
+    for path in paths:
+        groups.setdefault(path.parent, []).append(path)
+    interleaved = [p for row in itertools.zip_longest(*groups.values()) for p in row if p is not None]
+    paths = interleaved[:cfg.calib_images]
+    return _load(paths, spec, "calibration"), f"{len(paths)} images from {cfg.calib.name}/ ({len(groups)} folders)"
 
 
 def run_graph(path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], pixels: np.ndarray,
@@ -87,7 +93,8 @@ def run_graph(path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[Tensor
 def measure(reference: dict[str, np.ndarray], got: dict[str, np.ndarray], held: HeldOut, cfg: GateConfig,
             tie_tolerance: float = 1e-5, reference_name: str = "fp32") -> Gate:
     a, b = reference["embedding"].astype(np.float64), got["embedding"].astype(np.float64)
-    cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    # NaN stays NaN (and fails the gate); a zero vector scores 0, not 0/0.
+    cos = np.sum(a * b, axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
     ref_idx, ref_scores, idx = reference["indices"], reference["scores"], got["indices"]
     same = idx[:, 0] == ref_idx[:, 0]
     # A different pick agrees when fp32 scores it as high as its own top-1 (within the tolerance).
@@ -107,14 +114,14 @@ def measure(reference: dict[str, np.ndarray], got: dict[str, np.ndarray], held: 
 
 def failures(gate: Gate, cfg: GateConfig) -> list[str]:
     """Every figure that misses its limit, with both numbers."""
-    out = []
-    if gate.embedding_cosine_min < cfg.min_cosine:
+    out = []  # written as "not >=" so that a NaN figure fails
+    if not gate.embedding_cosine_min >= cfg.min_cosine:
         out.append(f"min embedding cosine {gate.embedding_cosine_min:.5f} < {cfg.min_cosine}")
-    if gate.top1_agreement < cfg.min_top1_agreement:
+    if not gate.top1_agreement >= cfg.min_top1_agreement:
         out.append(f"top-1 agreement {gate.top1_agreement:.2%} < {cfg.min_top1_agreement:.2%}")
-    if gate.top5_overlap < cfg.min_top5_overlap:
+    if not gate.top5_overlap >= cfg.min_top5_overlap:
         out.append(f"top-5 overlap {gate.top5_overlap:.2%} < {cfg.min_top5_overlap:.2%}")
-    if gate.accuracy is not None and gate.reference_accuracy - gate.accuracy > cfg.max_accuracy_drop:
+    if gate.accuracy is not None and not gate.reference_accuracy - gate.accuracy <= cfg.max_accuracy_drop:
         out.append(f"accuracy {gate.accuracy:.2%} is {gate.reference_accuracy - gate.accuracy:.2%} below fp32's "
                    f"{gate.reference_accuracy:.2%} (limit {cfg.max_accuracy_drop:.2%})")
     return out

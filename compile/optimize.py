@@ -59,9 +59,14 @@ class SdpaAttention(nn.Module):
                     proj.bias.copy_(b[i * d:(i + 1) * d])
         self.out_proj = mha.out_proj
 
-    def forward(self, query, key, value, need_weights: bool = False, attn_mask=None, **kwargs):
-        if need_weights or kwargs.get("key_padding_mask") is not None:
-            raise ExportError("SdpaAttention replaces attention without weights or key padding masks only")
+    def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = False, attn_mask=None,
+                average_attn_weights: bool = True, is_causal: bool = False):
+        # Exactly the cases open_clip's towers use: no weights, no padding mask, an additive float
+        # mask (a boolean mask means the opposite in SDPA) of shape (L, S) or none.
+        if need_weights or key_padding_mask is not None or is_causal:
+            raise ExportError("SdpaAttention replaces attention without weights, padding masks or is_causal only")
+        if attn_mask is not None and (attn_mask.dtype == torch.bool or attn_mask.dim() != 2):
+            raise ExportError(f"SdpaAttention takes an additive 2-D float mask, got {attn_mask.dtype} {tuple(attn_mask.shape)}")
         b, s, d = query.shape
         h = self.heads
 

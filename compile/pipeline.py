@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import platform
 import time
@@ -20,6 +21,7 @@ from .adapters import registry
 from .adapters.base import ImportRequest
 from .adapters.store import load_adapter
 from .config import CompileConfig, VerifyConfig
+from .precision import QuantConfig
 from .fold import fold_input_normalization
 from .graph import ClassifierGraph, export_onnx, io_specs
 from .head import build_zero_shot_head, resolve_templates
@@ -76,7 +78,9 @@ class _Tower:
 
 
 def _adapter_info(path: Path, method: str, hyperparameters: dict, **extra) -> dict:
-    return {"file": Path(path).name, "sha256": sha256_file(path), "hyperparameters": hyperparameters, **extra}
+    # The support folder's local path (the default calibration set) stays out of the bundle.
+    public = {k: v for k, v in hyperparameters.items() if k != "support"}
+    return {"file": Path(path).name, "sha256": sha256_file(path), "hyperparameters": public, **extra}
 
 
 def _adapt(config: CompileConfig, loaded, labels, templates, adapter_file, progress) -> _Adaptation:
@@ -159,7 +163,7 @@ def compile_bundle(config: CompileConfig, progress: Callable[[str], None] | None
                           inputs=inputs, outputs=outputs, parity=parity, top_k=top_k, fused_ops=fused)
         sources = Sources(onnx_path, portable_path if config.fuse else onnx_path, inputs, outputs, top_k)
         extra = build_variants(config.precisions, stage, sources, spec, labels, reference, config.verify,
-                               config.quant, config.gate, progress)
+                               _calibration_default(config, adapter_file), config.gate, progress)
         if config.fuse:
             portable_path.unlink()
         manifest = Manifest(
@@ -175,6 +179,15 @@ def compile_bundle(config: CompileConfig, progress: Callable[[str], None] | None
         )
         path = bundle.commit(stage, manifest, config.out)
     return CompileResult(path=path, manifest=manifest, seconds=time.perf_counter() - start)
+
+
+def _calibration_default(config: CompileConfig, adapter_file) -> QuantConfig:
+    """Without ``--calib``, a fitted adapter's own support folder (when it is still there)."""
+    quant = config.quant
+    support = (adapter_file.hyperparameters.get("support") if adapter_file is not None else None)
+    if quant.calib is None and support and Path(support).is_dir():
+        return dataclasses.replace(quant, calib=Path(support))
+    return quant
 
 
 def producer_versions() -> dict[str, str]:

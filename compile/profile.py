@@ -47,6 +47,8 @@ class ProfileConfig:
             raise ConfigError(f"batch sizes must be >= 1, got {self.batches}")
         if self.rounds < 3:
             raise ConfigError(f"rounds must be >= 3 for percentiles, got {self.rounds}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.data is not None and not Path(self.data).is_dir():
             raise ConfigError(f"--data {self.data} is not a folder (expected one sub-folder of images per class)")
 
@@ -95,21 +97,35 @@ def profile(cfg: ProfileConfig, progress: Callable[[str], None] | None = None) -
         for variant in manifest.variants:
             jobs.append(("engine", {"bundle": str(bundle), "variant": variant.name}))
     raw = []
-    context = multiprocessing.get_context("spawn")
     for i, (kind, job) in enumerate(jobs, 1):
         name = EAGER if kind == "eager" else job["variant"]
         say(f"[{i}/{len(jobs)}] {Path(job['bundle']).name}: {name}")
-        with context.Pool(1) as pool:
-            raw.append(pool.apply(_measure, (kind, job, _plain(cfg))))
+        raw.append(_in_worker(kind, job, cfg))
     # Agreement: top-1 of each row against the same bundle's fp32 variant, on the same images.
-    fp32 = {r["bundle"]: r.get("predictions") for r in raw if r["variant"] == "fp32"}
+    fp32 = {job["bundle"]: r.get("predictions") for (_, job), r in zip(jobs, raw) if r["variant"] == "fp32"}
     rows = []
-    for r in raw:
-        predictions, reference = r.pop("predictions", None), fp32.get(r["bundle"])
+    for (_, job), r in zip(jobs, raw):
+        predictions, reference = r.pop("predictions", None), fp32.get(job["bundle"])
         if predictions is not None and reference is not None:
             r["agreement"] = sum(a == b for a, b in zip(predictions, reference)) / len(reference)
         rows.append(Row(**r))
     return rows
+
+
+def _in_worker(kind: str, job: dict, cfg: ProfileConfig) -> dict:
+    """One row in a fresh spawned process; a worker that fails or dies becomes a row saying so."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    base = {"bundle": Path(job["bundle"]).name, "variant": EAGER if kind == "eager" else job["variant"],
+            "precision": "fp32" if kind == "eager" else "", "backend": "torch" if kind == "eager" else cfg.backend}
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(_measure, kind, job, _plain(cfg)).result()
+        except BrokenProcessPool:
+            return {**base, "status": "failed: the worker process died (out of memory?)"}
+        except Exception as exc:  # reported in the row; the other rows still run
+            return {**base, "status": f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
 
 
 def _plain(cfg: ProfileConfig) -> dict:
@@ -253,9 +269,9 @@ def _plot(rows: Sequence[Row], front: Sequence[Row], batch: int, path: Path, qua
 
 def check_backend(name: str) -> None:
     """Refuse an unknown backend name up front; an uninstalled one is reported per row."""
-    from clipfold.runtime.backend import BACKENDS
+    from clipfold.runtime.backend import BACKENDS, GPU_BACKENDS
 
-    known = set(BACKENDS) | {"tensorrt"}
+    known = set(BACKENDS) | set(GPU_BACKENDS)
     if name not in known:
         raise BackendUnavailableError(f"unknown backend {name!r}; expected one of {sorted(known)}")
 

@@ -79,6 +79,8 @@ def unpack_attention(model):
     onnx = _onnx()
     from onnx import helper
 
+    if not any(o.domain in ("", "ai.onnx") and o.version >= 18 for o in model.opset_import):
+        raise ConfigError("unpacking attention needs opset >= 18 (Split with num_outputs)")
     nodes = []
     for node in model.graph.node:
         if node.op_type != "Attention" or node.domain != "com.microsoft":
@@ -91,6 +93,10 @@ def unpack_attention(model):
         unsupported = set(attrs) - {"num_heads", "scale"}
         if sizes is not None and len(set(sizes)) != 1:
             unsupported.add("qkv_hidden_sizes (unequal)")
+        if len(node.input) < 3 or not node.input[2]:
+            unsupported.add("no bias")
+        if len(node.output) > 1 and any(node.output[1:]):
+            unsupported.add("present state output")
         if len(node.input) > 3 and any(node.input[3:]) or unsupported:
             raise ConfigError(f"cannot unpack attention node {node.name}: masks or attributes {sorted(unsupported)}")
         x, w, b = node.input[:3]
@@ -106,8 +112,6 @@ def unpack_attention(model):
                                       name=f"{p}/mha", domain="com.microsoft", **mha_attrs))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    if not any(o.domain == "" and o.version >= 18 for o in model.opset_import):
-        raise ConfigError("unpacking attention needs opset >= 18 (Split with num_outputs)")
     onnx.checker.check_model(model, full_check=False)
     return model
 
@@ -145,6 +149,13 @@ def prepare(src: Path, dst: Path, unpack: bool) -> list[str]:
     return sorted(set(head_nodes(model)) | set(activation_matmuls(model)))
 
 
+def nodes_of_types(path: Path, op_types: Iterable[str]) -> list[str]:
+    """Names of the nodes whose operator type is one of ``op_types`` (``--keep-float``)."""
+    onnx = _onnx()
+    types = set(op_types)
+    return [n.name for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type in types]
+
+
 def quantizable_nodes(path: Path, exclude: Iterable[str], keep_float_types: Iterable[str],
                       op_types: Iterable[str] = QUANTIZABLE) -> list[str]:
     """Nodes of ``op_types`` with a constant weight that are not excluded, in graph order."""
@@ -178,7 +189,7 @@ class PixelReader:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """ORT's quantizers log pre-processing advice at WARNING on every call."""
     root = logging.getLogger()
     level = root.level
@@ -194,7 +205,7 @@ def int8_dynamic(src: Path, dst: Path, exclude: list[str], cfg: QuantConfig) -> 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     ops = ["MatMul", "Attention"]
-    with _quiet():
+    with quiet():
         quantize_dynamic(src, dst, op_types_to_quantize=ops, per_channel=cfg.per_channel, weight_type=QuantType.QInt8,
                          nodes_to_exclude=exclude, extra_options={"MatMulConstBOnly": True})
     return {"method": "dynamic", "weights": "int8 symmetric", "activations": "uint8 per batch",
@@ -212,7 +223,8 @@ def int8_static(src: Path, dst: Path, exclude: list[str], cfg: QuantConfig, cali
     method = getattr(CalibrationMethod, _CALIBRATION[cfg.calibration])
     calibration = cfg.calibration
     if fp8:
-        # ORT calibrates float8 scales from the activation distribution only (its std deviation).
+        # ORT calibrates float8 scales from the activation distribution only (its std deviation);
+        # --calibration applies to int8-static.
         method, calibration = CalibrationMethod.Distribution, "distribution"
         weight_type = activation_type = QuantType.QFLOAT8E4M3FN
     else:
@@ -223,7 +235,7 @@ def int8_static(src: Path, dst: Path, exclude: list[str], cfg: QuantConfig, cali
              "CalibMovingAverage": False}
     if cfg.calibration == "percentile":
         extra["CalibPercentile"] = 99.999
-    with _quiet():
+    with quiet():
         quantize_static(src, dst, PixelReader(calib), quant_format=QuantFormat.QDQ, op_types_to_quantize=ops,
                         per_channel=cfg.per_channel and not fp8, weight_type=weight_type,
                         activation_type=activation_type, nodes_to_exclude=exclude, calibrate_method=method,
@@ -237,7 +249,7 @@ def weight_only(src: Path, dst: Path, exclude: list[str], cfg: QuantConfig, bits
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     onnx = _onnx()
-    with _quiet():
+    with quiet():
         # accuracy_level 4: activations are quantized per block to int8 and the product runs on
         # int8 kernels; measured on ViT-B-32 (2-core AVX2) at batch 1, int4 takes 63 ms this way and
         # 85 ms with fp32 compute (fp32 graph: 76 ms).
@@ -249,88 +261,10 @@ def weight_only(src: Path, dst: Path, exclude: list[str], cfg: QuantConfig, bits
             "compute": "int8 activations per block (accuracy_level 4)"}
 
 
-def float16(src: Path, dst: Path, exclude: list[str], cfg: QuantConfig) -> dict:
-    """Mixed fp16: everything in ``cfg.keep_float`` and the head stay fp32; inputs/outputs keep their types."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    onnx = _onnx()
-    blocked = sorted(set(cfg.keep_float) | {"ReduceL2", "ReduceMean", "ReduceSum", "Softmax", "TopK", "Sigmoid",
-                                            "Div", "Clip", "Attention", "MultiHeadAttention"})
-    source = onnx.load(str(src))
-    with _quiet():
-        model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, op_block_list=blocked,
-                                         node_block_list=exclude)
-    restored = _restore_fp32_weights(model, source)
-    round_trips = _drop_round_trips(model)
-    onnx.save(model, str(dst))
-    return {"method": "mixed fp16", "kept_fp32_op_types": blocked, "fp32_weights_restored": restored,
-            "fp32_round_trips_removed": round_trips}
-
-
-def _drop_round_trips(model) -> int:
-    """Remove fp32 -> fp16 -> fp32 Cast pairs the converter puts between two fp32 (blocked) nodes:
-    they only round, e.g. the logits before softmax (a 0.4 % step at logit 30)."""
-    from onnx import TensorProto
-
-    def cast_to(node):
-        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
-
-    outputs = {o.name for o in model.graph.output}
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    dropped = 0
-    for first in list(model.graph.node):
-        users = consumers.get(first.output[0], []) if cast_to(first) == TensorProto.FLOAT16 else []
-        if not users or first.output[0] in outputs or any(cast_to(u) != TensorProto.FLOAT for u in users):
-            continue
-        for second in users:
-            if second.output[0] in outputs:  # a graph output keeps its name: the cast becomes an Identity
-                second.op_type = "Identity"
-                del second.attribute[:]
-                second.input[0] = first.input[0]
-                continue
-            for node in consumers.get(second.output[0], []):
-                for i, name in enumerate(node.input):
-                    if name == second.output[0]:
-                        node.input[i] = first.input[0]
-            model.graph.node.remove(second)
-        model.graph.node.remove(first)
-        dropped += 1
-    return dropped
-
-
-def _restore_fp32_weights(model, source) -> int:
-    """The converter stores every weight in fp16 and casts it back for blocked nodes, which
-    rounds e.g. the class embeddings of the head. Give such weights their fp32 values back."""
-    from onnx import TensorProto
-
-    original = {init.name: init for init in source.graph.initializer if init.data_type == TensorProto.FLOAT}
-    inits = {init.name: init for init in model.graph.initializer}
-    uses: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
-    restored = 0
-    for node in list(model.graph.node):
-        to = next((a.i for a in node.attribute if a.name == "to"), None)
-        weight = node.input[0] if node.op_type == "Cast" and node.input else None
-        if (to == TensorProto.FLOAT and weight in original and weight in inits and uses[weight] == 1
-                and inits[weight].data_type == TensorProto.FLOAT16):
-            inits[weight].CopyFrom(original[weight])
-            for other in model.graph.node:
-                for i, name in enumerate(other.input):
-                    if name == node.output[0]:
-                        other.input[i] = weight
-            model.graph.node.remove(node)
-            restored += 1
-    return restored
-
-
 def scratch_dir(stage: Path) -> tempfile.TemporaryDirectory:
-    """A scratch folder beside the bundle stage (same filesystem), removed afterwards."""
-    return tempfile.TemporaryDirectory(prefix=".quant-", dir=stage.parent)
+    """A scratch folder inside the bundle's staging directory, removed before the bundle is
+    committed; a killed compile leaves it inside the partial directory the next compile removes."""
+    return tempfile.TemporaryDirectory(prefix=".quant-", dir=stage)
 
 
 def fused_op_counts(path: Path) -> dict[str, int]:

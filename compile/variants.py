@@ -1,8 +1,9 @@
 """Reduced-precision variants: build each from the verified fp32 graph, gate it, or refuse it.
 
 For each precision after fp32: build the file into the bundle's staging directory, run it and
-fp32 on held-out images, and compare (:mod:`.gate`). int8-static with ``search`` then returns
-the most sensitive nodes to float, doubling how many each round, until the gate holds. A variant
+fp32 on held-out images, and compare (:mod:`.gate`). With ``search`` (the default), a variant that
+misses returns its most sensitive nodes to float, 1, 2, 4, ... of them and then bisecting, and keeps
+the fewest that pass; needing all of them is a miss (that would be fp32 under another name). A variant
 that still misses raises :class:`~clipfold.errors.GateError` naming every figure that missed and
 what the search left in float; the whole compile then writes nothing.
 
@@ -20,11 +21,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from clipfold.errors import BackendUnavailableError, GateError
+from clipfold.errors import BackendUnavailableError, ClipfoldError, ExportError, GateError
 from clipfold.runtime.manifest import Gate, PreprocessSpec, TensorSpec, Variant
 
+from . import float16, quantize
 from . import gate as gating
-from . import quantize
 from .config import VerifyConfig
 from .precision import PRECISIONS, GateConfig, QuantConfig
 from .verify import Reference, compare
@@ -82,7 +83,7 @@ def build_variants(precisions: Sequence[str], stage: Path, sources: Sources, spe
             builder = _Builder(precision, stage / variant_file(precision), scratch, source, quant, calib,
                                held.pixels[:8])
             details, figures, kept = builder.build_and_gate(
-                lambda path: gating.run_graph(path, sources.inputs, sources.outputs, held.pixels),
+                lambda path: _run_variant(precision, path, sources, held.pixels),
                 lambda out: gating.measure(fp32_out, out, held, gate_cfg, verify.tie_tolerance), gate_cfg, say)
             if calib_source is not None and "calibration" in details:
                 details["calibration_source"] = calib_source
@@ -99,83 +100,103 @@ def build_variants(precisions: Sequence[str], stage: Path, sources: Sources, spe
     return variants
 
 
+def _run_variant(precision: str, path: Path, sources: Sources, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    """ONNX Runtime on a freshly built variant; its own failure is an export failure, named."""
+    try:
+        return gating.run_graph(path, sources.inputs, sources.outputs, pixels)
+    except ClipfoldError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own exception types for invalid graphs
+        raise ExportError(f"the {precision} variant could not be run by ONNX Runtime: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:300]}") from exc
+
+
 def _eager_parity(path: Path, sources: Sources, reference: Reference, verify: VerifyConfig):
     """The same figures fp32 records against open_clip eager, for information (not enforced)."""
-    out = gating.run_graph(path, sources.inputs, sources.outputs, reference.pixels)
+    out = _run_variant(Path(path).stem, path, sources, reference.pixels)
     parity, _ = compare(reference, out["scores"], out["indices"], out["embedding"], verify, min_cosine=0.0)
     return parity
 
 
 class _Builder:
+    # The graph each precision starts from, and the operator types its quantizer can handle.
+    KIND = {"int8-dynamic": "fused", "fp16": "fused", "fp8": "portable"}
+    OPS = {"int8-dynamic": ("MatMul", "Attention"), "int8-weight": ("MatMul",), "int4-weight": ("MatMul",)}
+
     def __init__(self, precision: str, out: Path, scratch: Path, source, quant: QuantConfig, calib,
                  probe: np.ndarray):
         self.precision, self.out, self.scratch, self.source, self.quant, self.calib = (
             precision, out, scratch, source, quant, calib)
         self.probe = probe  # a few held-out images for the sensitivity ranking
+        src, always = source(self.KIND.get(precision, "unpacked"))
+        self.src = src
+        # Never quantized: the head, activation-by-activation MatMuls and every --keep-float type.
+        self.float_nodes = sorted(set(always) | set(quantize.nodes_of_types(src, quant.keep_float)))
 
     def _build(self, returned: Sequence[str]) -> dict:
-        p, q = self.precision, self.quant
+        p, q, exclude = self.precision, self.quant, sorted(set(self.float_nodes) | set(returned))
         if p == "int8-dynamic":
-            src, head = self.source("fused")
-            return quantize.int8_dynamic(src, self.out, self._exclude(head, returned), q)
+            return quantize.int8_dynamic(self.src, self.out, exclude, q)
         if p in ("int8-static", "fp8"):
-            src, head = self.source("portable" if p == "fp8" else "unpacked")
-            return quantize.int8_static(src, self.out, self._exclude(head, returned), q, self.calib,
-                                        self.scratch / f"ranges-{p}.json", fp8=p == "fp8")
+            return quantize.int8_static(self.src, self.out, exclude, q, self.calib, self.scratch / f"ranges-{p}.json",
+                                        fp8=p == "fp8")
         if p in ("int8-weight", "int4-weight"):
-            src, head = self.source("unpacked")
-            return quantize.weight_only(src, self.out, self._exclude(head, returned), q, bits=8 if p == "int8-weight" else 4)
+            return quantize.weight_only(self.src, self.out, exclude, q, bits=8 if p == "int8-weight" else 4)
         if p == "fp16":
-            src, head = self.source("fused")
-            return quantize.float16(src, self.out, self._exclude(head, returned), q)
+            return float16.convert(self.src, self.out, exclude, q)
         raise AssertionError(p)
 
-    def _exclude(self, always_float: list[str], returned: Sequence[str]) -> list[str]:
-        return sorted(set(always_float) | set(returned))
-
     def candidates(self) -> list[str]:
-        src, head = self.source(self._kind())
-        ops = ("MatMul", "Attention") if self.precision == "int8-dynamic" else quantize.QUANTIZABLE
-        return quantize.quantizable_nodes(src, self._exclude(head, ()), self.quant.keep_float, ops)
+        ops = self.OPS.get(self.precision, quantize.QUANTIZABLE)
+        return quantize.quantizable_nodes(self.src, self.float_nodes, self.quant.keep_float, ops)
 
     def build_and_gate(self, run, measure, cfg: GateConfig, say) -> tuple[dict, Gate, list[str]]:
-        returned: list[str] = []
-        details = self._build(returned)
+        """Build with every candidate quantized; if the gate misses, return nodes to float by rank
+        (1, 2, 4, ... of them, then bisect) and keep the fewest that pass."""
+        details = self._build(())
         figures = measure(run(self.out))
         first = missed = gating.failures(figures, cfg)
         ranked: list[str] = []
+        returned: list[str] = []
         if missed and self.quant.search:
             ranked = self._rank()
-            step = 1
-            while missed and len(returned) < len(ranked):
-                returned = ranked[:min(len(ranked), len(returned) + step)]
-                step *= 2
-                say(f"  {self.precision}: {'; '.join(missed)}: returning {len(returned)} most sensitive node(s) to float")
+            passing, failing, count = None, 0, 1
+            say(f"  {self.precision}: {'; '.join(missed)}; searching {len(ranked)} nodes for the fewest to keep in float")
+            while failing < len(ranked) - 1 and (passing is None or passing - failing > 1):
+                count = min(count, len(ranked) - 1) if passing is None else (failing + passing) // 2
+                self._build(ranked[:count])
+                missed = gating.failures(measure(run(self.out)), cfg)
+                say(f"  {self.precision}: {count} of {len(ranked)} in float: {'; '.join(missed) or 'passes'}")
+                if missed:
+                    failing, count = count, count * 2
+                else:
+                    passing = count
+            if passing is not None:
+                returned = ranked[:passing]
                 details = self._build(returned)
                 figures = measure(run(self.out))
                 missed = gating.failures(figures, cfg)
-        if missed or (returned and len(returned) == len(ranked)):
+            else:
+                missed = missed or first
+        if missed:
             self.out.unlink(missing_ok=True)
             if not self.quant.search:
                 search = "The sensitivity search was off (--no-search)."
-            elif missed:
-                search = (f"With all {len(ranked)} quantizable nodes returned to float it still misses: "
-                          + "; ".join(missed) + ".")
+            elif not ranked:
+                search = "No node could be returned to float: all quantized nodes are outside the search."
             else:
-                search = (f"The search had to return all {len(ranked)} quantizable nodes to float, which leaves the "
-                          "fp32 graph under another name.")
+                search = (f"The search returned up to {len(ranked) - 1} of {len(ranked)} quantizable nodes to float "
+                          f"(most sensitive first: {', '.join(ranked[:4])}{' ...' if len(ranked) > 4 else ''}) and "
+                          "the gate still missed; all of them would leave the fp32 graph under another name.")
             raise GateError(
                 f"variant {self.precision!r} misses the accuracy gate against fp32 on {figures.images} images "
                 f"({figures.source}); fully quantized:\n  - " + "\n  - ".join(first) + f"\n{search}\n"
                 "Lower the limits (--gate-min-cosine, --gate-min-top1), gate on labelled data (--gate-data), "
-                "or drop the variant.", first)
+                "keep operator types in float (--keep-float), or drop the variant.", first)
         if returned:
             details = {**details, "returned_to_float": len(returned), "quantizable": len(ranked)}
         return details, figures, returned
 
-    def _kind(self) -> str:
-        return {"int8-dynamic": "fused", "fp16": "fused", "fp8": "portable"}.get(self.precision, "unpacked")
-
     def _rank(self) -> list[str]:
         """Quantized nodes ordered by the error they add (largest first)."""
-        return quantize.rank_by_added_error(self.out, self.source(self._kind())[0], self.candidates(), self.probe)
+        return quantize.rank_by_added_error(self.out, self.src, self.candidates(), self.probe)

@@ -90,10 +90,14 @@ def default_threads() -> int:
 
 
 BACKENDS = {"onnxruntime": OnnxRuntimeBackend}
+GPU_BACKENDS = ("tensorrt",)  # known names whose backends come with clipfold[gpu]
 
 
 def open_backend(name: str, graph: Variant | ExtraHead, path: Path, threads: int | None = None) -> Backend:
     """A backend for one graph of the bundle: a variant, or an extra head."""
+    if name in GPU_BACKENDS and name not in BACKENDS:
+        raise BackendUnavailableError(f"backend {name!r} is not installed here: install clipfold[gpu] on a machine "
+                                      f"with an NVIDIA GPU; available: {sorted(BACKENDS)}")
     if name not in BACKENDS:
         raise BackendUnavailableError(f"unknown backend {name!r}; available: {sorted(BACKENDS)}")
     runs_on = getattr(graph, "backends", (name,))

@@ -92,6 +92,7 @@ class Gate:
     """A reduced-precision variant measured against the bundle's fp32 variant on held-out images.
 
     ``accuracy`` and ``reference_accuracy`` are top-1 on labelled images (``None`` without labels);
+    ``top5_overlap`` compares the first min(5, top_k) indices;
     ``thresholds`` are the limits it was held to, ``kept_float`` the quantizable nodes the
     sensitivity search returned to float.
     """

@@ -100,7 +100,7 @@ def fit_adapter(config: FitConfig, progress: Callable[[str], None] | None = None
                                config.seed), fitted.hyperparameters)
     hyper = {**fitted.hyperparameters, "shots_per_class": int(torch.bincount(y).min()), "selected_on": source,
              "templates": list(templates), "views": config.views.views, "view_seed": config.views.seed,
-             "cached_features": hits}
+             "cached_features": hits, "support": str(Path(config.support).resolve())}
     adapter = Adapter(fitted.head, labels, Backbone(config.model, loaded.info.checkpoint_sha256), hyper)
     save_adapter(adapter, config.out)
     return adapter
