@@ -6,7 +6,7 @@ CLI    := $(VENV)/bin/clipfold
 STAMP  := $(VENV)/.clipfold-installed
 DEMO   ?= out/demo
 
-.PHONY: install demo test test-all bench fewshot train-tiny clean
+.PHONY: install demo test test-all bench bench-kernels fewshot train-tiny clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,8 +43,13 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"
 
 bench: $(STAMP)
-	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-columns=median,iqr,min,rounds \
+	$(PY) -m pytest benchmarks/test_bench_image_topk.py -q --benchmark-only --benchmark-columns=median,iqr,min,rounds \
 		--benchmark-json=benchmarks/results/latest.json
+
+# Similarity + top-k over 1M x 512 against numpy, torch and faiss (about 5 minutes, 4 GB of memory).
+bench-kernels: $(STAMP)
+	$(PY) -m pytest benchmarks/test_bench_topk.py -q --benchmark-only --benchmark-columns=median,iqr,min,rounds \
+		--benchmark-json=benchmarks/results/latest-kernels.json
 
 # The few-shot table: every fitting method at 1/2/4/8/16 shots vs zero-shot, through real bundles.
 fewshot: $(STAMP)

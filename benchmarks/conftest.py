@@ -54,15 +54,23 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
                "speedup": p["reference"] / p["candidate"]}
         for name, p in sorted(pairs.items()) if {"reference", "candidate"} <= set(p)
     }
-    gates = {}
+    gates, extras, modules = {}, {}, set()
     for bench in benchmarks:
         extra = bench.get("extra_info", {}) if isinstance(bench, dict) else bench.extra_info
+        name = bench["fullname"] if isinstance(bench, dict) else bench.fullname
+        modules.add(name.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py").removeprefix("test_bench_"))
         gates.update(extra.get("gates", {}))
+        figures = {k: v for k, v in extra.items() if k not in ("pair", "role", "pairs", "gates", "variant")}
+        if figures:
+            extras[name.split("::")[-1]] = figures
     output_json["clipfold_ratios"] = ratios
     output_json["clipfold_machine"] = machine_info()
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "ratios-latest.json").write_text(json.dumps(
-        {"machine": output_json["clipfold_machine"], "ratios": ratios, "gates": gates}, indent=2) + "\n")
+    payload = json.dumps({"machine": output_json["clipfold_machine"], "ratios": ratios, "gates": gates,
+                          "figures": extras}, indent=2) + "\n"
+    # One file per benchmark module run alone (ratios-image_topk.json, ratios-topk.json), else latest.
+    target = f"ratios-{modules.pop()}.json" if len(modules) == 1 else "ratios-latest.json"
+    (RESULTS / target).write_text(payload)
     for name, r in ratios.items():
         print(f"\n{name}: reference/candidate = {r['speedup']:.2f}x "
               f"({r['reference_median_s'] * 1e3:.1f} ms vs {r['candidate_median_s'] * 1e3:.1f} ms)")

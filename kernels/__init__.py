@@ -1,0 +1,42 @@
+"""Fused similarity + top-k over large label sets and galleries; the score matrix is never stored.
+
+``topk_similarity(queries, gallery, k)`` -> ``(scores, indices)``: inner products, descending, at
+most ``k`` per query (fewer when the gallery has fewer rows). ``gallery`` is an array or a
+:class:`Gallery` (fp32, fp16 or int8 storage, in memory or memory-mapped shards). Only numpy is
+needed besides ONNX Runtime, which runs the block graphs; importing this package does no work.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from clipfold.errors import ConfigError
+
+from .cpu import check_queries, rescore, topk_cpu
+from .gallery import STORAGES, Gallery
+from .reference import topk_reference
+
+__all__ = ["Gallery", "STORAGES", "topk_similarity", "topk_reference"]
+
+
+def topk_similarity(queries, gallery, k: int, *, oversample: int = 0, block_rows: int | None = None,
+                    threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` inner products of each query over the gallery rows.
+
+    With a quantized gallery that kept its fp32 rows (``keep_exact=True``), ``oversample=m``
+    takes the ``m * k`` best candidates from the quantized scores and returns exact fp32 scores
+    for the final ``k``.
+    """
+    if not isinstance(gallery, Gallery):
+        gallery = Gallery.from_array(gallery)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"k must be a positive integer, got {k!r}")
+    if oversample < 0:
+        raise ConfigError(f"oversample must be >= 0, got {oversample}")
+    q = check_queries(queries, gallery.dim)
+    if oversample and gallery.storage != "fp32":
+        if not gallery.has_exact:
+            raise ConfigError("oversample-then-rescore needs the fp32 rows: build the gallery with keep_exact=True")
+        _, candidates = topk_cpu(q, gallery, min(len(gallery), oversample * int(k)), block_rows, threads)
+        return rescore(q, gallery, candidates, min(int(k), len(gallery)))
+    return topk_cpu(q, gallery, int(k), block_rows, threads)

@@ -1,0 +1,115 @@
+"""Similarity + top-k over a 1M x 512 gallery, k=10: clipfold's streamed kernel against numpy
+(matmul + argpartition), torch (mm + topk), faiss IndexFlatIP (when faiss-cpu is installed), and
+the time to read the gallery once, all in the same run. ``make bench-kernels`` runs only this.
+
+Pairs (reference / candidate, > 1 means clipfold is faster): ``topk_q{Q}_vs_{numpy,torch,faiss}``,
+``topk_q1_vs_read`` (target: the kernel within 1.25x of one read, i.e. ratio >= 0.8), and
+``topk_int8_q1_vs_fp32`` (int8 storage + fp32 rescoring against the fp32 kernel). Peak extra
+memory of the kernel is measured from the process's resident-set high-water mark, reset first.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipfold.kernels import Gallery, topk_similarity
+
+N, D, K = 1_000_000, 512, 10
+QUERIES = (1, 16, 256)
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    gallery = rng.standard_normal((N, D), dtype=np.float32)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    queries = rng.standard_normal((max(QUERIES), D), dtype=np.float32)
+    return gallery, queries, Gallery.from_array(gallery), Gallery.from_array(gallery, storage="int8", keep_exact=True)
+
+
+def _read_once(gallery: np.ndarray) -> float:
+    """Every byte of the gallery read once, on all cores (the memory-bandwidth floor)."""
+    halves = np.array_split(gallery, os.cpu_count() or 1)
+    with ThreadPoolExecutor(len(halves)) as pool:
+        return float(sum(pool.map(lambda part: np.add.reduce(part, axis=None, dtype=np.float32), halves)))
+
+
+def _numpy(q, g):
+    scores = q @ g.T
+    part = np.argpartition(-scores, K - 1, axis=1)[:, :K]
+    return np.take_along_axis(scores, part, axis=1), part
+
+
+def _rounds(queries: int) -> int:
+    return 3 if queries >= 256 else 7
+
+
+def test_read_once(benchmark, data):
+    benchmark.extra_info.update(pairs={"topk_q1_vs_read": "reference"})
+    benchmark.pedantic(_read_once, args=(data[0],), rounds=7, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("queries", QUERIES)
+def test_numpy(benchmark, data, queries):
+    benchmark.extra_info.update(pairs={f"topk_q{queries}_vs_numpy": "reference"})
+    benchmark.pedantic(_numpy, args=(data[1][:queries], data[0]), rounds=_rounds(queries), warmup_rounds=1)
+
+
+@pytest.mark.parametrize("queries", QUERIES)
+def test_torch(benchmark, data, queries):
+    torch = pytest.importorskip("torch")
+    g, q = torch.from_numpy(data[0]), torch.from_numpy(data[1][:queries])
+    benchmark.extra_info.update(pairs={f"topk_q{queries}_vs_torch": "reference"})
+    benchmark.pedantic(lambda: torch.mm(q, g.T).topk(K, dim=1), rounds=_rounds(queries), warmup_rounds=1)
+
+
+@pytest.mark.parametrize("queries", QUERIES)
+def test_faiss(benchmark, data, queries):
+    faiss = pytest.importorskip("faiss")
+    index = faiss.IndexFlatIP(D)
+    index.add(data[0])
+    benchmark.extra_info.update(pairs={f"topk_q{queries}_vs_faiss": "reference"})
+    benchmark.pedantic(index.search, args=(data[1][:queries], K), rounds=_rounds(queries), warmup_rounds=1)
+
+
+@pytest.mark.parametrize("queries", QUERIES)
+def test_clipfold_fp32(benchmark, data, queries):
+    q = data[1][:queries]
+    pairs = {f"topk_q{queries}_vs_{ref}": "candidate" for ref in ("numpy", "torch", "faiss")}
+    if queries == 1:
+        pairs.update({"topk_q1_vs_read": "candidate", "topk_int8_q1_vs_fp32": "reference"})
+    scores, indices = topk_similarity(q, data[2], K)
+    ref_scores, _ = _numpy(q, data[0])
+    assert np.allclose(scores, -np.sort(-ref_scores, axis=1), atol=1e-4)
+    benchmark.extra_info.update(pairs=pairs, peak_extra_mb=_peak_extra_mb(lambda: topk_similarity(q, data[2], K)))
+    benchmark.pedantic(topk_similarity, args=(q, data[2], K), rounds=_rounds(queries), warmup_rounds=1)
+
+
+def test_clipfold_int8_rescored(benchmark, data):
+    q = data[1][:1]
+    _, indices = topk_similarity(q, data[3], K, oversample=4)
+    _, ref = _numpy(q, data[0])
+    recall = len(set(indices[0]) & set(ref[0])) / K
+    benchmark.extra_info.update(pairs={"topk_int8_q1_vs_fp32": "candidate"}, recall_at_10=recall)
+    benchmark.pedantic(topk_similarity, args=(q, data[3], K), kwargs={"oversample": 4}, rounds=7, warmup_rounds=1)
+
+
+def _peak_extra_mb(fn) -> float | None:
+    """Resident high-water mark growth during ``fn`` (Linux: reset through /proc/self/clear_refs)."""
+    status = Path("/proc/self/status")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+
+    def field(name):
+        return next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith(name))
+
+    before = field("VmRSS:")
+    fn()
+    return (field("VmHWM:") - before) / 1024.0

@@ -1,0 +1,179 @@
+"""``Gallery``: embeddings to search, stored fp32, fp16 or int8 with a scale per row.
+
+A gallery comes from arrays (:meth:`Gallery.from_array`) or from a folder of memory-mapped shards
+(:meth:`Gallery.open`, written by :meth:`Gallery.save`), so a 10^8-row gallery is never loaded
+whole. int8 rows are symmetric per row: ``row ~= scale * q`` with ``q`` in [-127, 127], so a score
+is ``scale * (q . query)`` and one multiply per row restores it. A quantized gallery may keep the
+fp32 rows beside it (``exact``) to rescore the final candidates exactly.
+
+Folder layout: ``gallery.json`` (dim, storage, shards), and per shard ``NNNN.rows.npy``
+(+ ``NNNN.scales.npy`` for int8, ``NNNN.exact.npy`` when kept, ``NNNN.ids.npy`` when ids exist).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from clipfold.errors import ConfigError
+
+STORAGES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}
+MANIFEST = "gallery.json"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Shard:
+    rows: np.ndarray  # (n, D) in the storage dtype (possibly a memmap)
+    scales: np.ndarray | None  # (n,) float32 for int8
+    exact: np.ndarray | None  # (n, D) float32 rows for rescoring
+    ids: np.ndarray | None  # (n,) the caller's ids
+
+
+class Gallery:
+    """Rows to search, in one or more shards; ``len(gallery)`` rows of width ``dim``."""
+
+    def __init__(self, shards: Sequence[Shard], dim: int, storage: str):
+        if storage not in STORAGES:
+            raise ConfigError(f"unknown gallery storage {storage!r}; expected one of {sorted(STORAGES)}")
+        self.shards, self.dim, self.storage = tuple(shards), int(dim), storage
+        self.offsets = np.cumsum([0] + [len(s.rows) for s in self.shards])
+        self.has_ids = bool(self.shards) and all(s.ids is not None for s in self.shards)
+        self.has_exact = bool(self.shards) and all(s.exact is not None for s in self.shards)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __repr__(self) -> str:
+        return f"Gallery({len(self)} x {self.dim}, {self.storage}, {len(self.shards)} shard(s))"
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_array(cls, embeddings, storage: str = "fp32", ids: Sequence | None = None,
+                   keep_exact: bool = False) -> "Gallery":
+        """Wrap (fp32 without a copy when possible) or quantize ``embeddings`` (N, D)."""
+        x = np.asarray(embeddings)
+        if x.ndim != 2:
+            raise ConfigError(f"gallery embeddings must be a 2-D array (rows, dim), got shape {x.shape}")
+        if storage not in STORAGES:
+            raise ConfigError(f"unknown gallery storage {storage!r}; expected one of {sorted(STORAGES)}")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ConfigError(f"gallery embeddings must be floating point, got {x.dtype}")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.size and not np.isfinite(x).all():
+            bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+            raise ConfigError(f"gallery rows {bad[:5].tolist()} hold NaN or infinity; every row must be finite")
+        if ids is not None:
+            ids = np.asarray(ids)
+            if ids.shape != (len(x),):
+                raise ConfigError(f"{len(ids)} ids for {len(x)} rows; give one id per row")
+        rows, scales = quantize_rows(x, storage)
+        exact = x if keep_exact and storage != "fp32" else None
+        return cls([Shard(rows, scales, exact, ids)], x.shape[1], storage)
+
+    def save(self, folder: str | Path, shard_rows: int = 1 << 20) -> Path:
+        """Write the gallery as memory-mappable shards of ``shard_rows`` rows."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        shards = []
+        for n, (lo, hi) in enumerate(_spans(len(self), shard_rows)):
+            stem = f"{n:04d}"
+            entry = {"count": hi - lo}
+            for name, array in (("rows", self.take("rows", lo, hi)), ("scales", self.take("scales", lo, hi)),
+                                ("exact", self.take("exact", lo, hi)), ("ids", self.take("ids", lo, hi))):
+                if array is not None:
+                    np.save(folder / f"{stem}.{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
+                    entry[name] = f"{stem}.{name}.npy"
+            shards.append(entry)
+        meta = {"version": VERSION, "dim": self.dim, "storage": self.storage, "shards": shards}
+        tmp = folder / f".{MANIFEST}.{os.getpid()}"
+        tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, folder / MANIFEST)
+        return folder
+
+    @classmethod
+    def open(cls, folder: str | Path) -> "Gallery":
+        """Memory-map a folder written by :meth:`save`."""
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{folder} is not a gallery folder: {MANIFEST} not found") from None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read {folder / MANIFEST}: {exc}") from None
+        if meta.get("version", 0) > VERSION:
+            raise ConfigError(f"{folder} was written by a newer clipfold (gallery version {meta['version']})")
+        shards = []
+        for entry in meta["shards"]:
+            arrays = {}
+            for name in ("rows", "scales", "exact", "ids"):
+                if name in entry:
+                    path = folder / entry[name]
+                    if not path.is_file():
+                        raise ConfigError(f"gallery shard file {path} is missing")
+                    arrays[name] = np.load(path, mmap_mode="r", allow_pickle=False)
+            rows = arrays["rows"]
+            if rows.shape != (entry["count"], meta["dim"]) or rows.dtype != STORAGES[meta["storage"]]:
+                raise ConfigError(f"gallery shard {entry['rows']} has shape {rows.shape} {rows.dtype}, expected "
+                                  f"({entry['count']}, {meta['dim']}) {meta['storage']}")
+            shards.append(Shard(rows, arrays.get("scales"), arrays.get("exact"), arrays.get("ids")))
+        return cls(shards, meta["dim"], meta["storage"])
+
+    # --- access -------------------------------------------------------------------------------
+    def blocks(self, block_rows: int) -> Iterator[tuple[int, Shard, int, int]]:
+        """(global offset, shard, lo, hi) for consecutive blocks of at most ``block_rows`` rows."""
+        for shard, offset in zip(self.shards, self.offsets):
+            for lo, hi in _spans(len(shard.rows), block_rows):
+                yield int(offset) + lo, shard, lo, hi
+
+    def take(self, field: str, lo: int, hi: int) -> np.ndarray | None:
+        """Rows ``lo:hi`` (global) of ``rows``, ``scales``, ``exact`` or ``ids`` across shards."""
+        parts = []
+        for shard, offset in zip(self.shards, self.offsets):
+            a, b = max(lo - offset, 0), min(hi - offset, len(shard.rows))
+            if a < b:
+                value = getattr(shard, field)
+                if value is None:
+                    return None
+                parts.append(value[a:b])
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def gather(self, field: str, indices: np.ndarray) -> np.ndarray:
+        """Rows of ``field`` at global ``indices`` (any shape), e.g. exact rows for rescoring."""
+        flat = np.asarray(indices).ravel()
+        shard_of = np.searchsorted(self.offsets, flat, side="right") - 1
+        first = getattr(self.shards[0], field)
+        out = np.empty((len(flat),) + first.shape[1:], dtype=first.dtype)
+        for s in np.unique(shard_of):
+            sel = shard_of == s
+            out[sel] = getattr(self.shards[s], field)[flat[sel] - self.offsets[s]]
+        return out.reshape(np.shape(indices) + first.shape[1:])
+
+    def ids_of(self, indices: np.ndarray) -> np.ndarray:
+        if not self.has_ids:
+            raise ConfigError("this gallery has no ids; build it with ids=... to map indices to ids")
+        return self.gather("ids", indices)
+
+
+def quantize_rows(x: np.ndarray, storage: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """fp32 rows -> storage rows (and int8 per-row scales)."""
+    if storage == "fp32":
+        return x, None
+    if storage == "fp16":
+        return x.astype(np.float16), None
+    peak = np.abs(x).max(axis=1) if x.size else np.zeros(len(x), dtype=np.float32)
+    scales = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(x / scales[:, None]), -127, 127).astype(np.int8)
+    return q, scales
+
+
+def _spans(n: int, size: int) -> Iterator[tuple[int, int]]:
+    for lo in range(0, n, max(1, int(size))):
+        yield lo, min(n, lo + size)
