@@ -10,32 +10,11 @@ tagged with the machine and library versions.
 from __future__ import annotations
 
 import json
-import platform
-from importlib import metadata
 from pathlib import Path
 
+from clipfold.compile.profile import machine
+
 RESULTS = Path(__file__).parent / "results"
-
-
-def machine_info() -> dict:
-    info = {"machine": platform.machine(), "python": platform.python_version(), "node": platform.node()}
-    try:
-        import cpuinfo
-
-        cpu = cpuinfo.get_cpu_info()
-        info["cpu"] = cpu.get("brand_raw")
-        info["cpu_flags"] = [f for f in cpu.get("flags", []) if f.startswith(("avx", "fma", "amx", "vnni", "f16c"))]
-    except Exception:  # py-cpuinfo is optional
-        info["cpu"] = platform.processor()
-    import os
-
-    info["cores"] = len(os.sched_getaffinity(0))
-    for dist in ("torch", "onnxruntime", "open_clip_torch", "numpy"):
-        try:
-            info[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return info
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
@@ -64,7 +43,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         if figures:
             extras[name.split("::")[-1]] = figures
     output_json["clipfold_ratios"] = ratios
-    output_json["clipfold_machine"] = machine_info()
+    output_json["clipfold_machine"] = machine()
     RESULTS.mkdir(exist_ok=True)
     payload = json.dumps({"machine": output_json["clipfold_machine"], "ratios": ratios, "gates": gates,
                           "figures": extras}, indent=2) + "\n"

@@ -33,6 +33,7 @@ EXTRA_BYTES = 32 << 20
 
 
 def default_threads() -> int:
+    """All cores the process may use; ONNX Runtime's own default ignores CPU affinity masks."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux

@@ -7,7 +7,6 @@ missing backend is reported by name instead of breaking ``import clipfold.runtim
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -15,6 +14,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from clipfold.errors import BackendUnavailableError, ConfigError
+from clipfold.kernels.cpu import default_threads
 
 from .manifest import ExtraHead, TensorSpec, Variant
 
@@ -79,14 +79,6 @@ class OnnxRuntimeBackend(Backend):
         feeds = {spec.name: inputs[spec.name] for spec in self.inputs}
         values = self.session.run(self.output_names, feeds)
         return dict(zip(self.output_names, values))
-
-
-def default_threads() -> int:
-    """All cores the process may use; ONNX Runtime's own default ignores CPU affinity masks."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 BACKENDS = {"onnxruntime": OnnxRuntimeBackend}
