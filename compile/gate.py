@@ -65,12 +65,7 @@ def calibration_images(spec: PreprocessSpec, cfg: QuantConfig) -> tuple[np.ndarr
     if cfg.calib is None:
         samples = tiny_data.generate(cfg.calib_images, seed=CALIB_SEED)
         return preprocess([s.image for s in samples], spec), f"{cfg.calib_images} generated images"
-    if not cfg.calib.is_dir():
-        raise ConfigError(f"calibration folder {cfg.calib} not found; pass a folder of images with --calib")
-    paths = sorted(p for p in cfg.calib.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise ConfigError(f"calibration folder {cfg.calib} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
-                          "quantization needs a few representative images to calibrate on")
+    paths = calibration_paths(cfg)
     # Round-robin over sub-folders (classes), so a limit does not drop whole classes.
     groups: dict[Path, list[Path]] = {}
     for path in paths:
@@ -78,6 +73,17 @@ def calibration_images(spec: PreprocessSpec, cfg: QuantConfig) -> tuple[np.ndarr
     interleaved = [p for row in itertools.zip_longest(*groups.values()) for p in row if p is not None]
     paths = interleaved[:cfg.calib_images]
     return _load(paths, spec, "calibration"), f"{len(paths)} images from {cfg.calib.name}/ ({len(groups)} folders)"
+
+
+def calibration_paths(cfg: QuantConfig) -> list[Path]:
+    """The image files of ``cfg.calib`` (recursively), refusing a missing or empty folder."""
+    if not cfg.calib.is_dir():
+        raise ConfigError(f"calibration folder {cfg.calib} not found; pass a folder of images with --calib")
+    paths = sorted(p for p in cfg.calib.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise ConfigError(f"calibration folder {cfg.calib} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+                          "quantization needs a few representative images to calibrate on")
+    return paths
 
 
 def run_graph(path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], pixels: np.ndarray,

@@ -28,7 +28,7 @@ from .head import build_zero_shot_head, resolve_templates
 from .heads import Head
 from .load import load_model
 from .optimize import FUSED_OPS, fuse_for_onnxruntime, op_counts, use_sdpa_attention
-from .variants import Sources, build_variants
+from .variants import Sources, build_variants, check_early
 from .verify import eager_reference, verification_pixels, verify_onnx
 
 __all__ = ["CompileConfig", "VerifyConfig", "CompileResult", "compile_bundle"]
@@ -133,6 +133,7 @@ def compile_bundle(config: CompileConfig, progress: Callable[[str], None] | None
                          f"({', '.join(adapter_file.labels[:5])}{', ...' if len(adapter_file.labels) > 5 else ''}); "
                          "omit --labels to use the adapter's")
     templates = () if adapter_file is not None else resolve_templates(config.templates, config.model)
+    check_early(config.precisions, config.quant, config.gate)
     with bundle.staging_dir(config.out, config.overwrite) as stage:
         _say(progress, f"loading {config.model} ({config.pretrained or 'default weights'})")
         loaded = load_model(config.model, config.pretrained)

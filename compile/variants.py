@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from clipfold.errors import BackendUnavailableError, ClipfoldError, ExportError, GateError
+from clipfold.runtime.folders import read_folder
 from clipfold.runtime.manifest import Gate, PreprocessSpec, TensorSpec, Variant
 
 from . import float16, quantize
@@ -48,6 +49,20 @@ def variant_file(precision: str) -> str:
     return f"model.{precision}.onnx"
 
 
+def check_early(precisions: Sequence[str], quant: QuantConfig, gate_cfg: GateConfig) -> None:
+    """What can be refused before any model loads: a precision no backend here can run, missing
+    calibration or gate folders."""
+    wanted = [p for p in precisions if p != "fp32"]
+    if "bf16" in wanted:
+        raise BackendUnavailableError(
+            "bf16 needs a backend with bf16 kernels (TensorRT or CUDA: install clipfold[gpu] on an NVIDIA GPU "
+            "machine); ONNX Runtime's CPU provider has none, so a bf16 variant can be neither run nor verified here")
+    if wanted and quant.calib is not None and {"int8-static", "fp8"} & set(wanted):
+        gating.calibration_paths(quant)
+    if wanted and gate_cfg.data is not None:
+        read_folder(gate_cfg.data)
+
+
 def build_variants(precisions: Sequence[str], stage: Path, sources: Sources, spec: PreprocessSpec,
                    labels: Sequence[str], reference: Reference, verify: VerifyConfig, quant: QuantConfig,
                    gate_cfg: GateConfig, progress: Callable[[str], None] | None = None) -> list[Variant]:
@@ -55,10 +70,7 @@ def build_variants(precisions: Sequence[str], stage: Path, sources: Sources, spe
     wanted = [p for p in precisions if p != "fp32"]
     if not wanted:
         return []
-    if "bf16" in wanted:
-        raise BackendUnavailableError(
-            "bf16 needs a backend with bf16 kernels (TensorRT or CUDA: install clipfold[gpu] on an NVIDIA GPU "
-            "machine); ONNX Runtime's CPU provider has none, so a bf16 variant can be neither run nor verified here")
+    check_early(precisions, quant, gate_cfg)
     say = progress or (lambda message: None)
     held = gating.held_out_images(spec, labels, gate_cfg)
     say(f"gate: fp32 on {held.source}")
