@@ -96,11 +96,17 @@ def run_graph(path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[Tensor
     return {name: np.concatenate(values) for name, values in parts.items()}
 
 
+def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of each row pair (rows flattened), in float64. NaN stays NaN (and fails every
+    ``>=`` limit); a zero row scores 0 rather than 0/0."""
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    return np.sum(a * b, axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+
+
 def measure(reference: dict[str, np.ndarray], got: dict[str, np.ndarray], held: HeldOut, cfg: GateConfig,
             tie_tolerance: float = 1e-5, reference_name: str = "fp32") -> Gate:
-    a, b = reference["embedding"].astype(np.float64), got["embedding"].astype(np.float64)
-    # NaN stays NaN (and fails the gate); a zero vector scores 0, not 0/0.
-    cos = np.sum(a * b, axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+    cos = row_cosine(reference["embedding"], got["embedding"])
     ref_idx, ref_scores, idx = reference["indices"], reference["scores"], got["indices"]
     same = idx[:, 0] == ref_idx[:, 0]
     # A different pick agrees when fp32 scores it as high as its own top-1 (within the tolerance).

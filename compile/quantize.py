@@ -29,6 +29,7 @@ import numpy as np
 
 from clipfold.errors import ConfigError
 
+from .gate import row_cosine
 from .precision import QuantConfig
 
 log = logging.getLogger(__name__)
@@ -149,22 +150,19 @@ def prepare(src: Path, dst: Path, unpack: bool) -> list[str]:
     return sorted(set(head_nodes(model)) | set(activation_matmuls(model)))
 
 
-def nodes_of_types(path: Path, op_types: Iterable[str]) -> list[str]:
+def nodes_of_types(model, op_types: Iterable[str]) -> list[str]:
     """Names of the nodes whose operator type is one of ``op_types`` (``--keep-float``)."""
-    onnx = _onnx()
     types = set(op_types)
-    return [n.name for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type in types]
+    return [n.name for n in model.graph.node if n.op_type in types]
 
 
-def quantizable_nodes(path: Path, exclude: Iterable[str], keep_float_types: Iterable[str],
+def quantizable_nodes(model, exclude: Iterable[str], keep_float_types: Iterable[str],
                       op_types: Iterable[str] = QUANTIZABLE) -> list[str]:
     """Nodes of ``op_types`` with a constant weight that are not excluded, in graph order."""
-    onnx = _onnx()
-    model = onnx.load(str(path))
     constants = {init.name for init in model.graph.initializer}
-    excluded, keep = set(exclude), set(keep_float_types)
+    excluded, keep, types = set(exclude), set(keep_float_types), set(op_types)
     return [n.name for n in model.graph.node
-            if n.op_type in set(op_types) and n.op_type not in keep and n.name not in excluded
+            if n.op_type in types and n.op_type not in keep and n.name not in excluded
             and len(n.input) > 1 and n.input[1] in constants]
 
 
@@ -314,9 +312,7 @@ def rank_by_added_error(quantized: Path, reference: Path, nodes: list[str], pixe
     def error(tensor: str) -> float:
         if tensor not in ref or tensor not in got:
             return 0.0
-        a = ref[tensor].reshape(len(pixels), -1).astype(np.float64)
-        b = got[tensor].reshape(len(pixels), -1).astype(np.float64)
-        cos = np.sum(a * b, 1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+        cos = row_cosine(ref[tensor], got[tensor])
         return float(np.mean(1.0 - cos))
 
     added = {name: error(out) - error(inp) for name, (inp, out) in ios.items()}

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import onnx
 
 from clipfold.errors import BackendUnavailableError, ClipfoldError, ExportError, GateError
 from clipfold.runtime.folders import read_folder
@@ -142,8 +143,11 @@ class _Builder:
         self.probe = probe  # a few held-out images for the sensitivity ranking
         src, always = source(self.KIND.get(precision, "unpacked"))
         self.src = src
+        graph = onnx.load(str(src), load_external_data=False)  # names only: read once, weights stay on disk
         # Never quantized: the head, activation-by-activation MatMuls and every --keep-float type.
-        self.float_nodes = sorted(set(always) | set(quantize.nodes_of_types(src, quant.keep_float)))
+        self.float_nodes = sorted(set(always) | set(quantize.nodes_of_types(graph, quant.keep_float)))
+        ops = self.OPS.get(precision, quantize.QUANTIZABLE)
+        self.candidates = quantize.quantizable_nodes(graph, self.float_nodes, quant.keep_float, ops)
 
     def _build(self, returned: Sequence[str]) -> dict:
         p, q, exclude = self.precision, self.quant, sorted(set(self.float_nodes) | set(returned))
@@ -157,10 +161,6 @@ class _Builder:
         if p == "fp16":
             return float16.convert(self.src, self.out, exclude, q)
         raise AssertionError(p)
-
-    def candidates(self) -> list[str]:
-        ops = self.OPS.get(self.precision, quantize.QUANTIZABLE)
-        return quantize.quantizable_nodes(self.src, self.float_nodes, self.quant.keep_float, ops)
 
     def build_and_gate(self, run, measure, cfg: GateConfig, say) -> tuple[dict, Gate, list[str]]:
         """Build with every candidate quantized; if the gate misses, return nodes to float by rank
@@ -211,4 +211,4 @@ class _Builder:
 
     def _rank(self) -> list[str]:
         """Quantized nodes ordered by the error they add (largest first)."""
-        return quantize.rank_by_added_error(self.out, self.src, self.candidates(), self.probe)
+        return quantize.rank_by_added_error(self.out, self.src, self.candidates, self.probe)

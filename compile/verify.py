@@ -23,6 +23,7 @@ from clipfold.runtime.manifest import Parity, PreprocessSpec, TensorSpec
 from clipfold.runtime.preprocess import preprocess
 
 from .config import VerifyConfig
+from .gate import row_cosine
 from .tiny import data as tiny_data
 
 
@@ -63,8 +64,7 @@ def compare(reference: Reference, scores: np.ndarray, indices: np.ndarray, embed
             cfg: VerifyConfig, min_cosine: float | None = None) -> tuple[Parity, list[str]]:
     """Parity figures and the list of failed checks (empty when everything holds)."""
     min_cosine = cfg.min_cosine if min_cosine is None else min_cosine
-    cos = np.sum(embedding.astype(np.float64) * reference.embeddings, axis=1) / (
-        np.linalg.norm(embedding, axis=1) * np.linalg.norm(reference.embeddings, axis=1))
+    cos = row_cosine(embedding, reference.embeddings)
     ref_at_indices = np.take_along_axis(reference.scores, indices, axis=1)
     score_diff = float(np.max(np.abs(ref_at_indices - scores)))
     k = indices.shape[1]
@@ -82,7 +82,7 @@ def compare(reference: Reference, scores: np.ndarray, indices: np.ndarray, embed
         max_abs_score_diff=score_diff,
     )
     failures = []
-    if parity.embedding_cosine_min < min_cosine:
+    if not parity.embedding_cosine_min >= min_cosine:  # NaN fails
         failures.append(
             f"embedding: min cosine {parity.embedding_cosine_min:.7f} < {min_cosine} "
             f"(max abs diff {float(np.max(np.abs(embedding - reference.embeddings))):.3g})")
