@@ -8,7 +8,7 @@ DEMO   ?= out/demo
 
 .PHONY: install demo test test-all bench bench-kernels fewshot train-tiny clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml kernels/_topk.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
@@ -50,6 +50,8 @@ bench: $(STAMP)
 bench-kernels: $(STAMP)
 	$(PY) -m pytest benchmarks/test_bench_topk.py -q --benchmark-only --benchmark-columns=median,iqr,min,rounds \
 		--benchmark-json=benchmarks/results/latest-kernels.json
+	$(PY) -m pytest benchmarks/test_bench_kernel_head.py -q --benchmark-only --benchmark-columns=median,iqr,rounds \
+		--benchmark-json=benchmarks/results/latest-kernel-head.json
 
 # The few-shot table: every fitting method at 1/2/4/8/16 shots vs zero-shot, through real bundles.
 fewshot: $(STAMP)

@@ -23,6 +23,18 @@ def _progress(start: float):
 
 
 # --- compile ---------------------------------------------------------------------------------
+def _classes_or_off(text: str) -> int | None:
+    if text == "off":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of classes or 'off', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 class (or 'off'), got {value}")
+    return value
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from clipfold.compile.config import CompileConfig, read_labels
     from clipfold.compile.pipeline import compile_bundle
@@ -35,7 +47,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         labels=read_labels(args.labels) if args.labels is not None else None, out=args.out, model=args.model,
         pretrained=args.pretrained, templates=args.templates, top_k=args.top_k, overwrite=args.overwrite,
         adapter=args.adapter, method=args.method, method_options=_options(args.set),
-        precisions=args.precision,
+        precisions=args.precision, kernel_head_classes=args.kernel_head_classes,
         quant=QuantConfig(calib=args.calib, calibration=args.calibration, calib_images=args.calib_images,
                           per_channel=args.per_channel, search=not args.no_search,
                           keep_float=DEFAULT_KEEP_FLOAT + tuple(args.keep_float or ())),
@@ -170,7 +182,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"model       {m.model.name} [{m.model.family}]  weights: {m.model.pretrained or 'random'}")
     print(f"labels      {len(m.labels)}: {', '.join(m.labels[:8])}{' ...' if len(m.labels) > 8 else ''}")
     print(f"head        {m.head.method}, {m.head.activation}, logit scale {m.head.logit_scale:.3f}, "
-          f"{len(m.head.templates)} templates")
+          f"{len(m.head.templates)} templates"
+          + (f"; scored by the top-k kernel from {m.head.kernel}/ (not in the graph)" if m.head.kernel else ""))
     print(f"preprocess  {pre.image_size[0]}x{pre.image_size[1]} {pre.resize_mode} {pre.interpolation}, "
           f"normalization {'folded into the graph' if pre.folded else 'in the runtime'}")
     for v in m.variants:
@@ -193,6 +206,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from clipfold.compile.adapters.registry import FITTERS, IMPORTERS  # names only; no torch import
+    from clipfold.compile.config import KERNEL_HEAD_CLASSES
     from clipfold.compile.precision import CALIBRATIONS, PRECISIONS
 
     parser = argparse.ArgumentParser(prog="clipfold", description=__doc__.splitlines()[0])
@@ -216,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: tiny for the tiny model, imagenet80 otherwise)")
     p.add_argument("--top-k", type=int, default=10, help="largest k the graph returns (default 10)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    p.add_argument("--kernel-head-classes", type=_classes_or_off, default=KERNEL_HEAD_CLASSES, metavar="N|off",
+                   help="a linear head with at least N classes is scored by the fused top-k kernel at run time "
+                        f"instead of inside the graph (default {KERNEL_HEAD_CLASSES}; off: always in the graph)")
     q = p.add_argument_group("precision variants (each gated against fp32 before it is written)")
     q.add_argument("--precision", default="fp32", help=f"comma list of {', '.join(PRECISIONS)} (fp32 is always built)")
     q.add_argument("--calib", type=Path, default=None, help="folder of calibration images (default: a fitted adapter's support folder, else generated images)")

@@ -31,6 +31,15 @@ class VerifyConfig:
             raise ConfigError("verification needs at least one image")
 
 
+# A linear head leaves the graph from this many classes on. Measured on the 2-core CPU
+# (benchmarks/test_bench_kernel_head.py), the kernel head is not faster than ONNX Runtime's dense
+# MatMul + Softmax + TopK up to 512k classes (0.5-1.0x), so only size argues for it: at 2^20 x 512
+# the head's weights pass ONNX's 2 GB single-file limit, and the dense graph holds B x C logits and
+# probabilities (256 MB for a batch of 32). Lower it with --kernel-head-classes to trade a little
+# latency for that memory on smaller heads.
+KERNEL_HEAD_CLASSES = 1 << 20
+
+
 @dataclass(frozen=True)
 class CompileConfig:
     """Everything ``compile_bundle`` needs. Labels are checked here, before any model loads.
@@ -56,9 +65,14 @@ class CompileConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     fuse: bool = True  # ONNX Runtime fused operators in the fp32 graph (see optimize.py)
+    # A linear head with at least this many classes is scored by the top-k kernel at run time
+    # instead of a dense MatMul + Softmax + TopK in the graph (runtime/kernel_head.py); None: never.
+    kernel_head_classes: int | None = KERNEL_HEAD_CLASSES
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precisions", parse_precisions(self.precisions))
+        if self.kernel_head_classes is not None and self.kernel_head_classes < 1:
+            raise ConfigError(f"kernel_head_classes must be >= 1 (or None for never), got {self.kernel_head_classes}")
         if self.labels is None:
             if self.adapter is None or self.method is not None:
                 raise LabelError("labels are required unless a clipfold adapter file (which carries its "

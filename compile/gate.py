@@ -20,6 +20,7 @@ from clipfold.errors import ConfigError, ImageError
 from clipfold.runtime.backend import OnnxRuntimeBackend
 from clipfold.runtime.folders import IMAGE_SUFFIXES, read_folder
 from clipfold.runtime.images import load_image
+from clipfold.runtime.kernel_head import KernelHead, KernelHeadBackend
 from clipfold.runtime.manifest import Gate, PreprocessSpec, TensorSpec
 from clipfold.runtime.preprocess import preprocess
 
@@ -87,8 +88,11 @@ def calibration_paths(cfg: QuantConfig) -> list[Path]:
 
 
 def run_graph(path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], pixels: np.ndarray,
-              batch_size: int = 16) -> dict[str, np.ndarray]:
+              batch_size: int = 16, head: KernelHead | None = None) -> dict[str, np.ndarray]:
+    """A graph's outputs on ``pixels`` in batches (and a kernel-scored head's, when given)."""
     backend = OnnxRuntimeBackend(path, inputs, outputs)
+    if head is not None:
+        backend = KernelHeadBackend(backend, head)
     parts: dict[str, list[np.ndarray]] = {}
     for lo in range(0, len(pixels), batch_size):
         for name, value in backend.run({"pixels": pixels[lo:lo + batch_size]}).items():

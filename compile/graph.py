@@ -96,6 +96,17 @@ class ClassifierGraph(nn.Module):
         return top_scores, top_indices, features
 
 
+class EmbeddingGraph(nn.Module):
+    """Folded image tower + L2 norm only: the graph of a bundle whose head the top-k kernel scores."""
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, pixels: torch.Tensor):
+        return F.normalize(self.visual(pixels.to(torch.float32)), dim=-1)
+
+
 class HeadGraph(nn.Module):
     """An extra head: the bundle's unit embedding in, top-k scores and indices out."""
 
@@ -115,21 +126,26 @@ def head_io_specs(embed_dim: int, top_k: int) -> tuple[tuple[TensorSpec, ...], t
     return inputs, outputs
 
 
-def io_specs(image_size: tuple[int, int], top_k: int, embed_dim: int) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+def io_specs(image_size: tuple[int, int], top_k: int, embed_dim: int,
+             embedding_only: bool = False) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     h, w = image_size
     inputs = (TensorSpec("pixels", "uint8", ("batch", 3, h, w)),)
+    embedding = (TensorSpec("embedding", "float32", ("batch", embed_dim)),)
+    if embedding_only:
+        return inputs, embedding
     outputs = (
         TensorSpec("scores", "float32", ("batch", top_k)),
         TensorSpec("indices", "int64", ("batch", top_k)),
-        TensorSpec("embedding", "float32", ("batch", embed_dim)),
+        *embedding,
     )
     return inputs, outputs
 
 
-def export_onnx(graph: ClassifierGraph, path: Path, image_size: tuple[int, int], opset: int) -> None:
-    """Export the classifier with torch's dynamo exporter and a dynamic batch dimension."""
+def export_onnx(graph: ClassifierGraph | EmbeddingGraph, path: Path, image_size: tuple[int, int], opset: int) -> None:
+    """Export the classifier (or the embedding graph) with torch's dynamo exporter and a dynamic batch."""
     example = torch.randint(0, 256, (2, 3, *image_size), dtype=torch.uint8)
-    _export(graph, example, "pixels", ["scores", "indices", "embedding"], path, opset, type(graph.visual).__name__)
+    names = ["embedding"] if isinstance(graph, EmbeddingGraph) else ["scores", "indices", "embedding"]
+    _export(graph, example, "pixels", names, path, opset, type(graph.visual).__name__)
 
 
 def export_head_onnx(graph: HeadGraph, path: Path, embed_dim: int, opset: int) -> None:

@@ -11,9 +11,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from clipfold.errors import LabelError
+from clipfold.kernels import Gallery
+from clipfold.runtime.kernel_head import KERNEL_HEAD_DIR, KernelHead
 from clipfold.runtime.manifest import HeadInfo, Manifest, Variant, sha256_file
 
 from . import bundle
@@ -23,7 +26,7 @@ from .adapters.store import load_adapter
 from .config import CompileConfig, VerifyConfig
 from .precision import QuantConfig
 from .fold import fold_input_normalization
-from .graph import ClassifierGraph, export_onnx, io_specs
+from .graph import ClassifierGraph, EmbeddingGraph, export_onnx, io_specs
 from .head import build_zero_shot_head, resolve_templates
 from .heads import Head
 from .load import load_model
@@ -34,7 +37,8 @@ from .verify import eager_reference, verification_pixels, verify_onnx
 __all__ = ["CompileConfig", "VerifyConfig", "CompileResult", "compile_bundle"]
 
 ONNX_FILE = "model.onnx"
-PORTABLE_FILE = "model.portable.onnx"  # standard operators only; fp8 starts from it, then it is removed
+PORTABLE_FILE = "model.portable.onnx"
+ROW_FLOATS = 16  # kernel-head rows are padded to 64 bytes  # standard operators only; fp8 starts from it, then it is removed
 
 
 @dataclass(frozen=True)
@@ -144,7 +148,16 @@ def compile_bundle(config: CompileConfig, progress: Callable[[str], None] | None
         visual = fold_input_normalization(adaptation.visual, spec.mean, spec.std)
         if config.fuse:
             use_sdpa_attention(visual)
-        graph = ClassifierGraph(visual, adaptation.head, top_k, adaptation.logits_module, adaptation.info.activation)
+        head_rows = _kernel_head_rows(config, adaptation, progress)
+        kernel_head = None
+        if head_rows is not None:
+            Gallery.from_array(head_rows).save(stage / KERNEL_HEAD_DIR)
+            kernel_head = KernelHead(stage / KERNEL_HEAD_DIR, adaptation.info.activation, top_k, len(labels))
+            adaptation = dataclasses.replace(adaptation, info=dataclasses.replace(adaptation.info, kernel=KERNEL_HEAD_DIR))
+            graph = EmbeddingGraph(visual)
+        else:
+            graph = ClassifierGraph(visual, adaptation.head, top_k, adaptation.logits_module,
+                                    adaptation.info.activation)
 
         _say(progress, "exporting ONNX (fp32, dynamic batch)")
         onnx_path, portable_path = stage / ONNX_FILE, stage / PORTABLE_FILE
@@ -154,15 +167,15 @@ def compile_bundle(config: CompileConfig, progress: Callable[[str], None] | None
             fuse_for_onnxruntime(portable_path, onnx_path)
 
         _say(progress, "verifying against the eager model and the unfolded head")
-        inputs, outputs = io_specs(spec.image_size, top_k, loaded.info.embed_dim)
+        inputs, outputs = io_specs(spec.image_size, top_k, loaded.info.embed_dim, embedding_only=kernel_head is not None)
         pixels = verification_pixels(spec, config.verify)
         reference = eager_reference(adaptation.encoder, adaptation.reference, spec, pixels)
-        parity = verify_onnx(onnx_path, inputs, outputs, reference, config.verify)
+        parity = verify_onnx(onnx_path, inputs, outputs, reference, config.verify, head=kernel_head)
         fused = {op: n for op, n in sorted(op_counts(onnx_path).items()) if op in FUSED_OPS}
 
         variant = Variant(name="fp32", file=ONNX_FILE, format="onnx", precision="fp32",
                           inputs=inputs, outputs=outputs, parity=parity, top_k=top_k, fused_ops=fused)
-        sources = Sources(onnx_path, portable_path if config.fuse else onnx_path, inputs, outputs, top_k)
+        sources = Sources(onnx_path, portable_path if config.fuse else onnx_path, inputs, outputs, top_k, kernel_head)
         extra = build_variants(config.precisions, stage, sources, spec, labels, reference, config.verify,
                                _calibration_default(config, adapter_file), config.gate, progress)
         if config.fuse:
@@ -180,6 +193,27 @@ def compile_bundle(config: CompileConfig, progress: Callable[[str], None] | None
         )
         path = bundle.commit(stage, manifest, config.out)
     return CompileResult(path=path, manifest=manifest, seconds=time.perf_counter() - start)
+
+
+def _kernel_head_rows(config: CompileConfig, adaptation: _Adaptation, progress) -> np.ndarray | None:
+    """The head as kernel rows ``[w_c, b_c, 0...]`` (C, D + 1 rounded up to 16) when it should leave the graph: a purely
+    linear head (no cache, no feature transform) with at least ``config.kernel_head_classes``
+    classes. Other large heads stay in the graph, and the progress line says why."""
+    classes = len(adaptation.labels)
+    if config.kernel_head_classes is None or classes < config.kernel_head_classes:
+        return None
+    folded = adaptation.head.fold() if adaptation.head is not None else None
+    if folded is None or folded.caches or folded.transform is not None:
+        _say(progress, f"{classes} classes, but the {adaptation.info.method} head is not a plain linear map "
+                       "(cache, feature transform or image-conditioned): it stays in the graph")
+        return None
+    _say(progress, f"{classes} classes >= {config.kernel_head_classes}: the head leaves the graph and is scored "
+                   "by the top-k kernel at run time")
+    weight, bias = folded.weight.detach().float(), folded.bias.detach().float()
+    classes, dim = weight.shape[1], weight.shape[0]
+    rows = torch.zeros(classes, -(-(dim + 1) // ROW_FLOATS) * ROW_FLOATS)  # rows start on cache lines
+    rows[:, :dim], rows[:, dim] = weight.T, bias
+    return rows.numpy()
 
 
 def _calibration_default(config: CompileConfig, adapter_file) -> QuantConfig:

@@ -24,6 +24,7 @@ import onnx
 
 from clipfold.errors import BackendUnavailableError, ClipfoldError, ExportError, GateError
 from clipfold.runtime.folders import read_folder
+from clipfold.runtime.kernel_head import KernelHead
 from clipfold.runtime.manifest import Gate, PreprocessSpec, TensorSpec, Variant
 
 from . import float16, quantize
@@ -44,6 +45,7 @@ class Sources:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     top_k: int
+    head: KernelHead | None = None  # the head scored by the top-k kernel, when it is not in the graph
 
 
 def variant_file(precision: str) -> str:
@@ -75,7 +77,7 @@ def build_variants(precisions: Sequence[str], stage: Path, sources: Sources, spe
     say = progress or (lambda message: None)
     held = gating.held_out_images(spec, labels, gate_cfg)
     say(f"gate: fp32 on {held.source}")
-    fp32_out = gating.run_graph(sources.fused, sources.inputs, sources.outputs, held.pixels)
+    fp32_out = gating.run_graph(sources.fused, sources.inputs, sources.outputs, held.pixels, head=sources.head)
     calib = calib_source = None
     if {"int8-static", "fp8"} & set(wanted):
         calib, calib_source = gating.calibration_images(spec, quant)
@@ -116,7 +118,7 @@ def build_variants(precisions: Sequence[str], stage: Path, sources: Sources, spe
 def _run_variant(precision: str, path: Path, sources: Sources, pixels: np.ndarray) -> dict[str, np.ndarray]:
     """ONNX Runtime on a freshly built variant; its own failure is an export failure, named."""
     try:
-        return gating.run_graph(path, sources.inputs, sources.outputs, pixels)
+        return gating.run_graph(path, sources.inputs, sources.outputs, pixels, head=sources.head)
     except ClipfoldError:
         raise
     except Exception as exc:  # onnxruntime raises its own exception types for invalid graphs

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from clipfold.errors import VerificationError
 from clipfold.runtime.backend import OnnxRuntimeBackend
+from clipfold.runtime.kernel_head import KernelHead, KernelHeadBackend
 from clipfold.runtime.manifest import Parity, PreprocessSpec, TensorSpec
 from clipfold.runtime.preprocess import preprocess
 
@@ -97,13 +98,17 @@ def compare(reference: Reference, scores: np.ndarray, indices: np.ndarray, embed
 
 
 def verify_onnx(path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
-                reference: Reference, cfg: VerifyConfig, name: str = "fp32", batch_size: int = 8) -> Parity:
-    """Run the ONNX file in ONNX Runtime on the reference pixels; raise listing every failure.
+                reference: Reference, cfg: VerifyConfig, name: str = "fp32", batch_size: int = 8,
+                head: KernelHead | None = None) -> Parity:
+    """Run the ONNX file in ONNX Runtime (then ``head``, for a kernel-scored head) on the
+    reference pixels; raise listing every failure.
 
     The first batch has one image and the rest up to ``batch_size``, exercising the dynamic
     batch dimension at more than one size.
     """
     backend = OnnxRuntimeBackend(path, inputs, outputs)
+    if head is not None:
+        backend = KernelHeadBackend(backend, head)
     outs = {"scores": [], "indices": [], "embedding": []}
     bounds = [0, 1, *range(1 + batch_size, len(reference.pixels), batch_size), len(reference.pixels)]
     for lo, hi in zip(bounds, bounds[1:]):

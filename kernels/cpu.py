@@ -1,35 +1,50 @@
 """Streamed similarity + top-k on the CPU: the score matrix is never materialized.
 
-The gallery is read in blocks of rows. Each block goes through one small ONNX Runtime graph
-(:mod:`.graphs.build`): a GEMM scores the block for the whole query batch and TopK keeps each
-query's best k, both in C++ (MLAS GEMM, a heap-based TopK); the block's scores are the only
-O(Q x block) buffer and are gone when the block is done. Blocks run on a thread pool (one ORT
-thread each; ORT releases the GIL), and their k-best lists merge into a running top-k.
+The work is a small C kernel (``_topk.c``, built at install): it walks a range of gallery rows in
+blocks of 96, scores each block for the whole query batch in registers (AVX2 + FMA tiles of 4
+queries x 3 rows), and pushes every score into its query's running top-k (a min-heap; one compare
+against the k-th best per score). Python splits the gallery into one row range per thread (ctypes
+releases the GIL) and merges the threads' k-lists.
 
-Cost model (1M x 512 fp32, Q queries): the GEMMs read the gallery once (2 GB) and do 2*Q*N*D flops
-(1 GFLOP per query); selection reads the Q x block scores once from cache. numpy's
+Cost model (1M x 512 fp32, Q queries): the gallery is read from memory once (2 GB) whatever Q, and
+2*Q*N*D flops (1 GFLOP per query) run at the FMA ports' pace once Q is past a few queries; numpy's
 ``q @ G.T`` + ``argpartition`` instead writes and re-reads the full Q x N matrix (64 MB at Q=16)
-and runs small-M GEMMs through a BLAS tuned for large ones. int8 storage reads 4x fewer bytes and
-multiplies in integer (exact int32 dots, then the per-row and per-query scales).
+and runs small-M GEMMs through a BLAS tuned for large ones. Extra memory is O(Q x 96 + 96 x D) per
+thread plus the k-lists. fp16 rows read 2x and int8 rows 4x fewer bytes; they are widened to fp32
+a block at a time, so every storage is scored in fp32 with the queries as given.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from importlib import resources
+from functools import lru_cache
+from importlib import machinery
+from pathlib import Path
 
 import numpy as np
 
 from clipfold.errors import ConfigError
 
 from .gallery import Gallery
-from .graphs.build import FILES
 
-# Extra memory: each worker holds one block's scores (Q x B float32), plus the block widened to
-# fp32 for fp16 storage; B is chosen so that all workers together stay near this many bytes.
-EXTRA_BYTES = 32 << 20
+STORAGE_CODES = {"fp32": 0, "fp16": 1, "int8": 2}
+# A range is split across threads only when each part keeps at least this many multiply-adds
+# (~0.1 ms of work): below it, waking a thread costs more than it saves (small label heads).
+MIN_TASK_MACS = 1 << 23
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """One long-lived pool per thread count: a server calls the kernel per request."""
+    with _POOLS_LOCK:
+        if workers not in _POOLS:
+            _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="clipfold-topk")
+        return _POOLS[workers]
 
 
 def default_threads() -> int:
@@ -57,11 +72,6 @@ def check_queries(queries, dim: int) -> np.ndarray:
     return q
 
 
-def block_rows_for(queries: int, dim: int, storage: str, workers: int) -> int:
-    per_row = 4 * queries + (4 * dim if storage == "fp16" else 0) + 8 * queries  # scores (+ widened row, TopK)
-    return int(max(1024, min(1 << 16, EXTRA_BYTES // max(per_row * workers, 1))))
-
-
 class RunningTopK:
     """Per-query running top-k (scores descending), merged block by block."""
 
@@ -86,77 +96,88 @@ class RunningTopK:
         self.indices = i[keep].reshape(q, k)
 
 
-_SESSIONS: dict[str, object] = {}
-_LOCK = threading.Lock()
+@lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL:
+    """The compiled kernel; without it there is no CPU path (and no silent slow one)."""
+    here = Path(__file__).parent
+    for suffix in machinery.EXTENSION_SUFFIXES:
+        path = here / f"_topk{suffix}"
+        if path.is_file():
+            lib = ctypes.CDLL(str(path))  # CDLL, not PyDLL: calls release the GIL
+            pointer, size = ctypes.c_void_p, ctypes.c_int64
+            lib.clipfold_topk.argtypes = [pointer, size, size, pointer, ctypes.c_int, pointer, size, size, size,
+                                          pointer, pointer, pointer, ctypes.c_int]
+            lib.clipfold_topk.restype = ctypes.c_int
+            lib.clipfold_topk_isa.restype = ctypes.c_int
+            return lib
+    raise ConfigError(f"the compiled top-k kernel (_topk{machinery.EXTENSION_SUFFIXES[0]}) is missing from {here}; "
+                      "reinstall clipfold with a C compiler available (pip install clipfold, or pip install -e .)")
 
 
-def _session(storage: str):
-    """One ORT session per storage, shared by all threads (``run`` is thread-safe)."""
-    with _LOCK:
-        if storage not in _SESSIONS:
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = 1  # parallelism comes from running blocks concurrently
-            options.inter_op_num_threads = 1
-            path = resources.files("clipfold.kernels.graphs").joinpath(FILES[storage])
-            _SESSIONS[storage] = ort.InferenceSession(path.read_bytes(), options, providers=["CPUExecutionProvider"])
-        return _SESSIONS[storage]
+def kernel_isa() -> str:
+    """Which scoring tile runs here: ``avx2`` (AVX2 + FMA + F16C) or ``portable`` (plain C loops)."""
+    return "avx2" if _library().clipfold_topk_isa() else "portable"
 
 
-def dequantized_queries(queries: np.ndarray) -> np.ndarray:
-    """The queries an int8 gallery is really scored with (the oracle of the int8 path)."""
-    feed = _quantize_queries(queries)
-    return (feed["queries_t"].T.astype(np.float64) - feed["query_zero"][:, None]) * feed["query_scale"][:, None]
-
-
-def _quantize_queries(queries: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-query asymmetric uint8: q ~= scale * (u - zero). With int8 rows the dot products are
-    exact integers (MatMulInteger), so the only error is this rounding and the rows' own."""
-    lo, hi = np.minimum(queries.min(axis=1), 0), np.maximum(queries.max(axis=1), 0)
-    scale = np.where(hi > lo, (hi - lo) / 255.0, 1.0).astype(np.float32)
-    zero = np.clip(np.rint(-lo / scale), 0, 255).astype(np.uint8)
-    u = np.clip(np.rint(queries / scale[:, None]) + zero[:, None], 0, 255).astype(np.uint8)
-    return {"queries_t": np.ascontiguousarray(u.T), "query_zero": zero, "query_scale": scale}
+def _run(queries: np.ndarray, rows: np.ndarray, scales: np.ndarray | None, storage: str, base: int, k: int,
+         portable: bool, logsumexp: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One kernel call over ``rows`` (contiguous): each query's best ``k`` (and the log-sum-exp of
+    all its scores when asked)."""
+    rows = np.ascontiguousarray(rows)
+    if scales is not None:
+        scales = np.ascontiguousarray(scales, dtype=np.float32)
+    nq = len(queries)
+    out_scores = np.empty((nq, k), np.float32)
+    out_indices = np.empty((nq, k), np.int64)
+    lse = np.empty(nq, np.float32) if logsumexp else None
+    status = _library().clipfold_topk(
+        queries.ctypes.data, nq, queries.shape[1], rows.ctypes.data, STORAGE_CODES[storage],
+        None if scales is None else scales.ctypes.data, len(rows), base, k,
+        out_scores.ctypes.data, out_indices.ctypes.data, None if lse is None else lse.ctypes.data, int(portable))
+    if status != 0:
+        raise MemoryError(f"the top-k kernel could not allocate its scratch for {nq} queries x {queries.shape[1]} dims")
+    return out_scores, out_indices, lse
 
 
 def topk_cpu(queries: np.ndarray, gallery: Gallery, k: int, block_rows: int | None = None,
-             threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(scores (Q, min(k, N)) float32 descending, indices (Q, min(k, N)) int64), streamed."""
+             threads: int | None = None, portable: bool = False, logsumexp: bool = False):
+    """(scores (Q, min(k, N)) float32 descending, indices (Q, min(k, N)) int64), streamed; with
+    ``logsumexp``, also (Q,) float32: log of the sum of exp over every score (softmax's normalizer).
+
+    Each shard is split into one contiguous range per thread (fewer for small work, see
+    :data:`MIN_TASK_MACS`), or into ranges of ``block_rows`` rows;
+    ``portable=True`` forces the plain-C tile (the AVX2 tile's own reference in tests).
+    """
     n, nq = len(gallery), len(queries)
     kk = min(int(k), n)
     if kk == 0:
-        return np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64)
+        empty = np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64)
+        return (*empty, np.full(nq, -np.inf, np.float32)) if logsumexp else empty
     workers = threads or default_threads()
-    block = block_rows or block_rows_for(nq, gallery.dim, gallery.storage, workers)
-    session = _session(gallery.storage)
-    feeds = _quantize_queries(queries) if gallery.storage == "int8" else {"queries": queries}
+    tasks = []
+    for shard, offset in zip(gallery.shards, gallery.offsets):
+        parts = max(1, min(workers, len(shard.rows) * nq * gallery.dim // MIN_TASK_MACS))
+        size = block_rows or -(-len(shard.rows) // parts)
+        for lo in range(0, len(shard.rows), max(1, int(size))):
+            hi = min(len(shard.rows), lo + int(size))
+            tasks.append((shard, int(offset), lo, hi))
 
-    def score(item):
-        offset, shard, lo, hi = item
-        feed = {**feeds, "rows": shard.rows[lo:hi], "k": np.array([min(kk, hi - lo)], dtype=np.int64)}
-        if gallery.storage == "int8":
-            feed["row_scale"] = np.asarray(shard.scales[lo:hi], dtype=np.float32).reshape(-1, 1)
-        values, indices = session.run(None, feed)
-        return values, indices + offset
+    def score(task):
+        shard, offset, lo, hi = task
+        scales = None if shard.scales is None else shard.scales[lo:hi]
+        return _run(queries, shard.rows[lo:hi], scales, gallery.storage, offset + lo, min(kk, hi - lo), portable,
+                    logsumexp)
 
-    top = RunningTopK(nq, kk)
-    with ThreadPoolExecutor(workers) as pool:
-        # map() keeps at most a few blocks in flight beyond the workers: results merge in order.
-        for values, indices in _bounded_map(pool, score, gallery.blocks(block), workers * 2):
-            top.add(values, indices)
+    if len(tasks) == 1:  # small work: one call on this thread, its k-list is the answer
+        values, indices, lse = score(tasks[0])
+        return (values, indices, lse) if logsumexp else (values, indices)
+    top, parts = RunningTopK(nq, kk), []
+    for values, indices, lse in _pool(workers).map(score, tasks):
+        top.add(values, indices)
+        parts.append(lse)
+    if logsumexp:
+        return top.scores, top.indices, np.logaddexp.reduce(np.stack(parts), axis=0).astype(np.float32)
     return top.scores, top.indices
-
-
-def _bounded_map(pool: ThreadPoolExecutor, fn, items, window: int):
-    """Like ``pool.map`` but with at most ``window`` tasks pending, so memory stays bounded."""
-    pending = []
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= window:
-            yield pending.pop(0).result()
-    for future in pending:
-        yield future.result()
 
 
 def rescore(queries: np.ndarray, gallery: Gallery, indices: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -17,6 +17,7 @@ from clipfold.errors import BundleError, ChecksumError, ConfigError
 
 from .backend import Backend, open_backend
 from .images import ImageSource, load_image
+from .kernel_head import KernelHead, KernelHeadBackend
 from .manifest import DEFAULT_HEAD, ExtraHead, Manifest, Variant, sha256_file
 from .preprocess import preprocess
 
@@ -59,8 +60,11 @@ class Engine:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         extra = None if head in (None, DEFAULT_HEAD) else manifest.extra_head(head)
         head_backend = None if extra is None else open_backend(backend, extra, path / extra.file, threads)
-        return cls(path, manifest, chosen, open_backend(backend, chosen, path / chosen.file, threads),
-                   batch_size=batch_size, head=extra, head_backend=head_backend)
+        graph = open_backend(backend, chosen, path / chosen.file, threads)
+        if manifest.head.kernel is not None:  # the default head is scored by the top-k kernel
+            graph = KernelHeadBackend(graph, KernelHead(path / manifest.head.kernel, manifest.head.activation,
+                                                        chosen.top_k, len(manifest.labels), threads))
+        return cls(path, manifest, chosen, graph, batch_size=batch_size, head=extra, head_backend=head_backend)
 
     @property
     def labels(self) -> tuple[str, ...]:

@@ -16,7 +16,8 @@ from typing import Any
 
 from clipfold.errors import BundleError, SchemaVersionError
 
-SCHEMA_VERSION = 3  # 2: optional extra heads; 3: variants carry backends, quantization and an accuracy gate
+SCHEMA_VERSION = 4  # 2: optional extra heads; 3: variants carry backends, quantization and an accuracy gate;
+# 4: a large head may live outside the graph (HeadInfo.kernel)
 DEFAULT_HEAD = "default"  # the head fused into the variants
 MANIFEST_NAME = "manifest.json"
 
@@ -170,6 +171,9 @@ class HeadInfo:
     method: str = "zero-shot"
     adapter: dict[str, Any] | None = None  # file, sha256 and hyperparameters of a fitted or imported adapter
     slow: bool = False  # the graph runs per-image text work (CoCoOp): expect far higher latency
+    # A folder of the bundle holding the head as a kernel gallery (rows [w_c, b_c]): the graph stops
+    # at the embedding and the runtime scores it with the fused top-k kernel (runtime/kernel_head.py).
+    kernel: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "templates", tuple(self.templates))
@@ -249,6 +253,9 @@ class Manifest:
         _check(DEFAULT_HEAD not in head_names, f"an extra head may not be called {DEFAULT_HEAD!r}")
         for h in self.heads:
             _check(h.file in self.files, f"head file {h.file!r} has no checksum in files")
+        if self.head.kernel is not None:
+            _check(f"{self.head.kernel}/gallery.json" in self.files,
+                   f"kernel head folder {self.head.kernel!r} has no checksummed gallery.json in files")
 
     def extra_head(self, name: str) -> ExtraHead:
         for h in self.heads:

@@ -7,7 +7,7 @@ import pytest
 
 from clipfold import errors
 from clipfold.kernels import Gallery, topk_reference, topk_similarity
-from clipfold.kernels.cpu import dequantized_queries
+from clipfold.kernels.cpu import kernel_isa, topk_cpu
 from clipfold.kernels.gallery import quantize_rows
 from clipfold.kernels.reference import same_topk
 
@@ -29,13 +29,11 @@ def test_matches_the_oracle_for_every_storage(storage, k):
     queries, gallery = _data()
     g = Gallery.from_array(gallery, storage=storage)
     scores, indices = topk_similarity(queries, g, k, block_rows=700)  # many blocks, a ragged last one
-    exact = _stored(gallery, storage)
-    # int8 rows are scored with uint8-quantized queries (integer dot products): that is its oracle.
-    scored_with = dequantized_queries(queries) if storage == "int8" else queries
-    ref_scores, _ = topk_reference(scored_with, exact, k)
+    exact = _stored(gallery, storage)  # every storage is scored in fp32 against the rows it stores
+    ref_scores, _ = topk_reference(queries, exact, k)
     assert scores.shape == indices.shape == (len(queries), k) and indices.dtype == np.int64
     assert np.all(np.diff(scores, axis=1) <= 0)
-    assert same_topk(scores, indices, ref_scores, scored_with, exact, atol=1e-3)
+    assert same_topk(scores, indices, ref_scores, queries, exact, atol=1e-3)
 
 
 def test_ties_allow_any_index_but_the_same_scores():
@@ -96,12 +94,52 @@ def test_sharded_folder_round_trip_with_ids(tmp_path):
         Gallery.open(tmp_path)
 
 
-def test_committed_block_graphs_are_current():
-    """The runtime cannot import onnx, so the block graphs are committed; they must match the builder."""
-    from importlib import resources
+@pytest.mark.parametrize("storage", ["fp32", "fp16", "int8"])
+def test_simd_tiles_match_the_portable_loops(storage):
+    """Every tile shape of the AVX2 path against the plain-C loops: query counts 1-9 leave each
+    remainder of 4 in the dot-product tiles, widths that are not multiples of 8 exercise their
+    scalar tail, and 64 or 67 queries take the packed 16 x 6 panels (a ragged query panel, 301
+    rows a ragged row panel)."""
+    if kernel_isa() != "avx2":
+        pytest.skip("this CPU runs the portable loops only")
+    rng = np.random.default_rng(7)
+    for nq, d in ((1, 64), (1, 37), (2, 37), (3, 8), (5, 100), (9, 13), (37, 100), (64, 8), (67, 20)):
+        queries = rng.standard_normal((nq, d)).astype(np.float32)
+        gallery = rng.standard_normal((301, d)).astype(np.float32)
+        g = Gallery.from_array(gallery, storage=storage)
+        simd = topk_cpu(queries, g, 17, threads=1)
+        plain = topk_cpu(queries, g, 17, threads=1, portable=True)
+        assert np.allclose(simd[0], plain[0], atol=1e-4), (nq, d)
+        exact = _stored(gallery, storage)
+        ref_scores, _ = topk_reference(queries, exact, 17)
+        assert same_topk(*simd, ref_scores, queries, exact, atol=1e-4), (nq, d)
+        assert same_topk(*plain, ref_scores, queries, exact, atol=1e-4), (nq, d)
 
-    from clipfold.kernels.graphs.build import FILES, build
 
-    for storage, name in FILES.items():
-        committed = resources.files("clipfold.kernels.graphs").joinpath(name).read_bytes()
-        assert committed == build(storage).SerializeToString(), f"{name} is stale: run python -m clipfold.kernels.graphs.build"
+def test_threads_and_ranges_do_not_change_the_answer():
+    queries, gallery = _data(n=4099, d=48, q=6, seed=5)
+    g = Gallery.from_array(gallery)
+    one = topk_similarity(queries, g, 25, threads=1)
+    many = topk_similarity(queries, g, 25, threads=2, block_rows=333)
+    ref_scores, _ = topk_reference(queries, gallery, 25)
+    assert same_topk(*one, ref_scores, queries, gallery, atol=1e-4)
+    assert same_topk(*many, ref_scores, queries, gallery, atol=1e-4)
+
+
+@pytest.mark.parametrize("storage", ["fp32", "fp16", "int8"])
+def test_logsumexp_is_the_softmax_normalizer_over_every_row(storage):
+    # 13 queries: 8 per vector, then 5 one by one; 70 queries: the packed panels' padded stride.
+    queries, gallery = _data(n=3001, d=40, q=70, seed=9)
+    queries *= np.geomspace(0.5, 6.0, 70, dtype=np.float32)[:, None]  # flat to very peaked softmaxes
+    g = Gallery.from_array(gallery, storage=storage)
+    full = queries.astype(np.float64) @ _stored(gallery, storage).T
+    expected = np.log(np.exp(full - full.max(1, keepdims=True)).sum(1)) + full.max(1)
+    ref = np.sort(np.exp(full - expected[:, None]), axis=1)[:, ::-1][:, :7]
+    for portable, rows in ((False, slice(0, 13)), (False, slice(None)), (True, slice(None))):
+        scores, indices, lse = topk_cpu(queries[rows], g, 7, block_rows=500, portable=portable, logsumexp=True)
+        assert np.allclose(lse, expected[rows], atol=1e-4, rtol=0), portable
+        probs = np.exp(scores - lse[:, None])  # the top-7 softmax probabilities
+        assert np.allclose(probs, ref[rows], atol=1e-5, rtol=1e-4), portable
+    assert np.allclose(topk_similarity(queries, g, 7, logsumexp=True)[2], expected, atol=1e-4, rtol=0)
+    with pytest.raises(errors.ConfigError, match="cannot be combined with oversample"):
+        topk_similarity(queries, Gallery.from_array(gallery, "int8", keep_exact=True), 3, oversample=2, logsumexp=True)

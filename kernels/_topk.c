@@ -1,0 +1,515 @@
+/* Streamed inner-product top-k over a range of gallery rows: the score matrix is never stored.
+ *
+ * One call scores rows [0, n) of one contiguous block of storage for every query and returns each
+ * query's best k (scores descending, indices offset by `index_base`). Python runs one call per
+ * thread on disjoint row ranges (ctypes releases the GIL) and merges the k-lists.
+ *
+ * Cost model (AVX2 + FMA, the CPUs this project targets): a tile of MQ queries x NR rows keeps
+ * MQ*NR accumulators of 8 lanes in registers (3 x 4 = 12 of the 16 ymm registers) and, per 8
+ * dimensions, loads NR row vectors and MQ query vectors for MQ*NR FMAs: 7 loads for 12 FMAs, so
+ * the FMA ports (2 per cycle), not the load ports, set the pace. A block of ROW_BLOCK rows stays in
+ * L2 while every query block passes over it, and a query block of QUERY_BLOCK queries stays in L2
+ * while the row tiles pass, so the gallery is read from memory once whatever the number of
+ * queries, and queries are read from cache. Selection costs one compare per score against the
+ * query's current k-th best (a min-heap root); a heap update happens about k*ln(N/k) times per
+ * query on unordered data. fp16 and int8 rows are widened to fp32 one block at a time (F16C,
+ * sign-extend + convert), int8 rows then scaled per row, so every storage shares the same tile.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define CLIPFOLD_X86 1
+#endif
+
+enum { STORAGE_FP32 = 0, STORAGE_FP16 = 1, STORAGE_INT8 = 2 };
+enum { ROW_BLOCK = 96, QUERY_BLOCK = 48 };
+
+/* --- running top-k: a min-heap of size k per query ------------------------------------------ */
+
+static void sift_down(float *s, int64_t *ix, int64_t k, int64_t i) {
+    for (;;) {
+        int64_t l = 2 * i + 1, r = l + 1, m = i;
+        if (l < k && s[l] < s[m]) m = l;
+        if (r < k && s[r] < s[m]) m = r;
+        if (m == i) return;
+        float ts = s[i]; s[i] = s[m]; s[m] = ts;
+        int64_t ti = ix[i]; ix[i] = ix[m]; ix[m] = ti;
+        i = m;
+    }
+}
+
+/* Push one block's scores (rows x nq, rows `stride` apart) into the heaps. */
+static void select_block(const float *scores, int64_t stride, int64_t nq, int64_t rows, int64_t base,
+                         float *heap_s, int64_t *heap_i, int64_t k) {
+    for (int64_t q = 0; q < nq; q++) {
+        float *hs = heap_s + q * k;
+        int64_t *hi = heap_i + q * k;
+        float threshold = hs[0];
+        for (int64_t r = 0; r < rows; r++) {
+            float s = scores[r * stride + q];
+            if (s > threshold) {  /* NaN never passes; ties with the k-th best keep the old one */
+                hs[0] = s;
+                hi[0] = base + r;
+                sift_down(hs, hi, k, 0);
+                threshold = hs[0];
+            }
+        }
+    }
+}
+
+/* Running log-sum-exp of every score per query (the softmax normalizer of a label head): per
+ * block, rescale the running sum to the block's max, then add exp(score - max). Columns
+ * [0, ncols) of a row-major block whose rows are `stride` apart. */
+static void logsumexp_columns(const float *scores, int64_t stride, int64_t ncols, int64_t rows, float *run_max,
+                              double *run_sum) {
+    for (int64_t q = 0; q < ncols; q++) {
+        float m = run_max[q];
+        for (int64_t r = 0; r < rows; r++) m = scores[r * stride + q] > m ? scores[r * stride + q] : m;
+        if (m > run_max[q]) {
+            run_sum[q] *= exp((double)run_max[q] - (double)m);  /* exp(-inf) = 0 on the first block */
+            run_max[q] = m;
+        }
+        double sum = 0.0;
+        for (int64_t r = 0; r < rows; r++) sum += expf(scores[r * stride + q] - m);
+        run_sum[q] += sum;
+    }
+}
+
+/* Heap -> descending order in place (heapsort on a min-heap yields descending). */
+static void sort_heap_desc(float *s, int64_t *ix, int64_t k) {
+    for (int64_t end = k - 1; end > 0; end--) {
+        float ts = s[0]; s[0] = s[end]; s[end] = ts;
+        int64_t ti = ix[0]; ix[0] = ix[end]; ix[end] = ti;
+        sift_down(s, ix, end, 0);
+    }
+}
+
+/* --- scoring: portable ---------------------------------------------------------------------- */
+
+static void score_block_portable(const float *q, int64_t nq, int64_t d, const float *g, int64_t rows,
+                                 float *scores) {
+    for (int64_t i = 0; i < nq; i++)
+        for (int64_t r = 0; r < rows; r++) {
+            const float *a = q + i * d, *b = g + r * d;
+            float acc = 0.0f;
+            for (int64_t j = 0; j < d; j++) acc += a[j] * b[j];
+            scores[r * nq + i] = acc;
+        }
+}
+
+static void widen_portable(const void *src, int storage, int64_t count, float *dst) {
+    if (storage == STORAGE_INT8) {
+        const int8_t *s = (const int8_t *)src;
+        for (int64_t i = 0; i < count; i++) dst[i] = (float)s[i];
+    } else { /* fp16: IEEE half -> float, bit by bit */
+        const uint16_t *s = (const uint16_t *)src;
+        for (int64_t i = 0; i < count; i++) {
+            uint32_t h = s[i], sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+            if (exp == 0) {
+                float v = ldexpf((float)man, -24);
+                dst[i] = (h & 0x8000u) ? -v : v;
+                continue;
+            }
+            if (exp == 31) bits = sign | 0x7f800000u | (man << 13);
+            else bits = sign | ((exp + 112) << 23) | (man << 13);
+            memcpy(dst + i, &bits, 4);
+        }
+    }
+}
+
+/* --- scoring: AVX2 + FMA -------------------------------------------------------------------- */
+#ifdef CLIPFOLD_X86
+
+__attribute__((target("avx2,fma"))) static inline float hsum(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+}
+
+/* Sum each of `count` (<= 4) accumulators across its 8 lanes: one 4-wide vector of totals. */
+__attribute__((target("avx2,fma"))) static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d);
+    __m256 abcd = _mm256_hadd_ps(ab, cd); /* low lane: low halves of a..d, high lane: high halves */
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+/* MQ queries x NR rows into scores[row * stride + query]; d8 = d rounded down to 8, the tail is
+ * scalar. The accumulators reduce four at a time (3 hadds + 1 add per four scores). The _pf1 and
+ * _pf variants also prefetch one or NR rows from `next`, a cache line per row every 16 floats: the
+ * first query tile over a row tile is the one that waits on memory unless its rows were asked for
+ * earlier. */
+#define TILE_BODY(MQ, NR, PF)                                                                           \
+        __m256 acc[MQ * NR];                                                                            \
+        _Pragma("GCC unroll 32")                                                                        \
+        for (int t = 0; t < MQ * NR; t++) acc[t] = _mm256_setzero_ps();                                 \
+        int64_t d8 = d & ~(int64_t)7;                                                                   \
+        for (int64_t j = 0; j < d8; j += 8) {                                                           \
+            __m256 b[NR];                                                                               \
+            for (int r = 0; r < NR; r++) b[r] = _mm256_loadu_ps(g + r * d + j);                         \
+            if (PF && (j & 15) == 0)                                                                    \
+                for (int r = 0; r < PF; r++) _mm_prefetch((const char *)(next + r * d + j), _MM_HINT_T0); \
+            for (int i = 0; i < MQ; i++) {                                                              \
+                __m256 a = _mm256_loadu_ps(q + i * d + j);                                              \
+                for (int r = 0; r < NR; r++) acc[r * MQ + i] = _mm256_fmadd_ps(a, b[r], acc[r * MQ + i]); \
+            }                                                                                           \
+        }                                                                                               \
+        float out[MQ * NR];                                                                             \
+        int t = 0;                                                                                      \
+        _Pragma("GCC unroll 8")                                                                         \
+        for (; t + 4 <= MQ * NR; t += 4)                                                                \
+            _mm_storeu_ps(out + t, hsum4(acc[t], acc[t + 1], acc[t + 2], acc[t + 3]));                 \
+        for (; t < MQ * NR; t++) out[t] = hsum(acc[t]);                                                 \
+        for (int r = 0; r < NR; r++)                                                                    \
+            for (int i = 0; i < MQ; i++) {                                                              \
+                float s = out[r * MQ + i];                                                              \
+                for (int64_t j = d8; j < d; j++) s += q[i * d + j] * g[r * d + j];                      \
+                scores[r * stride + i] = s;                                                             \
+            }
+
+#define TILE(MQ, NR)                                                                                    \
+    __attribute__((target("avx2,fma"))) static void tile_##MQ##x##NR(                                  \
+        const float *q, int64_t d, const float *g, float *scores, int64_t stride, const float *next) {  \
+        (void)next;                                                                                     \
+        TILE_BODY(MQ, NR, 0)                                                                            \
+    }                                                                                                   \
+    __attribute__((target("avx2,fma"))) static void tile_##MQ##x##NR##_pf1(                            \
+        const float *q, int64_t d, const float *g, float *scores, int64_t stride, const float *next) {  \
+        TILE_BODY(MQ, NR, 1)                                                                            \
+    }                                                                                                   \
+    __attribute__((target("avx2,fma"))) static void tile_##MQ##x##NR##_pf(                             \
+        const float *q, int64_t d, const float *g, float *scores, int64_t stride, const float *next) {  \
+        TILE_BODY(MQ, NR, NR)                                                                           \
+    }
+
+#define TILE_PF_ONLY(MQ, NR)                                                                            \
+    __attribute__((target("avx2,fma"))) static void tile_##MQ##x##NR##_pf(                             \
+        const float *q, int64_t d, const float *g, float *scores, int64_t stride, const float *next) {  \
+        TILE_BODY(MQ, NR, NR)                                                                           \
+    }
+
+typedef void (*tile_fn)(const float *, int64_t, const float *, float *, int64_t, const float *);
+TILE(1, 1) TILE(1, 2) TILE(1, 3) TILE(2, 1) TILE(2, 2) TILE(2, 3)
+TILE(3, 1) TILE(3, 2) TILE(3, 3) TILE(4, 1) TILE(4, 2) TILE(4, 3)
+TILE_PF_ONLY(1, 8)
+/* [prefetch: none, one row, every row][queries][rows] */
+static const tile_fn TILES[3][5][4] = {
+    {{0, 0, 0, 0}, {0, tile_1x1, tile_1x2, tile_1x3}, {0, tile_2x1, tile_2x2, tile_2x3},
+     {0, tile_3x1, tile_3x2, tile_3x3}, {0, tile_4x1, tile_4x2, tile_4x3}},
+    {{0, 0, 0, 0}, {0, tile_1x1_pf1, tile_1x2_pf1, tile_1x3_pf1}, {0, tile_2x1_pf1, tile_2x2_pf1, tile_2x3_pf1},
+     {0, tile_3x1_pf1, tile_3x2_pf1, tile_3x3_pf1}, {0, tile_4x1_pf1, tile_4x2_pf1, tile_4x3_pf1}},
+    {{0, 0, 0, 0}, {0, tile_1x1_pf, tile_1x2_pf, tile_1x3_pf}, {0, tile_2x1_pf, tile_2x2_pf, tile_2x3_pf},
+     {0, tile_3x1_pf, tile_3x2_pf, tile_3x3_pf}, {0, tile_4x1_pf, tile_4x2_pf, tile_4x3_pf}},
+};
+enum { PREFETCH_ROWS_AHEAD = 12 };
+
+/* One query: 8 rows per tile (memory-bound: 9 loads per 8 FMAs). Several queries: 4 queries x 3
+ * rows (7 loads per 12 FMAs, FMA-bound), query blocks kept in L2. */
+__attribute__((target("avx2,fma"))) static void score_block_avx2(const float *q, int64_t nq, int64_t d,
+                                                                 const float *g, int64_t rows, float *scores) {
+    int64_t r = 0;
+    if (nq == 1)
+        for (; r + 8 <= rows; r += 8) tile_1x8_pf(q, d, g + r * d, scores + r, 1, g + (r + 8) * d);
+    for (int64_t q0 = 0; q0 < nq; q0 += QUERY_BLOCK) {
+        int64_t q1 = q0 + QUERY_BLOCK < nq ? q0 + QUERY_BLOCK : nq;
+        int spread = q0 == 0 && q1 - q0 > 8; /* three or more query tiles share the prefetching */
+        for (int64_t r0 = r; r0 < rows; r0 += 3) {
+            int64_t nr = rows - r0 < 3 ? rows - r0 : 3;
+            const float *ahead = g + (r0 + PREFETCH_ROWS_AHEAD) * d;
+            for (int64_t i = q0, t = 0; i < q1; i += 4, t++) {
+                int64_t mq = q1 - i < 4 ? q1 - i : 4;
+                /* The rows PREFETCH_ROWS_AHEAD ahead are requested while these are scored: one row
+                 * per query tile for the first three tiles, or all by the first tile when fewer. */
+                int kind = q0 != 0 ? 0 : spread ? (t < 3 ? 1 : 0) : (t == 0 ? 2 : 0);
+                TILES[kind][mq][nr](q + i * d, d, g + r0 * d, scores + r0 * nq + i, nq, ahead + (kind == 1 ? t * d : 0));
+            }
+        }
+    }
+}
+
+__attribute__((target("avx2,fma,f16c"))) static void widen_avx2(const void *src, int storage, int64_t count,
+                                                                float *dst) {
+    int64_t i = 0;
+    if (storage == STORAGE_INT8) {
+        const int8_t *s = (const int8_t *)src;
+        for (; i + 8 <= count; i += 8) {
+            __m128i b = _mm_loadl_epi64((const __m128i *)(s + i));
+            _mm256_storeu_ps(dst + i, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)));
+        }
+        for (; i < count; i++) dst[i] = (float)s[i];
+    } else {
+        const uint16_t *s = (const uint16_t *)src;
+        for (; i + 8 <= count; i += 8)
+            _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
+        if (i < count) widen_portable(s + i, storage, count - i, dst + i);
+    }
+}
+
+/* exp on 8 lanes (Cephes' expf: x = n ln2 + r, a degree-5 polynomial in r, 2^n through the
+ * exponent bits); relative error ~2e-7 over the range the normalizer uses (x <= 0). */
+__attribute__((target("avx2,fma"))) static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
+
+/* logsumexp_columns with 8 queries per vector (scores are stored row by row, queries contiguous). */
+__attribute__((target("avx2,fma"))) static void logsumexp_block_avx2(const float *scores, int64_t stride, int64_t nq,
+                                                                     int64_t rows, float *run_max, double *run_sum) {
+    int64_t q0 = 0;
+    for (; q0 + 8 <= nq; q0 += 8) {
+        __m256 m = _mm256_loadu_ps(run_max + q0);
+        for (int64_t r = 0; r < rows; r++) m = _mm256_max_ps(m, _mm256_loadu_ps(scores + r * stride + q0));
+        __m256 sum = _mm256_setzero_ps();
+        for (int64_t r = 0; r < rows; r++)
+            sum = _mm256_add_ps(sum, exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + r * stride + q0), m)));
+        float mx[8], sm[8];
+        _mm256_storeu_ps(mx, m);
+        _mm256_storeu_ps(sm, sum);
+        for (int i = 0; i < 8; i++) {
+            if (mx[i] > run_max[q0 + i]) {
+                run_sum[q0 + i] *= exp((double)run_max[q0 + i] - (double)mx[i]);
+                run_max[q0 + i] = mx[i];
+            }
+            run_sum[q0 + i] += sm[i];
+        }
+    }
+    if (q0 < nq) logsumexp_columns(scores + q0, stride, nq - q0, rows, run_max + q0, run_sum + q0);
+}
+
+/* One query over fp16 or int8 rows: memory-bound, so rows are widened in registers as they are
+ * loaded (F16C, or sign-extend + convert) instead of through the block buffer, and the gallery
+ * is read at its stored size: 4x fewer bytes than fp32 for int8. 8 rows per tile, as tile_1x8. */
+#define LOAD8_INT8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+#define LOAD8_FP16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#define SCALAR_INT8(p) ((float)*(p))
+#define SCALAR_FP16(p) _cvtsh_ss(*(p))
+#define TILE_1x8_STORED(NAME, T, LOAD8, SCALAR)                                                         \
+    __attribute__((target("avx2,fma,f16c"))) static void NAME(const float *q, int64_t d, const T *g,  \
+                                                              float *scores, const T *next) {           \
+        __m256 acc[8];                                                                                  \
+        _Pragma("GCC unroll 8")                                                                         \
+        for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();                                       \
+        int64_t d8 = d & ~(int64_t)7;                                                                   \
+        for (int64_t j = 0; j < d8; j += 8) {                                                           \
+            __m256 a = _mm256_load_ps(q + j);                                                           \
+            if (((j * (int64_t)sizeof(T)) & 63) == 0)                                                   \
+                _Pragma("GCC unroll 8")                                                                 \
+                for (int r = 0; r < 8; r++) _mm_prefetch((const char *)(next + r * d + j), _MM_HINT_T0); \
+            _Pragma("GCC unroll 8")                                                                     \
+            for (int r = 0; r < 8; r++) acc[r] = _mm256_fmadd_ps(a, LOAD8(g + r * d + j), acc[r]);      \
+        }                                                                                               \
+        float out[8];                                                                                   \
+        _mm_storeu_ps(out, hsum4(acc[0], acc[1], acc[2], acc[3]));                                      \
+        _mm_storeu_ps(out + 4, hsum4(acc[4], acc[5], acc[6], acc[7]));                                  \
+        for (int r = 0; r < 8; r++) {                                                                   \
+            for (int64_t j = d8; j < d; j++) out[r] += q[j] * SCALAR(g + r * d + j);                    \
+            scores[r] = out[r];                                                                         \
+        }                                                                                               \
+    }
+TILE_1x8_STORED(tile_1x8_int8, int8_t, LOAD8_INT8, SCALAR_INT8)
+TILE_1x8_STORED(tile_1x8_fp16, uint16_t, LOAD8_FP16, SCALAR_FP16)
+
+/* One aligned query over `rows` stored rows; the last rows % 8 go through the block buffer. */
+__attribute__((target("avx2,fma,f16c"))) static void score_stored_one_query(const float *q, int64_t d, const char *src,
+                                                                          int storage, int64_t rows, float *wide,
+                                                                          float *scores) {
+    int64_t r = 0;
+    for (; r + 8 <= rows; r += 8) {
+        if (storage == STORAGE_INT8)
+            tile_1x8_int8(q, d, (const int8_t *)src + r * d, scores + r, (const int8_t *)src + (r + 64) * d);
+        else
+            tile_1x8_fp16(q, d, (const uint16_t *)src + r * d, scores + r, (const uint16_t *)src + (r + 16) * d);
+    }
+    if (r < rows) {
+        size_t item = storage == STORAGE_INT8 ? 1 : 2;
+        widen_avx2(src + (size_t)(r * d) * item, storage, (rows - r) * d, wide);
+        for (int64_t i = r; i < rows; i++) tile_1x1(q, d, wide + (i - r) * d, scores + i, 1, 0);
+    }
+}
+
+/* --- scoring: packed outer-product tiles for many queries --------------------------------------
+ * Past PACKED_MIN_QUERIES the dot-product tiles' horizontal sums and 7 loads per 12 FMAs cost more
+ * than packing: queries are laid out once as panels of 16 ([d][16], two vectors per dimension) and
+ * each block's rows as panels of 6 ([d][6], broadcast one by one), so a 16 x 6 tile is 12
+ * accumulators updated with 2 vector loads + 6 broadcasts per dimension and stored without any
+ * reduction, straight into the block's [row][query] scores (the GEMM microkernel shape of BLIS). */
+enum { PANEL_Q = 16, PANEL_R = 6, PACKED_MIN_QUERIES = 64, QUERY_PANELS_PER_BLOCK = 4 };
+
+static void pack_queries(const float *q, int64_t nq, int64_t d, float *out) {
+    int64_t panels = (nq + PANEL_Q - 1) / PANEL_Q;
+    for (int64_t p = 0; p < panels; p++)
+        for (int64_t i = 0; i < PANEL_Q; i++) {
+            int64_t row = p * PANEL_Q + i;
+            for (int64_t j = 0; j < d; j++) out[(p * d + j) * PANEL_Q + i] = row < nq ? q[row * d + j] : 0.0f;
+        }
+}
+
+static void pack_rows(const float *g, int64_t count, int64_t d, float *out) {
+    int64_t panels = (count + PANEL_R - 1) / PANEL_R;
+    for (int64_t p = 0; p < panels; p++)
+        for (int64_t r = 0; r < PANEL_R; r++) {
+            int64_t row = p * PANEL_R + r;
+            float *dst = out + p * d * PANEL_R + r;
+            if (row < count)
+                for (int64_t j = 0; j < d; j++) dst[j * PANEL_R] = g[row * d + j];
+            else
+                for (int64_t j = 0; j < d; j++) dst[j * PANEL_R] = 0.0f;
+        }
+}
+
+__attribute__((target("avx2,fma"))) static void panel_16x6(const float *qp, const float *rp, int64_t d, float *scores,
+                                                           int64_t stride) {
+    __m256 c[PANEL_R][2];
+    _Pragma("GCC unroll 8")
+    for (int r = 0; r < PANEL_R; r++) c[r][0] = c[r][1] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < d; j++) {
+        __m256 a0 = _mm256_load_ps(qp + j * PANEL_Q), a1 = _mm256_load_ps(qp + j * PANEL_Q + 8);
+        _Pragma("GCC unroll 8")
+        for (int r = 0; r < PANEL_R; r++) {
+            __m256 b = _mm256_broadcast_ss(rp + j * PANEL_R + r);
+            c[r][0] = _mm256_fmadd_ps(a0, b, c[r][0]);
+            c[r][1] = _mm256_fmadd_ps(a1, b, c[r][1]);
+        }
+    }
+    _Pragma("GCC unroll 8")
+    for (int r = 0; r < PANEL_R; r++) {
+        _mm256_storeu_ps(scores + r * stride, c[r][0]);
+        _mm256_storeu_ps(scores + r * stride + 8, c[r][1]);
+    }
+}
+
+/* One block: rows packed into `rp`, then every (query panel, row panel) tile; query panels in
+ * groups that stay in L2 while each row panel (12 KB at d=512) stays in L1. */
+__attribute__((target("avx2,fma"))) static void score_block_packed(const float *qp, int64_t panels, int64_t d,
+                                                                   const float *g, int64_t rows, float *rp,
+                                                                   float *scores, int64_t stride) {
+    pack_rows(g, rows, d, rp);
+    int64_t row_panels = (rows + PANEL_R - 1) / PANEL_R;
+    for (int64_t p0 = 0; p0 < panels; p0 += QUERY_PANELS_PER_BLOCK) {
+        int64_t p1 = p0 + QUERY_PANELS_PER_BLOCK < panels ? p0 + QUERY_PANELS_PER_BLOCK : panels;
+        for (int64_t r = 0; r < row_panels; r++)
+            for (int64_t p = p0; p < p1; p++)
+                panel_16x6(qp + p * d * PANEL_Q, rp + r * d * PANEL_R, d, scores + r * PANEL_R * stride + p * PANEL_Q,
+                           stride);
+    }
+}
+
+static int have_avx2(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    }
+    return cached;
+}
+#else
+static int have_avx2(void) { return 0; }
+#endif
+
+/* --- entry points (ctypes) ------------------------------------------------------------------ */
+
+/* 1 when the AVX2 + FMA tile runs on this CPU, 0 for the portable loops. */
+int clipfold_topk_isa(void) { return have_avx2(); }
+
+/* Top-k of rows [0, n) for nq queries. Outputs (nq x k) must be preallocated; rows beyond n are
+ * -inf / -1 when n < k. With `out_lse` (nq), also the log-sum-exp of all n scores per query.
+ * Returns 0, or -1 when scratch memory could not be allocated. */
+int clipfold_topk(const float *queries, int64_t nq, int64_t d, const void *rows, int storage,
+                  const float *scales, int64_t n, int64_t index_base, int64_t k, float *out_scores,
+                  int64_t *out_indices, float *out_lse, int force_portable) {
+    int avx2 = have_avx2() && !force_portable;
+    int packed = avx2 && nq >= PACKED_MIN_QUERIES;
+    int direct = avx2 && nq == 1 && storage != STORAGE_FP32; /* stored rows widened in registers */
+    int64_t panels = (nq + PANEL_Q - 1) / PANEL_Q;
+    int64_t stride = packed ? panels * PANEL_Q : nq; /* scores are [row][query], rows `stride` apart */
+    size_t qbytes = (size_t)((packed ? panels * PANEL_Q : nq) * d) * sizeof(float);
+    int status = -1;
+    float *scores = (float *)malloc(sizeof(float) * (size_t)(stride * ROW_BLOCK));
+    float *wide = NULL, *run_max = NULL, *qcopy = NULL, *rp = NULL;
+    double *run_sum = NULL;
+    if (!scores) goto done;
+    if (storage != STORAGE_FP32 && !(wide = (float *)aligned_alloc(64, sizeof(float) * (size_t)(ROW_BLOCK * d))))
+        goto done;
+    if (out_lse && (!(run_max = (float *)malloc(sizeof(float) * (size_t)nq)) ||
+                    !(run_sum = (double *)malloc(sizeof(double) * (size_t)nq))))
+        goto done;
+    if (packed) {
+        if (!(qcopy = (float *)aligned_alloc(64, (qbytes + 63) & ~(size_t)63)) ||
+            !(rp = (float *)aligned_alloc(64, sizeof(float) * (size_t)(ROW_BLOCK * d))))
+            goto done;
+        pack_queries(queries, nq, d, qcopy);
+    } else if (((uintptr_t)queries & 63) != 0) {
+        /* Queries are re-read for every row tile: a 64-byte aligned copy keeps their loads from
+         * straddling cache lines (numpy's large arrays start 16 bytes into a line). */
+        if (!(qcopy = (float *)aligned_alloc(64, (qbytes + 63) & ~(size_t)63 ? (qbytes + 63) & ~(size_t)63 : 64)))
+            goto done;
+        memcpy(qcopy, queries, qbytes);
+        queries = qcopy;
+    }
+    for (int64_t i = 0; out_lse && i < nq; i++) {
+        run_max[i] = -INFINITY;
+        run_sum[i] = 0.0;
+    }
+    for (int64_t i = 0; i < nq * k; i++) {
+        out_scores[i] = -INFINITY;
+        out_indices[i] = -1;
+    }
+    size_t item = storage == STORAGE_FP32 ? 4 : storage == STORAGE_FP16 ? 2 : 1;
+    for (int64_t r0 = 0; r0 < n; r0 += ROW_BLOCK) {
+        int64_t count = n - r0 < ROW_BLOCK ? n - r0 : ROW_BLOCK;
+        const char *src = (const char *)rows + (size_t)(r0 * d) * item;
+        const float *g = (const float *)src;
+        if (storage != STORAGE_FP32 && !direct) {
+#ifdef CLIPFOLD_X86
+            if (avx2) widen_avx2(src, storage, count * d, wide);
+            else
+#endif
+                widen_portable(src, storage, count * d, wide);
+            g = wide;
+        }
+#ifdef CLIPFOLD_X86
+        if (direct) score_stored_one_query(queries, d, src, storage, count, wide, scores);
+        else if (packed) score_block_packed(qcopy, panels, d, g, count, rp, scores, stride);
+        else if (avx2) score_block_avx2(queries, nq, d, g, count, scores);
+        else
+#endif
+            score_block_portable(queries, nq, d, g, count, scores);
+        if (storage == STORAGE_INT8)
+            for (int64_t r = 0; r < count; r++)
+                for (int64_t i = 0; i < nq; i++) scores[r * stride + i] *= scales[r0 + r];
+        select_block(scores, stride, nq, count, index_base + r0, out_scores, out_indices, k);
+        if (out_lse) {
+#ifdef CLIPFOLD_X86
+            if (avx2) logsumexp_block_avx2(scores, stride, nq, count, run_max, run_sum);
+            else
+#endif
+                logsumexp_columns(scores, stride, nq, count, run_max, run_sum);
+        }
+    }
+    for (int64_t i = 0; i < nq; i++) sort_heap_desc(out_scores + i * k, out_indices + i * k, k);
+    for (int64_t i = 0; out_lse && i < nq; i++) out_lse[i] = n ? run_max[i] + (float)log(run_sum[i]) : -INFINITY;
+    status = 0;
+done:
+    free(scores);
+    free(wide);
+    free(run_max);
+    free(run_sum);
+    free(qcopy);
+    free(rp);
+    return status;
+}
