@@ -45,6 +45,8 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks/test_bench_image_topk.py -q --benchmark-only --benchmark-columns=median,iqr,min,rounds \
 		--benchmark-json=benchmarks/results/latest.json
+	$(PY) -m pytest benchmarks/test_bench_head_build.py -q --benchmark-only --benchmark-columns=median,rounds \
+		--benchmark-json=benchmarks/results/latest-head-build.json
 
 # Similarity + top-k over 1M x 512 against numpy, torch and faiss (about 5 minutes, 4 GB of memory).
 bench-kernels: $(STAMP)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -87,13 +87,10 @@ def _check_templates(templates: list[str], source: str) -> tuple[str, ...]:
 
 @torch.no_grad()
 def build_zero_shot_head(model, tokenizer, labels: Sequence[str], templates: Sequence[str],
-                         batch_size: int = 256) -> ZeroShotHead:
+                         batch_size: int = 256, progress: Callable[[str], None] | None = None) -> ZeroShotHead:
     prompts = [t.format(label) for label in labels for t in templates]
-    embeddings = []
-    for start in range(0, len(prompts), batch_size):
-        tokens = tokenizer(prompts[start:start + batch_size])
-        embeddings.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
-    per_prompt = torch.cat(embeddings).reshape(len(labels), len(templates), -1)
+    per_prompt = encode_prompts(model, tokenizer, prompts, batch_size, progress)
+    per_prompt = per_prompt.reshape(len(labels), len(templates), -1)
     class_embeddings = F.normalize(per_prompt.mean(dim=1), dim=-1)
 
     bias = getattr(model, "logit_bias", None)
@@ -104,3 +101,68 @@ def build_zero_shot_head(model, tokenizer, labels: Sequence[str], templates: Seq
         activation="sigmoid" if bias is not None else "softmax",
         templates=tuple(templates),
     )
+
+
+# --- the text tower over many prompts ---------------------------------------------------------
+# open_clip pads every prompt to the context length (77) and runs all of it; a prompt ensemble's
+# prompts end around token 10-20. In a causal text tower that pools one token (CLIP: the
+# end-of-text token), no token after it can reach it through the mask, so each batch is cut right
+# after its longest prompt's end-of-text token without changing the result, and prompts are sorted
+# by that length first so each batch is cut as short as its own prompts allow. Other towers
+# (non-causal, or pooling over all tokens) run at full length.
+
+
+def pooled_positions(model, tokens: torch.Tensor) -> torch.Tensor | None:
+    """The token each prompt's embedding is read from, when ``model`` is a causal CLIP text tower
+    that pools one token (``argmax``: the end-of-text id is the largest, or ``eos``); else None."""
+    from open_clip.model import CLIP
+
+    if not isinstance(model, CLIP) or getattr(model, "attn_mask", None) is None:
+        return None
+    if model.text_pool_type == "argmax":
+        return tokens.argmax(dim=-1)
+    if model.text_pool_type == "eos" and getattr(model, "text_eos_id", None) is not None:
+        return (tokens == model.text_eos_id).int().argmax(dim=-1)
+    return None
+
+
+def _encode_cut(model, tokens: torch.Tensor, length: int) -> torch.Tensor:
+    """open_clip's ``CLIP.encode_text`` on the first ``length`` tokens (positions and causal mask cut alike)."""
+    from open_clip.transformer import text_global_pool
+
+    tokens = tokens[:, :length]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is not None:
+        x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+    return x
+
+
+@torch.no_grad()
+def encode_prompts(model, tokenizer, prompts: Sequence[str], batch_size: int = 256,
+                   progress: Callable[[str], None] | None = None) -> torch.Tensor:
+    """Unit text embeddings (N, D) of ``prompts``, as ``F.normalize(model.encode_text(tokenizer(p)))``."""
+    tokens = tokenizer(list(prompts))
+    positions = pooled_positions(model, tokens)
+    order = torch.argsort(positions, stable=True) if positions is not None else torch.arange(len(tokens))
+    out = torch.empty(len(tokens), 0)
+    step = max(1, len(order) // 10)
+    done_reported = 0
+    for start in range(0, len(order), batch_size):
+        index = order[start:start + batch_size]
+        if positions is not None:
+            features = _encode_cut(model, tokens[index], int(positions[index].max()) + 1)
+        else:
+            features = model.encode_text(tokens[index])
+        features = F.normalize(features.float(), dim=-1)
+        if out.shape[1] == 0:
+            out = torch.empty(len(tokens), features.shape[1])
+        out[index] = features
+        done = start + len(index)
+        if progress is not None and len(order) > batch_size and (done - done_reported >= step or done == len(order)):
+            progress(f"  text tower: {done:,}/{len(order):,} prompts")
+            done_reported = done
+    return out

@@ -16,7 +16,7 @@ import torch
 
 from clipfold.errors import LabelError
 from clipfold.kernels import Gallery
-from clipfold.runtime.kernel_head import KERNEL_HEAD_DIR, KernelHead
+from clipfold.runtime.kernel_head import KERNEL_HEAD_DIR, KernelHead, row_width
 from clipfold.runtime.manifest import HeadInfo, Manifest, Variant, sha256_file
 
 from . import bundle
@@ -37,8 +37,7 @@ from .verify import eager_reference, verification_pixels, verify_onnx
 __all__ = ["CompileConfig", "VerifyConfig", "CompileResult", "compile_bundle"]
 
 ONNX_FILE = "model.onnx"
-PORTABLE_FILE = "model.portable.onnx"
-ROW_FLOATS = 16  # kernel-head rows are padded to 64 bytes  # standard operators only; fp8 starts from it, then it is removed
+PORTABLE_FILE = "model.portable.onnx"  # standard operators only; fp8 starts from it, then it is removed
 
 
 @dataclass(frozen=True)
@@ -116,7 +115,7 @@ def _adapt(config: CompileConfig, loaded, labels, templates, adapter_file, progr
                                               imported=True, options=dict(config.method_options)))
         return _Adaptation(labels, imported.head, imported.logits_module, reference, encoder, visual, info)
     _say(progress, f"building the head: {len(labels)} labels x {len(templates)} templates")
-    zero_shot = build_zero_shot_head(model, loaded.tokenizer, labels, templates)
+    zero_shot = build_zero_shot_head(model, loaded.tokenizer, labels, templates, progress=progress)
     info = HeadInfo(activation=zero_shot.activation, logit_scale=zero_shot.logit_scale,
                     logit_bias=zero_shot.logit_bias, templates=templates)
     return _Adaptation(labels, zero_shot.to_head(), None, zero_shot, model, model.visual, info)
@@ -211,7 +210,7 @@ def _kernel_head_rows(config: CompileConfig, adaptation: _Adaptation, progress) 
                    "by the top-k kernel at run time")
     weight, bias = folded.weight.detach().float(), folded.bias.detach().float()
     classes, dim = weight.shape[1], weight.shape[0]
-    rows = torch.zeros(classes, -(-(dim + 1) // ROW_FLOATS) * ROW_FLOATS)  # rows start on cache lines
+    rows = torch.zeros(classes, row_width(dim))  # weights, bias, zeros: rows start on cache lines
     rows[:, :dim], rows[:, dim] = weight.T, bias
     return rows.numpy()
 

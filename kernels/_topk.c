@@ -28,6 +28,11 @@
 enum { STORAGE_FP32 = 0, STORAGE_FP16 = 1, STORAGE_INT8 = 2 };
 enum { ROW_BLOCK = 96, QUERY_BLOCK = 48 };
 
+/* malloc / aligned_alloc that never ask for 0 bytes (which may return NULL), sizes rounded up to
+ * the alignment as C11 requires. */
+static void *alloc(size_t bytes) { return malloc(bytes ? bytes : 1); }
+static void *alloc64(size_t bytes) { return aligned_alloc(64, bytes ? (bytes + 63) & ~(size_t)63 : 64); }
+
 /* --- running top-k: a min-heap of size k per query ------------------------------------------ */
 
 static void sift_down(float *s, int64_t *ix, int64_t k, int64_t i) {
@@ -73,8 +78,12 @@ static void logsumexp_columns(const float *scores, int64_t stride, int64_t ncols
             run_sum[q] *= exp((double)run_max[q] - (double)m);  /* exp(-inf) = 0 on the first block */
             run_max[q] = m;
         }
+        if (m == -INFINITY) continue; /* nothing finite yet: every term is 0 */
         double sum = 0.0;
-        for (int64_t r = 0; r < rows; r++) sum += expf(scores[r * stride + q] - m);
+        for (int64_t r = 0; r < rows; r++) {
+            float v = scores[r * stride + q];
+            if (v == v) sum += expf(v - m); /* NaN scores count for nothing, as in the heaps */
+        }
         run_sum[q] += sum;
     }
 }
@@ -131,7 +140,7 @@ __attribute__((target("avx2,fma"))) static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(x);
 }
 
-/* Sum each of `count` (<= 4) accumulators across its 8 lanes: one 4-wide vector of totals. */
+/* Sum each of four accumulators across its 8 lanes: one 4-wide vector of the four totals. */
 __attribute__((target("avx2,fma"))) static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
     __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d);
     __m256 abcd = _mm256_hadd_ps(ab, cd); /* low lane: low halves of a..d, high lane: high halves */
@@ -273,7 +282,9 @@ __attribute__((target("avx2,fma"))) static void logsumexp_block_avx2(const float
     int64_t q0 = 0;
     for (; q0 + 8 <= nq; q0 += 8) {
         __m256 m = _mm256_loadu_ps(run_max + q0);
-        for (int64_t r = 0; r < rows; r++) m = _mm256_max_ps(m, _mm256_loadu_ps(scores + r * stride + q0));
+        /* max_ps returns its second operand when either is NaN: NaN scores never become the max, and
+         * exp8 clamps them to ~0 below, so they count for nothing, as in the heaps. */
+        for (int64_t r = 0; r < rows; r++) m = _mm256_max_ps(_mm256_loadu_ps(scores + r * stride + q0), m);
         __m256 sum = _mm256_setzero_ps();
         for (int64_t r = 0; r < rows; r++)
             sum = _mm256_add_ps(sum, exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + r * stride + q0), m)));
@@ -439,24 +450,24 @@ int clipfold_topk(const float *queries, int64_t nq, int64_t d, const void *rows,
     int64_t stride = packed ? panels * PANEL_Q : nq; /* scores are [row][query], rows `stride` apart */
     size_t qbytes = (size_t)((packed ? panels * PANEL_Q : nq) * d) * sizeof(float);
     int status = -1;
-    float *scores = (float *)malloc(sizeof(float) * (size_t)(stride * ROW_BLOCK));
+    float *scores = (float *)alloc(sizeof(float) * (size_t)(stride * ROW_BLOCK));
     float *wide = NULL, *run_max = NULL, *qcopy = NULL, *rp = NULL;
     double *run_sum = NULL;
     if (!scores) goto done;
-    if (storage != STORAGE_FP32 && !(wide = (float *)aligned_alloc(64, sizeof(float) * (size_t)(ROW_BLOCK * d))))
+    if (storage != STORAGE_FP32 && !(wide = (float *)alloc64(sizeof(float) * (size_t)(ROW_BLOCK * d))))
         goto done;
-    if (out_lse && (!(run_max = (float *)malloc(sizeof(float) * (size_t)nq)) ||
-                    !(run_sum = (double *)malloc(sizeof(double) * (size_t)nq))))
+    if (out_lse && (!(run_max = (float *)alloc(sizeof(float) * (size_t)nq)) ||
+                    !(run_sum = (double *)alloc(sizeof(double) * (size_t)nq))))
         goto done;
     if (packed) {
-        if (!(qcopy = (float *)aligned_alloc(64, (qbytes + 63) & ~(size_t)63)) ||
-            !(rp = (float *)aligned_alloc(64, sizeof(float) * (size_t)(ROW_BLOCK * d))))
+        if (!(qcopy = (float *)alloc64(qbytes)) ||
+            !(rp = (float *)alloc64(sizeof(float) * (size_t)(ROW_BLOCK * d))))
             goto done;
         pack_queries(queries, nq, d, qcopy);
     } else if (((uintptr_t)queries & 63) != 0) {
         /* Queries are re-read for every row tile: a 64-byte aligned copy keeps their loads from
          * straddling cache lines (numpy's large arrays start 16 bytes into a line). */
-        if (!(qcopy = (float *)aligned_alloc(64, (qbytes + 63) & ~(size_t)63 ? (qbytes + 63) & ~(size_t)63 : 64)))
+        if (!(qcopy = (float *)alloc64(qbytes)))
             goto done;
         memcpy(qcopy, queries, qbytes);
         queries = qcopy;

@@ -10,7 +10,7 @@ Cost model (1M x 512 fp32, Q queries): the gallery is read from memory once (2 G
 2*Q*N*D flops (1 GFLOP per query) run at the FMA ports' pace once Q is past a few queries; numpy's
 ``q @ G.T`` + ``argpartition`` instead writes and re-reads the full Q x N matrix (64 MB at Q=16)
 and runs small-M GEMMs through a BLAS tuned for large ones. Extra memory is O(Q x 96 + 96 x D) per
-thread plus the k-lists. fp16 rows read 2x and int8 rows 4x fewer bytes; they are widened to fp32
+thread plus the k-lists (and a copy of the queries). fp16 rows read 2x and int8 rows 4x fewer bytes; they are widened to fp32
 a block at a time, so every storage is scored in fp32 with the queries as given.
 """
 
@@ -31,6 +31,7 @@ from clipfold.errors import ConfigError
 from .gallery import Gallery
 
 STORAGE_CODES = {"fp32": 0, "fp16": 1, "int8": 2}
+STORAGE_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}
 # A range is split across threads only when each part keeps at least this many multiply-adds
 # (~0.1 ms of work): below it, waking a thread costs more than it saves (small label heads).
 MIN_TASK_MACS = 1 << 23
@@ -45,6 +46,18 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         if workers not in _POOLS:
             _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="clipfold-topk")
         return _POOLS[workers]
+
+
+def _forget_pools_after_fork() -> None:
+    """A forked child (gunicorn --preload, multiprocessing's fork) inherits the pools but none of
+    their threads: work submitted there would wait forever. The child starts its own."""
+    global _POOLS_LOCK
+    _POOLS.clear()
+    _POOLS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools_after_fork)
 
 
 def default_threads() -> int:
@@ -123,6 +136,15 @@ def _run(queries: np.ndarray, rows: np.ndarray, scales: np.ndarray | None, stora
          portable: bool, logsumexp: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """One kernel call over ``rows`` (contiguous): each query's best ``k`` (and the log-sum-exp of
     all its scores when asked)."""
+    # The C side trusts these: raw pointers, float32 queries, rows of the storage's dtype and width.
+    if queries.dtype != np.float32 or queries.ndim != 2 or not queries.flags.c_contiguous:
+        raise ConfigError(f"the kernel takes C-contiguous float32 (Q, D) queries, got {queries.dtype} {queries.shape}")
+    if rows.dtype != STORAGE_DTYPES[storage] or rows.ndim != 2 or rows.shape[1] != queries.shape[1]:
+        raise ConfigError(f"{storage} gallery rows must be {STORAGE_DTYPES[storage].__name__} (N, {queries.shape[1]}), "
+                          f"got {rows.dtype} {rows.shape}")
+    if storage == "int8" and (scales is None or len(scales) != len(rows)):
+        raise ConfigError(f"int8 gallery rows need one scale each: {len(rows)} rows, "
+                          f"{'no' if scales is None else len(scales)} scales")
     rows = np.ascontiguousarray(rows)
     if scales is not None:
         scales = np.ascontiguousarray(scales, dtype=np.float32)

@@ -42,6 +42,9 @@ class Gallery:
         if storage not in STORAGES:
             raise ConfigError(f"unknown gallery storage {storage!r}; expected one of {sorted(STORAGES)}")
         self.shards, self.dim, self.storage = tuple(shards), int(dim), storage
+        for shard in self.shards:
+            if shard.rows.ndim != 2 or shard.rows.shape[1] != self.dim or shard.rows.dtype != STORAGES[storage]:
+                raise ConfigError(f"a {storage} gallery of width {self.dim} got rows {shard.rows.dtype} {shard.rows.shape}")
         self.offsets = np.cumsum([0] + [len(s.rows) for s in self.shards])
         self.has_ids = bool(self.shards) and all(s.ids is not None for s in self.shards)
         self.has_exact = bool(self.shards) and all(s.exact is not None for s in self.shards)
@@ -60,6 +63,8 @@ class Gallery:
         x = np.asarray(embeddings)
         if x.ndim != 2:
             raise ConfigError(f"gallery embeddings must be a 2-D array (rows, dim), got shape {x.shape}")
+        if x.shape[1] == 0:
+            raise ConfigError(f"gallery embeddings have width 0 (shape {x.shape}); expected at least one dimension")
         if storage not in STORAGES:
             raise ConfigError(f"unknown gallery storage {storage!r}; expected one of {sorted(STORAGES)}")
         if not np.issubdtype(x.dtype, np.floating):
@@ -121,6 +126,12 @@ class Gallery:
             if rows.shape != (entry["count"], meta["dim"]) or rows.dtype != STORAGES[meta["storage"]]:
                 raise ConfigError(f"gallery shard {entry['rows']} has shape {rows.shape} {rows.dtype}, expected "
                                   f"({entry['count']}, {meta['dim']}) {meta['storage']}")
+            expected = {"scales": (entry["count"],), "exact": (entry["count"], meta["dim"]), "ids": (entry["count"],)}
+            if meta["storage"] == "int8" and "scales" not in arrays:
+                raise ConfigError(f"int8 gallery shard {entry['rows']} has no scales file")
+            for name, shape in expected.items():
+                if name in arrays and arrays[name].shape != shape:
+                    raise ConfigError(f"gallery shard file {entry[name]} has shape {arrays[name].shape}, expected {shape}")
             shards.append(Shard(rows, arrays.get("scales"), arrays.get("exact"), arrays.get("ids")))
         return cls(shards, meta["dim"], meta["storage"])
 
@@ -167,6 +178,10 @@ def quantize_rows(x: np.ndarray, storage: str) -> tuple[np.ndarray, np.ndarray |
     if storage == "fp32":
         return x, None
     if storage == "fp16":
+        big = np.abs(x).max(axis=1) > np.finfo(np.float16).max if x.size else np.zeros(0, bool)
+        if big.any():
+            raise ConfigError(f"gallery rows {np.flatnonzero(big)[:5].tolist()} exceed fp16's range (|x| <= 65504); "
+                              "store them as fp32 or int8")
         return x.astype(np.float16), None
     peak = np.abs(x).max(axis=1) if x.size else np.zeros(len(x), dtype=np.float32)
     scales = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)

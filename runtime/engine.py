@@ -1,6 +1,7 @@
 """``Engine``: open a bundle, check it, and classify or embed images with it. No torch.
 
-A bundle's default head is fused into its graph. An extra head (``clipfold head add``) is a
+A bundle's default head is fused into its graph, or, for a large linear head, scored by the top-k
+kernel after it (:mod:`.kernel_head`). An extra head (``clipfold head add``) is a
 second, small graph fed by the fused graph's ``embedding`` output: ``Engine.open(path,
 head="name")`` chains the two, and ``labels`` and ``classify`` then speak for that head.
 """
@@ -74,9 +75,12 @@ class Engine:
     def max_k(self) -> int:
         return self.variant.top_k if self.head is None else self.head.top_k
 
-    def _run(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        out = self.backend.run({"pixels": pixels})
-        if self.head_backend is not None:
+    def _run(self, pixels: np.ndarray, embedding_only: bool = False) -> dict[str, np.ndarray]:
+        backend = self.backend
+        if (embedding_only or self.head_backend is not None) and isinstance(backend, KernelHeadBackend):
+            backend = backend.graph  # the kernel-scored default head is not wanted: skip its pass
+        out = backend.run({"pixels": pixels})
+        if self.head_backend is not None and not embedding_only:
             out = {**self.head_backend.run({"embedding": out["embedding"]}), "embedding": out["embedding"]}
         return out
 
@@ -89,16 +93,16 @@ class Engine:
                 outs.setdefault(name, []).append(value)
         return {name: np.concatenate(values) for name, values in outs.items()}
 
-    def _run_images(self, images: Iterable[ImageSource]) -> Iterable[dict[str, np.ndarray]]:
+    def _run_images(self, images: Iterable[ImageSource], embedding_only: bool = False) -> Iterable[dict[str, np.ndarray]]:
         """Decode and preprocess lazily, one batch at a time, so memory stays O(batch)."""
         batch: list = []
         for source in images:
             batch.append(load_image(source))
             if len(batch) == self.batch_size:
-                yield self._run(preprocess(batch, self.manifest.preprocess))
+                yield self._run(preprocess(batch, self.manifest.preprocess), embedding_only)
                 batch = []
         if batch:
-            yield self._run(preprocess(batch, self.manifest.preprocess))
+            yield self._run(preprocess(batch, self.manifest.preprocess), embedding_only)
 
     def classify(self, images: Sequence[ImageSource], k: int = 5) -> list[list[Prediction]]:
         """Top-``k`` labels and scores per image (softmax probabilities, or sigmoid for SigLIP)."""
@@ -117,7 +121,7 @@ class Engine:
 
     def embed(self, images: Sequence[ImageSource]) -> np.ndarray:
         """L2-normalized image embeddings, (N, D) float32."""
-        chunks = [out["embedding"] for out in self._run_images(_as_list(images))]
+        chunks = [out["embedding"] for out in self._run_images(_as_list(images), embedding_only=True)]
         if not chunks:
             dim = self.manifest.model.embed_dim
             return np.zeros((0, dim), dtype=np.float32)

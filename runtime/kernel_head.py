@@ -28,6 +28,12 @@ from .backend import Backend
 from .manifest import TensorSpec
 
 KERNEL_HEAD_DIR = "head"
+ROW_FLOATS = 16  # rows are padded to 64 bytes
+
+
+def row_width(dim: int) -> int:
+    """Floats per head row for ``dim``-dim embeddings: the weights, the bias, zeros to 16."""
+    return -(-(dim + 1) // ROW_FLOATS) * ROW_FLOATS
 
 
 class KernelHead:
@@ -44,9 +50,9 @@ class KernelHead:
 
     def run(self, embedding: np.ndarray) -> dict[str, np.ndarray]:
         batch, dim = embedding.shape
-        if dim >= self.gallery.dim:
-            raise BundleError(f"the kernel head's rows have width {self.gallery.dim}, too narrow for "
-                              f"{dim}-dim embeddings plus a bias")
+        if self.gallery.dim != row_width(dim):
+            raise BundleError(f"the kernel head's rows have width {self.gallery.dim}; {dim}-dim embeddings need "
+                              f"{row_width(dim)} (weights, bias, zeros to 16 floats)")
         queries = np.zeros((batch, self.gallery.dim), np.float32)
         queries[:, :dim] = embedding
         queries[:, dim] = 1.0  # the bias column
@@ -56,7 +62,7 @@ class KernelHead:
             scores = np.exp(logits - lse[:, None])
         else:  # sigmoid is monotonic: the top logits are the top scores
             logits, indices = topk_similarity(queries, self.gallery, self.top_k, threads=self.threads)
-            scores = 1.0 / (1.0 + np.exp(-logits))
+            scores = np.exp(-np.logaddexp(0.0, -logits))  # sigmoid without overflow at very negative logits
         return {"scores": scores.astype(np.float32), "indices": indices}
 
 

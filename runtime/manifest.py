@@ -254,6 +254,8 @@ class Manifest:
         for h in self.heads:
             _check(h.file in self.files, f"head file {h.file!r} has no checksum in files")
         if self.head.kernel is not None:
+            _check(self.head.kernel.replace("-", "").replace("_", "").isalnum(),
+                   f"kernel head folder {self.head.kernel!r} must be a plain folder name inside the bundle")
             _check(f"{self.head.kernel}/gallery.json" in self.files,
                    f"kernel head folder {self.head.kernel!r} has no checksummed gallery.json in files")
 

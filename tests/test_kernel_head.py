@@ -101,7 +101,7 @@ def test_sigmoid_heads_and_a_damaged_head_folder(tmp_path):
     logits = emb @ rows[:, :8].T + rows[:, 8]
     expected = np.sort(1 / (1 + np.exp(-logits)), axis=1)[:, ::-1][:, :5]
     assert np.allclose(out["scores"], expected, atol=1e-6)
-    with pytest.raises(errors.BundleError, match="too narrow for 16-dim embeddings"):
+    with pytest.raises(errors.BundleError, match="16-dim embeddings need 32"):
         KernelHead(tmp_path / "head", "sigmoid", 5, 500).run(np.ones((1, 16), np.float32))
     with pytest.raises(errors.BundleError, match="has 500 rows for 400 labels"):
         KernelHead(tmp_path / "head", "softmax", 5, 400)

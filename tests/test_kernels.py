@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import select
+import signal
+
 import numpy as np
 import pytest
 
 from clipfold import errors
 from clipfold.kernels import Gallery, topk_reference, topk_similarity
 from clipfold.kernels.cpu import kernel_isa, topk_cpu
-from clipfold.kernels.gallery import quantize_rows
+from clipfold.kernels.gallery import Shard, quantize_rows
 from clipfold.kernels.reference import same_topk
 
 
@@ -55,6 +60,12 @@ def test_edge_cases():
     assert indices.shape == (1, 1) and indices[0, 0] == int(np.argmax(gallery @ queries[0]))
     scores, indices = topk_similarity(queries, np.zeros((0, 8), np.float32), 5)  # empty gallery
     assert scores.shape == (3, 0) and indices.shape == (3, 0)
+    for n in (0, 70):  # no queries; 70 queries take the packed panels, with 6 rows of 8
+        scores, indices = topk_similarity(np.ones((n, 8), np.float32), gallery, 4)
+        assert scores.shape == indices.shape == (n, 4)
+        assert all(sorted(row) == sorted(np.argsort(-gallery.sum(1))[:4]) for row in indices.tolist())
+    with pytest.raises(errors.ConfigError, match="width 0"):
+        Gallery.from_array(np.zeros((5, 0), np.float32))
 
 
 def test_bad_input_is_named():
@@ -143,3 +154,58 @@ def test_logsumexp_is_the_softmax_normalizer_over_every_row(storage):
     assert np.allclose(topk_similarity(queries, g, 7, logsumexp=True)[2], expected, atol=1e-4, rtol=0)
     with pytest.raises(errors.ConfigError, match="cannot be combined with oversample"):
         topk_similarity(queries, Gallery.from_array(gallery, "int8", keep_exact=True), 3, oversample=2, logsumexp=True)
+
+
+def test_malformed_galleries_are_refused_before_the_kernel_reads_them(tmp_path):
+    queries, gallery = _data(n=300, d=16, q=2, seed=11)
+    with pytest.raises(errors.ConfigError, match=r"rows \[1\] exceed fp16's range"):
+        Gallery.from_array(np.array([[1.0, 0.0], [1e5, 0.0]], np.float32), storage="fp16")
+    with pytest.raises(errors.ConfigError, match="float32 gallery of width 16|fp32 gallery of width 16"):
+        Gallery([Shard(gallery.astype(np.float16), None, None, None)], 16, "fp32")
+    Gallery.from_array(gallery, storage="int8").save(tmp_path / "g")
+    meta = json.loads((tmp_path / "g" / "gallery.json").read_text())
+    np.save(tmp_path / "g" / "0000.scales.npy", np.ones(10, np.float32))  # 10 scales for 300 rows
+    with pytest.raises(errors.ConfigError, match=r"0000.scales.npy has shape \(10,\), expected \(300,\)"):
+        Gallery.open(tmp_path / "g")
+    del meta["shards"][0]["scales"]
+    (tmp_path / "g" / "gallery.json").write_text(json.dumps(meta))
+    with pytest.raises(errors.ConfigError, match="has no scales file"):
+        Gallery.open(tmp_path / "g")
+    with pytest.raises(errors.ConfigError, match="C-contiguous float32"):
+        topk_cpu(queries.astype(np.float64), Gallery.from_array(gallery), 3)
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_non_finite_scores_never_enter_the_top_k_or_the_normalizer(portable):
+    """A memory-mapped gallery is not scanned for NaN at open: such rows count for nothing."""
+    queries, gallery = _data(n=200, d=16, q=9, seed=12)
+    bad = gallery.copy()
+    bad[95] = np.nan  # the last row of the first block of 96
+    g = Gallery([Shard(bad, None, None, None)], 16, "fp32")
+    scores, indices, lse = topk_cpu(queries, g, 5, portable=portable, logsumexp=True)
+    kept = np.delete(np.arange(200), 95)
+    full = queries.astype(np.float64) @ gallery[kept].T.astype(np.float64)
+    expected = np.log(np.exp(full - full.max(1, keepdims=True)).sum(1)) + full.max(1)
+    assert not (indices == 95).any() and np.allclose(lse, expected, atol=1e-4)
+    assert same_topk(scores, indices, topk_reference(queries, gallery[kept], 5)[0], queries, gallery, atol=1e-4)
+
+
+def test_a_forked_child_runs_the_threaded_kernel():
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    queries, gallery = _data(n=100000, d=64, q=4, seed=13)  # enough work for two threads (MIN_TASK_MACS)
+    g = Gallery.from_array(gallery)
+    expected = topk_similarity(queries, g, 3, threads=2)[1]  # the parent's pool now exists
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: the same call must finish (the inherited pool has no threads)
+        ok = np.array_equal(topk_similarity(queries, g, 3, threads=2)[1], expected)
+        os.write(write, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(write)
+    ready, _, _ = select.select([read], [], [], 30)
+    answer = os.read(read, 1) if ready else b""
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert answer == b"1", "the forked child hung or answered wrongly"
