@@ -195,16 +195,9 @@ __attribute__((target("avx2,fma"))) static inline __m128 hsum4(__m256 a, __m256 
         TILE_BODY(MQ, NR, NR)                                                                           \
     }
 
-#define TILE_PF_ONLY(MQ, NR)                                                                            \
-    __attribute__((target("avx2,fma"))) static void tile_##MQ##x##NR##_pf(                             \
-        const float *q, int64_t d, const float *g, float *scores, int64_t stride, const float *next) {  \
-        TILE_BODY(MQ, NR, NR)                                                                           \
-    }
-
 typedef void (*tile_fn)(const float *, int64_t, const float *, float *, int64_t, const float *);
 TILE(1, 1) TILE(1, 2) TILE(1, 3) TILE(2, 1) TILE(2, 2) TILE(2, 3)
 TILE(3, 1) TILE(3, 2) TILE(3, 3) TILE(4, 1) TILE(4, 2) TILE(4, 3)
-TILE_PF_ONLY(1, 8)
 /* [prefetch: none, one row, every row][queries][rows] */
 static const tile_fn TILES[3][5][4] = {
     {{0, 0, 0, 0}, {0, tile_1x1, tile_1x2, tile_1x3}, {0, tile_2x1, tile_2x2, tile_2x3},
@@ -216,13 +209,10 @@ static const tile_fn TILES[3][5][4] = {
 };
 enum { PREFETCH_ROWS_AHEAD = 12 };
 
-/* One query: 8 rows per tile (memory-bound: 9 loads per 8 FMAs). Several queries: 4 queries x 3
- * rows (7 loads per 12 FMAs, FMA-bound), query blocks kept in L2. */
+/* Several queries: 4 queries x 3 rows (7 loads per 12 FMAs, FMA-bound), query blocks kept in L2. */
 __attribute__((target("avx2,fma"))) static void score_block_avx2(const float *q, int64_t nq, int64_t d,
                                                                  const float *g, int64_t rows, float *scores) {
     int64_t r = 0;
-    if (nq == 1)
-        for (; r + 8 <= rows; r += 8) tile_1x8_pf(q, d, g + r * d, scores + r, 1, g + (r + 8) * d);
     for (int64_t q0 = 0; q0 < nq; q0 += QUERY_BLOCK) {
         int64_t q1 = q0 + QUERY_BLOCK < nq ? q0 + QUERY_BLOCK : nq;
         int spread = q0 == 0 && q1 - q0 > 8; /* three or more query tiles share the prefetching */
@@ -302,54 +292,50 @@ __attribute__((target("avx2,fma"))) static void logsumexp_block_avx2(const float
     if (q0 < nq) logsumexp_columns(scores + q0, stride, nq - q0, rows, run_max + q0, run_sum + q0);
 }
 
-/* One query over fp16 or int8 rows: memory-bound, so rows are widened in registers as they are
- * loaded (F16C, or sign-extend + convert) instead of through the block buffer, and the gallery
- * is read at its stored size: 4x fewer bytes than fp32 for int8. 8 rows per tile, as tile_1x8. */
-#define LOAD8_INT8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+/* One query: memory-bound, so the gallery is read as one sequential stream, a row at a time
+ * (8 rows side by side, 512 bytes apart for int8 at d=512, read measurably slower than one
+ * stream), with four accumulators over 32 dimensions per step. fp16 and int8 rows are widened in
+ * registers (F16C, or sign-extend + convert), so they are read at their stored size. */
+#define ROW_DOT(NAME, T, LOAD8, SCALAR)                                                                 \
+    __attribute__((target("avx2,fma,f16c"))) static float NAME(const float *q, int64_t d, const T *g, \
+                                                               const T *next) {                         \
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                     \
+        int64_t d32 = d & ~(int64_t)31, j = 0;                                                          \
+        for (; j < d32; j += 32) {                                                                      \
+            _mm_prefetch((const char *)(next + j), _MM_HINT_T0);                                        \
+            if (sizeof(T) == 4) _mm_prefetch((const char *)(next + j + 16), _MM_HINT_T0);               \
+            a0 = _mm256_fmadd_ps(_mm256_load_ps(q + j), LOAD8(g + j), a0);                              \
+            a1 = _mm256_fmadd_ps(_mm256_load_ps(q + j + 8), LOAD8(g + j + 8), a1);                      \
+            a2 = _mm256_fmadd_ps(_mm256_load_ps(q + j + 16), LOAD8(g + j + 16), a2);                    \
+            a3 = _mm256_fmadd_ps(_mm256_load_ps(q + j + 24), LOAD8(g + j + 24), a3);                    \
+        }                                                                                               \
+        float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));                    \
+        for (; j < d; j++) s += q[j] * SCALAR(g + j);                                                   \
+        return s;                                                                                       \
+    }
+#define LOAD8_FP32(p) _mm256_loadu_ps(p)
 #define LOAD8_FP16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
-#define SCALAR_INT8(p) ((float)*(p))
+#define LOAD8_INT8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+#define SCALAR_FP32(p) (*(p))
 #define SCALAR_FP16(p) _cvtsh_ss(*(p))
-#define TILE_1x8_STORED(NAME, T, LOAD8, SCALAR)                                                         \
-    __attribute__((target("avx2,fma,f16c"))) static void NAME(const float *q, int64_t d, const T *g,  \
-                                                              float *scores, const T *next) {           \
-        __m256 acc[8];                                                                                  \
-        _Pragma("GCC unroll 8")                                                                         \
-        for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();                                       \
-        int64_t d8 = d & ~(int64_t)7;                                                                   \
-        for (int64_t j = 0; j < d8; j += 8) {                                                           \
-            __m256 a = _mm256_load_ps(q + j);                                                           \
-            if (((j * (int64_t)sizeof(T)) & 63) == 0)                                                   \
-                _Pragma("GCC unroll 8")                                                                 \
-                for (int r = 0; r < 8; r++) _mm_prefetch((const char *)(next + r * d + j), _MM_HINT_T0); \
-            _Pragma("GCC unroll 8")                                                                     \
-            for (int r = 0; r < 8; r++) acc[r] = _mm256_fmadd_ps(a, LOAD8(g + r * d + j), acc[r]);      \
-        }                                                                                               \
-        float out[8];                                                                                   \
-        _mm_storeu_ps(out, hsum4(acc[0], acc[1], acc[2], acc[3]));                                      \
-        _mm_storeu_ps(out + 4, hsum4(acc[4], acc[5], acc[6], acc[7]));                                  \
-        for (int r = 0; r < 8; r++) {                                                                   \
-            for (int64_t j = d8; j < d; j++) out[r] += q[j] * SCALAR(g + r * d + j);                    \
-            scores[r] = out[r];                                                                         \
-        }                                                                                               \
-    }
-TILE_1x8_STORED(tile_1x8_int8, int8_t, LOAD8_INT8, SCALAR_INT8)
-TILE_1x8_STORED(tile_1x8_fp16, uint16_t, LOAD8_FP16, SCALAR_FP16)
+#define SCALAR_INT8(p) ((float)*(p))
+ROW_DOT(row_fp32, float, LOAD8_FP32, SCALAR_FP32)
+ROW_DOT(row_fp16, uint16_t, LOAD8_FP16, SCALAR_FP16)
+ROW_DOT(row_int8, int8_t, LOAD8_INT8, SCALAR_INT8)
 
-/* One aligned query over `rows` stored rows; the last rows % 8 go through the block buffer. */
-__attribute__((target("avx2,fma,f16c"))) static void score_stored_one_query(const float *q, int64_t d, const char *src,
-                                                                          int storage, int64_t rows, float *wide,
-                                                                          float *scores) {
-    int64_t r = 0;
-    for (; r + 8 <= rows; r += 8) {
-        if (storage == STORAGE_INT8)
-            tile_1x8_int8(q, d, (const int8_t *)src + r * d, scores + r, (const int8_t *)src + (r + 64) * d);
+enum { PREFETCH_ROWS_ONE_QUERY = 8 };
+
+/* One aligned query over `rows` rows as stored (`src`, any storage). */
+__attribute__((target("avx2,fma,f16c"))) static void score_one_query(const float *q, int64_t d, const char *src,
+                                                                   int storage, int64_t rows, float *scores) {
+    const int64_t ahead = PREFETCH_ROWS_ONE_QUERY * d;
+    for (int64_t r = 0; r < rows; r++) {
+        if (storage == STORAGE_FP32)
+            scores[r] = row_fp32(q, d, (const float *)src + r * d, (const float *)src + r * d + ahead);
+        else if (storage == STORAGE_FP16)
+            scores[r] = row_fp16(q, d, (const uint16_t *)src + r * d, (const uint16_t *)src + r * d + ahead);
         else
-            tile_1x8_fp16(q, d, (const uint16_t *)src + r * d, scores + r, (const uint16_t *)src + (r + 16) * d);
-    }
-    if (r < rows) {
-        size_t item = storage == STORAGE_INT8 ? 1 : 2;
-        widen_avx2(src + (size_t)(r * d) * item, storage, (rows - r) * d, wide);
-        for (int64_t i = r; i < rows; i++) tile_1x1(q, d, wide + (i - r) * d, scores + i, 1, 0);
+            scores[r] = row_int8(q, d, (const int8_t *)src + r * d, (const int8_t *)src + r * d + ahead);
     }
 }
 
@@ -445,7 +431,7 @@ int clipfold_topk(const float *queries, int64_t nq, int64_t d, const void *rows,
                   int64_t *out_indices, float *out_lse, int force_portable) {
     int avx2 = have_avx2() && !force_portable;
     int packed = avx2 && nq >= PACKED_MIN_QUERIES;
-    int direct = avx2 && nq == 1 && storage != STORAGE_FP32; /* stored rows widened in registers */
+    int direct = avx2 && nq == 1; /* one query: rows read as stored, one stream (score_one_query) */
     int64_t panels = (nq + PANEL_Q - 1) / PANEL_Q;
     int64_t stride = packed ? panels * PANEL_Q : nq; /* scores are [row][query], rows `stride` apart */
     size_t qbytes = (size_t)((packed ? panels * PANEL_Q : nq) * d) * sizeof(float);
@@ -494,7 +480,7 @@ int clipfold_topk(const float *queries, int64_t nq, int64_t d, const void *rows,
             g = wide;
         }
 #ifdef CLIPFOLD_X86
-        if (direct) score_stored_one_query(queries, d, src, storage, count, wide, scores);
+        if (direct) score_one_query(queries, d, src, storage, count, scores);
         else if (packed) score_block_packed(qcopy, panels, d, g, count, rp, scores, stride);
         else if (avx2) score_block_avx2(queries, nq, d, g, count, scores);
         else
