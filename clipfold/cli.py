@@ -47,7 +47,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         labels=read_labels(args.labels) if args.labels is not None else None, out=args.out, model=args.model,
         pretrained=args.pretrained, templates=args.templates, top_k=args.top_k, overwrite=args.overwrite,
         adapter=args.adapter, method=args.method, method_options=_options(args.set),
-        precisions=args.precision, kernel_head_classes=args.kernel_head_classes,
+        precisions=args.precision, kernel_head_classes=args.kernel_head_classes, text=args.text,
         quant=QuantConfig(calib=args.calib, calibration=args.calibration, calib_images=args.calib_images,
                           per_channel=args.per_channel, search=not args.no_search,
                           keep_float=DEFAULT_KEEP_FLOAT + tuple(args.keep_float or ())),
@@ -184,6 +184,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"head        {m.head.method}, {m.head.activation}, logit scale {m.head.logit_scale:.3f}, "
           f"{len(m.head.templates)} templates"
           + (f"; scored by the top-k kernel from {m.head.kernel}/ (not in the graph)" if m.head.kernel else ""))
+    if m.text is not None:
+        t = m.text
+        print(f"text        {t.file} + {t.tokenizer}, context {t.context_length}; parity on {t.parity.prompts} prompts: "
+              f"cosine min {t.parity.embedding_cosine_min:.7f}")
     print(f"preprocess  {pre.image_size[0]}x{pre.image_size[1]} {pre.resize_mode} {pre.interpolation}, "
           f"normalization {'folded into the graph' if pre.folded else 'in the runtime'}")
     for v in m.variants:
@@ -230,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: tiny for the tiny model, imagenet80 otherwise)")
     p.add_argument("--top-k", type=int, default=10, help="largest k the graph returns (default 10)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    p.add_argument("--text", action="store_true",
+                   help="also carry the text tower and CLIP's tokenizer, for text queries (Engine.embed_text)")
     p.add_argument("--kernel-head-classes", type=_classes_or_off, default=KERNEL_HEAD_CLASSES, metavar="N|off",
                    help="a linear head with at least N classes is scored by the fused top-k kernel at run time "
                         f"instead of inside the graph (default {KERNEL_HEAD_CLASSES}; off: always in the graph)")

@@ -68,6 +68,7 @@ class CompileConfig:
     # A linear head with at least this many classes is scored by the top-k kernel at run time
     # instead of a dense MatMul + Softmax + TopK in the graph (runtime/kernel_head.py); None: never.
     kernel_head_classes: int | None = KERNEL_HEAD_CLASSES
+    text: bool = False  # also carry the text tower and tokenizer, for text queries at serving time
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precisions", parse_precisions(self.precisions))

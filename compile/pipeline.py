@@ -32,6 +32,7 @@ from .heads import Head
 from .load import load_model
 from .optimize import FUSED_OPS, fuse_for_onnxruntime, op_counts, use_sdpa_attention
 from .variants import Sources, build_variants, check_early
+from .text import export_text
 from .verify import eager_reference, verification_pixels, verify_onnx
 
 __all__ = ["CompileConfig", "VerifyConfig", "CompileResult", "compile_bundle"]
@@ -179,6 +180,11 @@ def compile_bundle(config: CompileConfig, progress: Callable[[str], None] | None
                                _calibration_default(config, adapter_file), config.gate, progress)
         if config.fuse:
             portable_path.unlink()
+        text = None
+        if config.text:
+            _say(progress, "exporting and verifying the text tower and its tokenizer")
+            prompts = [t.format(label) for label in labels[:64] for t in (templates or ("{}",))[:4]]
+            text = export_text(loaded, stage, prompts, config.opset)
         manifest = Manifest(
             model=loaded.info,
             labels=labels,
@@ -189,6 +195,7 @@ def compile_bundle(config: CompileConfig, progress: Callable[[str], None] | None
             files=bundle.checksum_tree(stage),
             producer=producer_versions(),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            text=text,
         )
         path = bundle.commit(stage, manifest, config.out)
     return CompileResult(path=path, manifest=manifest, seconds=time.perf_counter() - start)

@@ -20,6 +20,7 @@ from .backend import Backend, open_backend
 from .images import ImageSource, load_image
 from .kernel_head import KernelHead, KernelHeadBackend
 from .manifest import DEFAULT_HEAD, ExtraHead, Manifest, Variant, sha256_file
+from .text import TextEmbeddings
 from .preprocess import preprocess
 
 DEFAULT_BATCH = 32
@@ -36,7 +37,8 @@ class Engine:
     """A verified bundle ready to run. Build it with :meth:`open`."""
 
     def __init__(self, path: Path, manifest: Manifest, variant: Variant, backend: Backend,
-                 batch_size: int = DEFAULT_BATCH, head: ExtraHead | None = None, head_backend: Backend | None = None):
+                 batch_size: int = DEFAULT_BATCH, head: ExtraHead | None = None, head_backend: Backend | None = None,
+                 threads: int | None = None):
         self.path = path
         self.manifest = manifest
         self.variant = variant
@@ -44,6 +46,8 @@ class Engine:
         self.batch_size = batch_size
         self.head = head  # None: the default head fused into the variant
         self.head_backend = head_backend
+        self.threads = threads
+        self._text = None  # the text encoder, opened on the first text query
 
     @classmethod
     def open(cls, path: str | Path, *, variant: str | None = None, backend: str = "onnxruntime",
@@ -65,7 +69,8 @@ class Engine:
         if manifest.head.kernel is not None:  # the default head is scored by the top-k kernel
             graph = KernelHeadBackend(graph, KernelHead(path / manifest.head.kernel, manifest.head.activation,
                                                         chosen.top_k, len(manifest.labels), threads))
-        return cls(path, manifest, chosen, graph, batch_size=batch_size, head=extra, head_backend=head_backend)
+        return cls(path, manifest, chosen, graph, batch_size=batch_size, head=extra, head_backend=head_backend,
+                   threads=threads)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -118,6 +123,17 @@ class Engine:
                     for s, i in zip(scores[:k], indices[:k])
                 ])
         return results
+
+    def embed_text(self, texts: Sequence[str]) -> TextEmbeddings:
+        """Unit text embeddings (N, D) in the image embeddings' space, and which texts were cut at
+        the context length; needs a bundle compiled with ``--text``."""
+        if self.manifest.text is None:
+            raise BundleError(f"bundle {self.path} has no text tower; compile it with --text to embed text queries")
+        if self._text is None:
+            from .text import TextEncoder
+
+            self._text = TextEncoder(self.path, self.manifest.text, self.threads)
+        return self._text.embed(texts)
 
     def embed(self, images: Sequence[ImageSource]) -> np.ndarray:
         """L2-normalized image embeddings, (N, D) float32."""

@@ -17,7 +17,7 @@ from typing import Any
 from clipfold.errors import BundleError, SchemaVersionError
 
 SCHEMA_VERSION = 4  # 2: optional extra heads; 3: variants carry backends, quantization and an accuracy gate;
-# 4: a large head may live outside the graph (HeadInfo.kernel)
+# 4: a large head may live outside the graph (HeadInfo.kernel); an optional text tower (Manifest.text)
 DEFAULT_HEAD = "default"  # the head fused into the variants
 MANIFEST_NAME = "manifest.json"
 
@@ -218,6 +218,37 @@ class ExtraHead:
 
 
 @dataclass(frozen=True)
+class TextParity:
+    """Agreement of the text graph (and the bundled tokenizer) with open_clip's encode_text."""
+
+    prompts: int
+    embedding_cosine_min: float
+    max_abs_diff: float
+
+
+@dataclass(frozen=True)
+class TextTower:
+    """The text tower as its own graph: token ids (batch, tokens) -> unit embedding (batch, D).
+
+    ``tokenizer`` is a ``tokenizers`` file (CLIP's BPE) used after CLIP's text cleanup; ids are
+    ``[start, ..., end]`` cut at ``context_length``. With ``cut_after_end`` the tower is causal and
+    pools the end token, so a batch may stop right after its longest prompt's end token.
+    """
+
+    file: str
+    tokenizer: str
+    context_length: int
+    start_id: int
+    end_id: int
+    cut_after_end: bool
+    parity: TextParity
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "parity", _coerce(TextParity, self.parity))
+        _check(self.context_length >= 2, f"text context_length {self.context_length} < 2")
+
+
+@dataclass(frozen=True)
 class Manifest:
     model: ModelInfo
     labels: tuple[str, ...]
@@ -231,6 +262,7 @@ class Manifest:
     created: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     heads: tuple[ExtraHead, ...] = ()  # extra heads; the default head is fused into every variant
+    text: TextTower | None = None  # the text tower, for text queries at serving time (compile --text)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", _coerce(ModelInfo, self.model))
@@ -253,6 +285,10 @@ class Manifest:
         _check(DEFAULT_HEAD not in head_names, f"an extra head may not be called {DEFAULT_HEAD!r}")
         for h in self.heads:
             _check(h.file in self.files, f"head file {h.file!r} has no checksum in files")
+        if self.text is not None:
+            object.__setattr__(self, "text", _coerce(TextTower, self.text))
+            for name in (self.text.file, self.text.tokenizer):
+                _check(name in self.files, f"text file {name!r} has no checksum in files")
         if self.head.kernel is not None:
             _check(self.head.kernel.replace("-", "").replace("_", "").isalnum(),
                    f"kernel head folder {self.head.kernel!r} must be a plain folder name inside the bundle")

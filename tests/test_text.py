@@ -1,0 +1,105 @@
+"""The text tower in the bundle: CLIP's tokenizer as data (open_clip's ids), the text graph
+(open_clip's embeddings), text queries through the torch-free runtime."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipfold import errors
+from clipfold.compile.config import CompileConfig
+from clipfold.compile.pipeline import compile_bundle
+from clipfold.runtime import Engine
+from clipfold.runtime.text import ClipTokenizer
+
+from .test_layout import BLOCK_TORCH
+
+
+@pytest.fixture(scope="module")
+def text_bundle(tmp_path_factory, tiny_labels):
+    return compile_bundle(CompileConfig(labels=tiny_labels, out=tmp_path_factory.mktemp("text") / "t.bundle",
+                                        top_k=3, text=True))
+
+
+def _varied_strings(n: int, seed: int = 0) -> list[str]:
+    """Unicode letters and marks, CJK, emoji with joiners, punctuation, digits, HTML entities,
+    whitespace runs, and strings far past the context length."""
+    rng = random.Random(seed)
+    alphabet = [chr(c) for c in [*range(32, 127), *range(0xA0, 0x250), *range(0x300, 0x310), *range(0x3040, 0x30FF),
+                                 0x1F600, 0x1F408, 0x200D, 0x2B1B, 0xFE0F, 0x4E2D, 0x6587, 0x9, 0xA]]
+    words = ["&amp;", "&lt;b&gt;", "don't", "I'M", "Ã©", "12.5%", "e-mail", "naïve"]
+    out = ["", " ", "a photo of a cat.", "word " * 120]
+    for _ in range(n):
+        if rng.random() < 0.2:
+            out.append(" ".join(rng.choice(words) for _ in range(rng.randint(1, 8))))
+        else:
+            out.append("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 90))))
+    return out
+
+
+def test_bundled_tokenizer_gives_open_clips_ids_on_10k_strings(text_bundle, tiny):
+    tower = text_bundle.manifest.text
+    tokenizer = ClipTokenizer(text_bundle.path / tower.tokenizer, tower.context_length, tower.start_id, tower.end_id)
+    texts = _varied_strings(10_000)
+    ids, truncated = tokenizer(texts)
+    expected = tiny.tokenizer(texts).numpy()
+    differ = [t for t, a, b in zip(texts, ids, expected) if not np.array_equal(a, b)]
+    assert not differ, f"{len(differ)} strings differ, e.g. {differ[:3]!r}"
+    assert truncated[3] and not truncated[2]  # "word " * 120 was cut at the context, "a photo..." was not
+
+
+def test_text_queries_match_open_clip_and_are_cached(text_bundle, tiny):
+    m = text_bundle.manifest
+    assert m.text.parity.embedding_cosine_min >= 0.99999 and m.text.parity.prompts > 50
+    engine = Engine.open(text_bundle.path)
+    queries = ["a red circle", "a photo of a blue star on a green background", "word " * 120, "Émoji 🐈"]
+    out = engine.embed_text(queries)
+    with torch.no_grad():
+        ref = F.normalize(tiny.model.encode_text(tiny.tokenizer(queries)).float(), dim=-1).numpy()
+    assert out.embeddings.shape == ref.shape and float(np.abs(out.embeddings - ref).max()) <= 1e-5
+    assert out.truncated.tolist() == [False, False, True, False]
+    runs = []
+    original = engine._text.graph.run
+    engine._text.graph.run = lambda feeds: runs.append(feeds["tokens"].shape) or original(feeds)
+    again = engine.embed_text(["A  red circle ", "a yellow ring"])  # the first is cached (same cleaned text)
+    assert runs == [(1, runs[0][1])] and runs[0][1] <= 6  # one new query, cut after its end token
+    assert np.allclose(again.embeddings[0], out.embeddings[0])
+    # An image of a red circle is nearer the text "a red circle" than the text "a blue star".
+    from clipfold.compile.tiny import data
+
+    sample = next(s for s in data.generate(50, seed=5) if s.color == "red" and s.shape == "circle")
+    image = engine.embed([sample.image])[0]
+    texts = engine.embed_text(["a red circle", "a blue star"]).embeddings
+    assert image @ texts[0] > image @ texts[1]
+
+
+def test_bad_text_input(text_bundle, tiny_bundle):
+    engine = Engine.open(text_bundle.path)
+    with pytest.raises(errors.ConfigError, match="empty"):
+        engine.embed_text(["a cat", "   "])
+    with pytest.raises(errors.ConfigError, match="list of strings"):
+        engine.embed_text("a cat")
+    with pytest.raises(errors.BundleError, match="no text tower; compile it with --text"):
+        Engine.open(tiny_bundle.path).embed_text(["a cat"])
+
+
+def test_text_queries_run_with_torch_blocked(text_bundle):
+    code = BLOCK_TORCH + textwrap.dedent(f"""
+        import json
+        from clipfold.runtime import Engine
+        out = Engine.open({str(text_bundle.path)!r}).embed_text(["a red circle", "a green star"])
+        assert 'torch' not in sys.modules
+        print(json.dumps(out.embeddings.tolist()))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    same = Engine.open(text_bundle.path).embed_text(["a red circle", "a green star"]).embeddings
+    assert np.allclose(np.array(json.loads(proc.stdout)), same, atol=1e-6)
