@@ -29,10 +29,9 @@ import numpy as np
 
 from clipfold.errors import ConfigError
 
-from .gallery import Gallery
+from .gallery import STORAGES, Gallery
 
 STORAGE_CODES = {"fp32": 0, "fp16": 1, "int8": 2}
-STORAGE_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}
 # A range is split across threads only when each part keeps at least this many multiply-adds
 # (~0.1 ms of work): below it, waking a thread costs more than it saves (small label heads).
 MIN_TASK_MACS = 1 << 23
@@ -140,8 +139,8 @@ def _run(queries: np.ndarray, rows: np.ndarray, scales: np.ndarray | None, stora
     # The C side trusts these: raw pointers, float32 queries, rows of the storage's dtype and width.
     if queries.dtype != np.float32 or queries.ndim != 2 or not queries.flags.c_contiguous:
         raise ConfigError(f"the kernel takes C-contiguous float32 (Q, D) queries, got {queries.dtype} {queries.shape}")
-    if rows.dtype != STORAGE_DTYPES[storage] or rows.ndim != 2 or rows.shape[1] != queries.shape[1]:
-        raise ConfigError(f"{storage} gallery rows must be {STORAGE_DTYPES[storage].__name__} (N, {queries.shape[1]}), "
+    if rows.dtype != STORAGES[storage] or rows.ndim != 2 or rows.shape[1] != queries.shape[1]:
+        raise ConfigError(f"{storage} gallery rows must be {STORAGES[storage].__name__} (N, {queries.shape[1]}), "
                           f"got {rows.dtype} {rows.shape}")
     if storage == "int8" and (scales is None or len(scales) != len(rows)):
         raise ConfigError(f"int8 gallery rows need one scale each: {len(rows)} rows, "
