@@ -18,7 +18,7 @@ install: $(STAMP)
 # The main job on the embedded default model: compile, inspect, classify.
 demo: $(STAMP)
 	$(PY) -m clipfold.compile.tiny.samples --out $(DEMO)
-	$(CLI) compile --labels $(DEMO)/labels.txt --out $(DEMO)/tiny.bundle --overwrite
+	$(CLI) compile --labels $(DEMO)/labels.txt --out $(DEMO)/tiny.bundle --overwrite --text
 	$(CLI) inspect $(DEMO)/tiny.bundle
 	$(CLI) classify $(DEMO)/tiny.bundle $(DEMO)/images/*.png --k 3
 	# Few-shot: fit GDA on 12 shots of a task the model was never trained to name, compare.
@@ -34,6 +34,10 @@ demo: $(STAMP)
 	$(CLI) evaluate $(DEMO)/tiny.bundle $(DEMO)/fewshot/test --head backgrounds
 	# Latency vs accuracy of every variant and of open_clip eager on this machine, with the Pareto plot.
 	$(CLI) profile $(DEMO)/gda.bundle --data $(DEMO)/fewshot/test --batch 1,8 --rounds 10 --out $(DEMO)/profile
+	# Retrieval: index the generated photos with the tiny bundle, then find them by text (no torch at search time).
+	rm -rf $(DEMO)/photos.index
+	$(CLI) index $(DEMO)/tiny.bundle $(DEMO)/photos --out $(DEMO)/photos.index
+	$(CLI) search $(DEMO)/photos.index --text "a green triangle" --k 5
 
 test: $(STAMP)
 	$(PY) -m pytest -q

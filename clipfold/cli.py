@@ -169,6 +169,35 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    from clipfold.runtime import Engine
+    from clipfold.runtime.index import build_index
+
+    engine = Engine.open(args.bundle, threads=args.threads)
+    index = build_index(engine, args.folder, args.out, storage=args.storage,
+                        progress=lambda message: print(message, file=sys.stderr))
+    print(f"{args.out}: {len(index):,} images, {index.meta['storage']}, built with {index.meta['bundle']['model']}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from clipfold.runtime import Engine
+    from clipfold.runtime.index import Index
+
+    index = Index.open(args.index)
+    engine = Engine.open(args.bundle or index.meta["bundle_path"], threads=args.threads)
+    result = index.search(engine, text=args.text, image=args.image, k=args.k)
+    if args.json:
+        print(json.dumps({"hits": [{"path": h.path, "score": h.score} for h in result.hits],
+                          "query_truncated": result.query_truncated}, indent=2))
+        return 0
+    if result.query_truncated:
+        print("note: the text query was longer than the model's context and was cut", file=sys.stderr)
+    for hit in result.hits:
+        print(f"  {hit.score:8.4f}  {hit.path}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from clipfold.runtime import Engine
 
@@ -322,6 +351,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("index", help="embed a folder of images into a searchable index (resumable)")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("folder", type=Path, help="images to index (searched recursively)")
+    p.add_argument("--out", required=True, type=Path, help="index folder (a re-run adds new or changed images)")
+    p.add_argument("--storage", default="fp32", choices=("fp32", "fp16", "int8"), help="embedding storage (default fp32)")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="search an index by text (bundle compiled with --text) or by image")
+    p.add_argument("index", type=Path)
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", default=None)
+    query.add_argument("--image", type=Path, default=None)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--bundle", type=Path, default=None, help="default: the bundle the index was built with")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("models", help="list the model names open_clip knows (plus clipfold-tiny)")
     p.set_defaults(func=cmd_models)

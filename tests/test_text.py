@@ -103,3 +103,77 @@ def test_text_queries_run_with_torch_blocked(text_bundle):
     assert proc.returncode == 0, proc.stderr
     same = Engine.open(text_bundle.path).embed_text(["a red circle", "a green star"]).embeddings
     assert np.allclose(np.array(json.loads(proc.stdout)), same, atol=1e-6)
+
+
+def _write_images(folder, samples):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, s in enumerate(samples):
+        s.image.save(folder / f"{i:03d}-{s.color}-{s.shape}.png")
+
+
+def test_index_search_resume_and_refusals(text_bundle, tiny_bundle, tmp_path, capsys):
+    from clipfold.cli import main
+    from clipfold.compile.tiny import data
+    from clipfold.runtime.index import Index, build_index
+
+    images = tmp_path / "images"
+    _write_images(images, data.generate(40, seed=21))
+    engine = Engine.open(text_bundle.path)
+    messages = []
+    index = build_index(engine, images, tmp_path / "idx", storage="fp16", progress=messages.append)
+    assert len(index) == 40 and messages[-1].startswith("indexed 40/40")
+    # A text query finds images of the asked colour and shape first.
+    assert any("-green-triangle" in p.name for p in images.iterdir())
+    result = index.search(engine, text="green triangle", k=3)
+    assert "-green-triangle" in result.hits[0].path and all("-green-" in h.path for h in result.hits)
+    scores = [h.score for h in result.hits]
+    assert scores == sorted(scores, reverse=True) and not result.query_truncated
+    assert index.search(engine, text="word " * 120, k=1).query_truncated
+    # Resume: nothing new is embedded; a changed file is re-embedded and its old row is skipped.
+    messages.clear()
+    build_index(engine, images, tmp_path / "idx", storage="fp16", progress=messages.append)
+    assert messages == ["index %s is up to date (40 images)" % (tmp_path / "idx")]
+    first = sorted(images.iterdir())[0]
+    data.generate(1, seed=99)[0].image.save(first)
+    index = build_index(engine, images, tmp_path / "idx", storage="fp16")
+    assert len(index) == 40 and len(index.gallery) == 41 and len(index.meta["shards"]) == 2
+    by_image = index.search(engine, image=first, k=40).hits
+    assert by_image[0].path == first.name and len({h.path for h in by_image}) == 40  # no stale duplicate
+    # CLI round trip.
+    assert main(["search", str(tmp_path / "idx"), "--text", "green triangle", "--k", "2", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["hits"]
+    assert "-green-triangle" in hits[0]["path"] and len(hits) == 2
+    # Another bundle's embeddings are refused, naming both.
+    with pytest.raises(errors.BundleError, match="was built with clipfold-tiny .*not with this bundle"):
+        index.search(Engine.open(tiny_bundle.path), image=first)
+    # A corrupt shard is named.
+    shard = tmp_path / "idx" / "shards" / "000000" / "0000.rows.npy"
+    shard.write_bytes(shard.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(errors.ChecksumError, match="000000/0000.rows.npy is missing or corrupt"):
+        Index.open(tmp_path / "idx")
+
+
+def test_a_crash_loses_only_the_batch_in_flight(text_bundle, tmp_path, monkeypatch):
+    from clipfold.compile.tiny import data
+    from clipfold.runtime import index as index_module
+
+    images = tmp_path / "images"
+    _write_images(images, data.generate(25, seed=3))
+    engine = Engine.open(text_bundle.path)
+    monkeypatch.setattr(index_module, "BATCH_FILES", 10)
+    real_embed, calls = engine.embed, []
+
+    def crash_on_the_third_batch(paths):
+        calls.append(len(paths))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the process dies mid-batch
+        return real_embed(paths)
+
+    monkeypatch.setattr(engine, "embed", crash_on_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        index_module.build_index(engine, images, tmp_path / "idx")
+    assert len(index_module.Index.open(tmp_path / "idx")) == 20  # two committed batches survive
+    monkeypatch.setattr(engine, "embed", real_embed)
+    calls.clear()
+    resumed = index_module.build_index(engine, images, tmp_path / "idx")
+    assert len(resumed) == 25 and len(resumed.gallery) == 25  # only the last 5 were embedded again

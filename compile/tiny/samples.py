@@ -2,8 +2,9 @@
 
 ``python -m clipfold.compile.tiny.samples --out DIR`` writes ``DIR/labels.txt`` and
 ``DIR/images/NN_<colour>_<shape>.png`` (the file name tells the truth, for eyeballing the demo),
-and a few-shot task the tiny model was never trained to name, background type:
-``DIR/fewshot/{support,test}/<type> background/*.png``, ``labels.txt`` and ``templates.txt``.
+a few-shot task the tiny model was never trained to name, background type:
+``DIR/fewshot/{support,test}/<type> background/*.png``, ``labels.txt`` and ``templates.txt``, and
+``DIR/photos/`` to index and search by text.
 """
 
 from __future__ import annotations
@@ -29,6 +30,17 @@ def write_samples(out: Path, n_images: int = 6, seed: int = 2024) -> tuple[Path,
         sample.image.save(path)
         paths.append(path)
     return labels, paths
+
+
+def write_photos(out: Path, n: int = 120, seed: int = 5) -> Path:
+    """``DIR/photos/NNN_<colour>_<shape>.png``: a folder to index and search by text."""
+    folder = Path(out) / "photos"
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.png"):
+        old.unlink()
+    for i, sample in enumerate(data.generate(n, seed=seed)):
+        sample.image.save(folder / f"{i:03d}_{sample.color}_{sample.shape}.png")
+    return folder
 
 
 def write_background_folder(root: Path, samples) -> Path:
@@ -60,6 +72,7 @@ def main() -> None:
     print(f"wrote {labels} ({len(data.class_names())} labels) and {len(paths)} images in {args.out / 'images'}")
     fewshot = write_fewshot(args.out)
     print(f"wrote a background-type few-shot task in {fewshot} (support and test folders)")
+    print(f"wrote {write_photos(args.out)} (generated photos to index and search)")
 
 
 if __name__ == "__main__":
