@@ -95,24 +95,14 @@ class Gallery:
                     np.save(folder / f"{stem}.{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
                     entry[name] = f"{stem}.{name}.npy"
             shards.append(entry)
-        meta = {"version": VERSION, "dim": self.dim, "storage": self.storage, "shards": shards}
-        tmp = folder / f".{MANIFEST}.{os.getpid()}"
-        tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, folder / MANIFEST)
+        write_json(folder / MANIFEST, {"version": VERSION, "dim": self.dim, "storage": self.storage, "shards": shards})
         return folder
 
     @classmethod
     def open(cls, folder: str | Path) -> "Gallery":
         """Memory-map a folder written by :meth:`save`."""
         folder = Path(folder)
-        try:
-            meta = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{folder} is not a gallery folder: {MANIFEST} not found") from None
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read {folder / MANIFEST}: {exc}") from None
-        if meta.get("version", 0) > VERSION:
-            raise ConfigError(f"{folder} was written by a newer clipfold (gallery version {meta['version']})")
+        meta = read_json(folder / MANIFEST, "gallery", VERSION)
         shards = []
         for entry in meta["shards"]:
             arrays = {}
@@ -171,6 +161,26 @@ class Gallery:
         if not self.has_ids:
             raise ConfigError("this gallery has no ids; build it with ids=... to map indices to ids")
         return self.gather("ids", indices)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` as JSON atomically (a temporary file renamed over ``path``)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, what: str, version: int) -> dict:
+    """A versioned JSON description of a folder (``what``: gallery, index), refusing newer versions."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path.parent} is not a clipfold {what} folder: {path.name} not found") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    if meta.get("version", 0) > version:
+        raise ConfigError(f"{path.parent} was written by a newer clipfold ({what} version {meta['version']})")
+    return meta
 
 
 def quantize_rows(x: np.ndarray, storage: str) -> tuple[np.ndarray, np.ndarray | None]:

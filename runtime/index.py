@@ -15,8 +15,6 @@ exact after skipping them.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,6 +23,7 @@ import numpy as np
 
 from clipfold.errors import BundleError, ChecksumError, ConfigError
 from clipfold.kernels import STORAGES, Gallery, topk_similarity
+from clipfold.kernels.gallery import read_json, write_json
 
 from .folders import IMAGE_SUFFIXES
 from .manifest import sha256_file
@@ -56,12 +55,6 @@ def _images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise ConfigError(f"image folder {folder} not found")
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def build_index(engine, folder: str | Path, out: str | Path, storage: str = "fp32",
@@ -97,26 +90,18 @@ def build_index(engine, folder: str | Path, out: str | Path, storage: str = "fp3
         meta["shards"].append({"dir": name, "count": len(batch), "files": files})
         for row, (rel, _, stat) in enumerate(batch):
             meta["files"][rel] = [stat.st_size, stat.st_mtime_ns, shard, row]
-        _write_json(out / INDEX_FILE, meta)  # the batch is committed only now
+        write_json(out / INDEX_FILE, meta)  # the batch is committed only now
         if progress is not None:
             progress(f"indexed {start + len(batch):,}/{len(todo):,} new or changed images")
     if not todo and progress is not None:
         progress(f"index {out} is up to date ({len(meta['files']):,} images)")
     if not (out / INDEX_FILE).is_file():
-        _write_json(out / INDEX_FILE, meta)
+        write_json(out / INDEX_FILE, meta)
     return Index.open(out)
 
 
 def _read_meta(path: Path) -> dict:
-    try:
-        meta = json.loads((path / INDEX_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path} is not a clipfold index: {INDEX_FILE} not found") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read {path / INDEX_FILE}: {exc}") from None
-    if meta.get("version", 0) > VERSION:
-        raise ConfigError(f"index {path} was written by a newer clipfold (index version {meta['version']})")
-    return meta
+    return read_json(path / INDEX_FILE, "index", VERSION)
 
 
 def _check_identity(meta: dict, identity: dict, path: Path) -> None:

@@ -101,7 +101,7 @@ def test_sharded_folder_round_trip_with_ids(tmp_path):
     assert recall >= 0.97, recall
     assert np.allclose(scores, np.einsum("qd,qkd->qk", queries, gallery[indices]), atol=1e-5)
     assert opened.ids_of(indices)[0, 0] == f"img-{indices[0, 0]}"
-    with pytest.raises(errors.ConfigError, match="not a gallery folder"):
+    with pytest.raises(errors.ConfigError, match="not a clipfold gallery folder"):
         Gallery.open(tmp_path)
 
 
