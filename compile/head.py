@@ -148,21 +148,21 @@ def encode_prompts(model, tokenizer, prompts: Sequence[str], batch_size: int = 2
     tokens = tokenizer(list(prompts))
     positions = pooled_positions(model, tokens)
     order = torch.argsort(positions, stable=True) if positions is not None else torch.arange(len(tokens))
-    out = torch.empty(len(tokens), 0)
-    step = max(1, len(order) // 10)
-    done_reported = 0
+    parts, step, reported = [], max(1, len(order) // 10), 0
     for start in range(0, len(order), batch_size):
         index = order[start:start + batch_size]
         if positions is not None:
             features = _encode_cut(model, tokens[index], int(positions[index].max()) + 1)
         else:
             features = model.encode_text(tokens[index])
-        features = F.normalize(features.float(), dim=-1)
-        if out.shape[1] == 0:
-            out = torch.empty(len(tokens), features.shape[1])
-        out[index] = features
+        parts.append(F.normalize(features.float(), dim=-1))
         done = start + len(index)
-        if progress is not None and len(order) > batch_size and (done - done_reported >= step or done == len(order)):
+        if progress is not None and len(order) > batch_size and (done - reported >= step or done == len(order)):
             progress(f"  text tower: {done:,}/{len(order):,} prompts")
-            done_reported = done
+            reported = done
+    if not parts:
+        return torch.empty(0, 0)
+    embeddings = torch.cat(parts)
+    out = torch.empty_like(embeddings)
+    out[order] = embeddings  # back to the prompts' order
     return out
