@@ -6,7 +6,7 @@ CLI    := $(VENV)/bin/clipfold
 STAMP  := $(VENV)/.clipfold-installed
 DEMO   ?= out/demo
 
-.PHONY: install demo test test-all bench bench-kernels fewshot train-tiny clean
+.PHONY: install demo test test-all bench bench-kernels bench-serve fewshot train-tiny clean
 
 $(STAMP): pyproject.toml kernels/_topk.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -64,6 +64,10 @@ fewshot: $(STAMP)
 	$(PY) -m benchmarks.fewshot
 
 # Re-train the embedded tiny model (deterministic; a few minutes on 2 cores).
+# clipfold serve under load (loopback): dynamic batching vs batch-1 at concurrency 1-64, about 2 minutes.
+bench-serve: $(STAMP)
+	$(PY) -m benchmarks.bench_serve
+
 train-tiny: $(STAMP)
 	$(PY) -m clipfold.compile.tiny.train --out compile/tiny/clipfold-tiny.safetensors
 

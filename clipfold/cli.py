@@ -48,6 +48,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         pretrained=args.pretrained, templates=args.templates, top_k=args.top_k, overwrite=args.overwrite,
         adapter=args.adapter, method=args.method, method_options=_options(args.set),
         precisions=args.precision, kernel_head_classes=args.kernel_head_classes, text=args.text,
+        text_precisions=tuple(p for p in (args.text_precision or "").split(",") if p),
         quant=QuantConfig(calib=args.calib, calibration=args.calibration, calib_images=args.calib_images,
                           per_channel=args.per_channel, search=not args.no_search,
                           keep_float=DEFAULT_KEEP_FLOAT + tuple(args.keep_float or ())),
@@ -217,6 +218,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         t = m.text
         print(f"text        {t.file} + {t.tokenizer}, context {t.context_length}; parity on {t.parity.prompts} prompts: "
               f"cosine min {t.parity.embedding_cosine_min:.7f}")
+        for tv in t.variants:
+            g = tv.gate
+            print(f"text +      {tv.name}: {tv.file}; gate vs fp32 text on {g.prompts} prompts: cosine min "
+                  f"{g.embedding_cosine_min:.5f}, top-1 agreement {g.top1_agreement:.1%}")
     print(f"preprocess  {pre.image_size[0]}x{pre.image_size[1]} {pre.resize_mode} {pre.interpolation}, "
           f"normalization {'folded into the graph' if pre.folded else 'in the runtime'}")
     for v in m.variants:
@@ -234,6 +239,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
               f"{h.parity.images} embeddings: top-k agreement {h.parity.topk_agreement:.0%}")
     print(f"checksums   {len(m.files)} files verified")
     print(f"producer    {', '.join(f'{k} {v}' for k, v in m.producer.items())}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from clipfold.runtime.server import ServeConfig, serve
+
+    config = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
+                         max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+                         max_image_pixels=args.max_image_pixels, max_items=args.max_items, timeout_s=args.timeout_s,
+                         threads=args.threads)
+    serve(args.bundles, config, variant=args.variant, indexes=args.index,
+          progress=lambda m: print(m, file=sys.stderr, flush=True))
     return 0
 
 
@@ -265,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--text", action="store_true",
                    help="also carry the text tower and CLIP's tokenizer, for text queries (Engine.embed_text)")
+    p.add_argument("--text-precision", default=None, metavar="P[,P...]",
+                   help="reduced-precision text graphs, each gated against fp32 text on held-out prompts: "
+                        "int8-dynamic, int8-weight, int4-weight (an engine of the same variant name uses it)")
     p.add_argument("--kernel-head-classes", type=_classes_or_off, default=KERNEL_HEAD_CLASSES, metavar="N|off",
                    help="a linear head with at least N classes is scored by the fused top-k kernel at run time "
                         f"instead of inside the graph (default {KERNEL_HEAD_CLASSES}; off: always in the graph)")
@@ -370,6 +390,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("serve", help="serve bundles over HTTP (Open Inference Protocol v2 + JSON) with dynamic batching")
+    p.add_argument("bundles", nargs="+", type=Path, help="bundles to serve; each is a model named after its folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=32, help="rows per engine call (1: no batching; default 32)")
+    p.add_argument("--max-delay-ms", type=float, default=5.0, help="longest wait for a batch to fill (default 5)")
+    p.add_argument("--max-queue", type=int, default=512, help="rows waiting per model before 503 (default 512)")
+    p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (default 32 MiB)")
+    p.add_argument("--max-image-pixels", type=int, default=40_000_000, help="largest decoded image (default 40M)")
+    p.add_argument("--max-items", type=int, default=64, help="images or texts per classify/embed request (default 64)")
+    p.add_argument("--timeout-s", type=float, default=30.0, help="per-request time limit (default 30)")
+    p.add_argument("--variant", default=None, help="variant of every bundle to serve (default: each bundle's default)")
+    p.add_argument("--index", action="append", default=[], type=Path,
+                   help="an index (clipfold index) to answer /search with; repeatable")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per graph")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("models", help="list the model names open_clip knows (plus clipfold-tiny)")
     p.set_defaults(func=cmd_models)

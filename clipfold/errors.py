@@ -79,3 +79,16 @@ class ConfigError(ClipfoldError):
 
 class BackendUnavailableError(ClipfoldError):
     """A requested backend or optional dependency is not installed."""
+
+
+# --- serving --------------------------------------------------------------------------------
+class RequestError(ClipfoldError):
+    """A request is malformed: bad JSON, a wrong tensor shape or datatype, an unknown name."""
+
+
+class QueueFullError(ClipfoldError):
+    """The batcher's bounded queue is full; the caller should retry later (HTTP 503)."""
+
+
+class BatcherClosedError(ClipfoldError):
+    """The batcher is shut down and takes no more work."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from clipfold.errors import ConfigError, LabelError
 
-from .precision import GateConfig, QuantConfig, parse_precisions
+from .precision import GateConfig, QuantConfig, check_text_precisions, parse_precisions
 
 DEFAULT_MODEL = "clipfold-tiny"
 
@@ -69,9 +69,12 @@ class CompileConfig:
     # instead of a dense MatMul + Softmax + TopK in the graph (runtime/kernel_head.py); None: never.
     kernel_head_classes: int | None = KERNEL_HEAD_CLASSES
     text: bool = False  # also carry the text tower and tokenizer, for text queries at serving time
+    # Reduced-precision text graphs, each gated against the fp32 text graph (compile/text.py).
+    text_precisions: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precisions", parse_precisions(self.precisions))
+        object.__setattr__(self, "text_precisions", check_text_precisions(self.text_precisions, self.text))
         if self.kernel_head_classes is not None and self.kernel_head_classes < 1:
             raise ConfigError(f"kernel_head_classes must be >= 1 (or None for never), got {self.kernel_head_classes}")
         if self.labels is None:

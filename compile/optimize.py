@@ -95,6 +95,51 @@ def use_sdpa_attention(tower: nn.Module) -> int:
     return swapped
 
 
+class ClassTokenBlock(nn.Module):
+    """The last block of a class-token ViT computed for the class token alone.
+
+    Only the class token leaves the tower (``pool_type='tok'``), and after the last attention
+    nothing mixes tokens: LayerNorm, the MLP and the residuals act per token. So the last block
+    needs keys and values for every token but a query, an output projection and an MLP for the
+    class token only. Exact up to float rounding; for ViT-B-32 it removes ~7 % of the tower's
+    multiply-adds (49 of 50 tokens skip 10 of the block's 12 d x d products).
+    """
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor, attn_mask=None) -> torch.Tensor:
+        b = self.block
+        y = b.ln_1(x)
+        cls = x[:, :1] + b.ls_1(b.attn(y[:, :1], y, y, need_weights=False, attn_mask=attn_mask)[0])
+        return cls + b.ls_2(b.mlp(b.ln_2(cls)))
+
+
+@torch.no_grad()
+def keep_class_token_only(tower: nn.Module) -> bool:
+    """Compute the last block of an open_clip class-token ViT for the class token alone, in place.
+
+    Applies only where it is exact: an open_clip ``VisionTransformer`` pooling its class token,
+    without attention pooling or token outputs, whose last block is a plain batch-first
+    ``ResidualAttentionBlock``. Returns whether it applied.
+    """
+    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
+    if type(tower) is not VisionTransformer or tower.pool_type != "tok" or tower.attn_pool is not None \
+            or tower.output_tokens or not tower.transformer.batch_first:
+        return False
+    blocks = tower.transformer.resblocks
+    last = blocks[-1]
+    if type(last) is not ResidualAttentionBlock or hasattr(last, "ln_1_kv"):
+        return False
+    if not isinstance(last.attn, (SdpaAttention, nn.MultiheadAttention)) \
+            or (isinstance(last.attn, nn.MultiheadAttention) and not last.attn.batch_first):
+        return False
+    blocks[-1] = ClassTokenBlock(last)
+    return True
+
+
 def fuse_for_onnxruntime(src: Path, dst: Path) -> dict[str, int]:
     """Rewrite the exported graph ``src`` with ONNX Runtime's fused operators into ``dst``.
 

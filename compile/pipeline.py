@@ -30,9 +30,9 @@ from .graph import ClassifierGraph, EmbeddingGraph, export_onnx, io_specs
 from .head import build_zero_shot_head, resolve_templates
 from .heads import Head
 from .load import load_model
-from .optimize import FUSED_OPS, fuse_for_onnxruntime, op_counts, use_sdpa_attention
+from .optimize import FUSED_OPS, fuse_for_onnxruntime, keep_class_token_only, op_counts, use_sdpa_attention
 from .variants import Sources, build_variants, check_early
-from .text import export_text
+from .text import build_text_variants, export_text
 from .verify import eager_reference, verification_pixels, verify_onnx
 
 __all__ = ["CompileConfig", "VerifyConfig", "CompileResult", "compile_bundle"]
@@ -148,6 +148,7 @@ def compile_bundle(config: CompileConfig, progress: Callable[[str], None] | None
         visual = fold_input_normalization(adaptation.visual, spec.mean, spec.std)
         if config.fuse:
             use_sdpa_attention(visual)
+            keep_class_token_only(visual)
         head_rows = _kernel_head_rows(config, adaptation, progress)
         kernel_head = None
         if head_rows is not None:
@@ -185,6 +186,7 @@ def compile_bundle(config: CompileConfig, progress: Callable[[str], None] | None
             _say(progress, "exporting and verifying the text tower and its tokenizer")
             prompts = [t.format(label) for label in labels[:64] for t in (templates or ("{}",))[:4]]
             text = export_text(loaded, stage, prompts, config.opset)
+            text = build_text_variants(stage, text, config.text_precisions, labels, config.quant, config.gate, progress)
         manifest = Manifest(
             model=loaded.info,
             labels=labels,

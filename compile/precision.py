@@ -29,6 +29,22 @@ CALIBRATIONS = ("minmax", "entropy", "percentile")
 DEFAULT_KEEP_FLOAT = ("LayerNormalization", "SkipLayerNormalization", "Softmax", "BiasGelu", "Gelu", "Erf")
 
 
+# Text graphs: the quantizers that need no calibration data (token ids are not images).
+TEXT_PRECISIONS = ("int8-dynamic", "int8-weight", "int4-weight")
+
+
+def check_text_precisions(names, text: bool) -> tuple[str, ...]:
+    """``--text-precision``: known text precisions, and only with ``--text``."""
+    names = tuple(dict.fromkeys(n.strip() for n in names if n.strip() and n.strip() != "fp32"))
+    unknown = [n for n in names if n not in TEXT_PRECISIONS]
+    if unknown:
+        raise ConfigError(f"unknown text precision {', '.join(map(repr, unknown))}; the text graph can be built as "
+                          f"{', '.join(TEXT_PRECISIONS)} (fp32 always)")
+    if names and not text:
+        raise ConfigError("--text-precision needs --text: there is no text graph to quantize without it")
+    return names
+
+
 def parse_precisions(spec: str | tuple[str, ...] | None) -> tuple[str, ...]:
     """``"fp32,int8-static"`` -> ``("fp32", "int8-static")``; fp32 is always first."""
     if spec is None:

@@ -10,6 +10,7 @@ BPE vocabulary and merges; both the graph and the tokenizer are checked against 
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -18,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipfold.errors import ConfigError, ExportError, VerificationError
-from clipfold.runtime.manifest import TextParity, TextTower
+from clipfold.errors import ConfigError, ExportError, GateError, VerificationError
+from clipfold.runtime.manifest import TextGate, TextParity, TextTower, TextVariant
 
 from .gate import row_cosine
 from .head import _encode_cut, pooled_positions
@@ -29,6 +30,10 @@ TOKENIZER_FILE = "tokenizer.json"
 # CLIP's pre-tokenizer split (open_clip's SimpleTokenizer pattern, matched on lower-cased text).
 CLIP_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 # Strings the verification adds to the label prompts: empty, unicode, emoji, HTML, over-long.
+# The text gate's held-out prompts: each label in phrasings unlike the verification prompts.
+GATE_PHRASES = ("{}", "a {}.", "there is a {} in the picture", "a close-up of the {}, seen from above",
+                "my favourite {}!")
+GATE_LABELS = 200  # labels phrased for the gate (the first ones); every label is a candidate answer
 ODD_TEXTS = ("", "Émoji 🐈‍⬛ and ünïcödé", "don't STOP it's", "&amp; html &lt;b&gt;", "mojibake Ã©", "日本語",
              "tab\there\nnewline", "a.b,c;d:e!f?g 12.5%", "word " * 100)
 
@@ -122,3 +127,64 @@ def _verify(loaded, stage: Path, tower: TextTower, texts: list[str], min_cosine:
                                 f"{parity.embedding_cosine_min:.7f} < {min_cosine} (max abs diff {diff:.3g})",
                                 [f"text: min cosine {parity.embedding_cosine_min:.7f}"])
     return TextTower(**{**tower.__dict__, "parity": parity})
+
+
+def text_variant_file(precision: str) -> str:
+    return f"text.{precision}.onnx"
+
+
+def build_text_variants(stage: Path, tower: TextTower, precisions: Sequence[str], labels: Sequence[str], quant,
+                        gate_cfg, progress=None) -> TextTower:
+    """Quantize the verified fp32 text graph into each precision and gate it against fp32.
+
+    Gate, on held-out prompts (the first labels in :data:`GATE_PHRASES`): embedding cosine (min
+    and mean) against the fp32 text graph, and top-1 agreement of the nearest label (all labels,
+    embedded by the fp32 graph as ``a photo of a {label}.``), tie-aware like the image gate. The
+    thresholds are the image gate's (``--gate-min-cosine``, ``--gate-min-top1``); a variant that
+    misses raises :class:`GateError` and the bundle is not written.
+    """
+    from clipfold.runtime.text import TextEncoder
+
+    from . import quantize
+
+    if not precisions:
+        return tower
+    say = progress or (lambda message: None)
+    prompts = [p.format(label) for label in labels[:GATE_LABELS] for p in GATE_PHRASES]
+    reference = TextEncoder(stage, tower)
+    ref = _embed_all(reference, prompts)
+    bank = _embed_all(reference, [f"a photo of a {label}." for label in labels])
+    ref_scores = ref @ bank.T
+    ref_best = ref_scores.max(axis=1)
+    variants = []
+    for precision in precisions:
+        file = text_variant_file(precision)
+        src, dst = stage / tower.file, stage / file
+        if precision == "int8-dynamic":
+            scheme = quantize.int8_dynamic(src, dst, [], quant)
+        else:
+            scheme = quantize.weight_only(src, dst, [], quant, bits=8 if precision == "int8-weight" else 4)
+        got = _embed_all(TextEncoder(stage, dataclasses.replace(tower, file=file)), prompts)
+        cos = row_cosine(got, ref)
+        picks = (got @ bank.T).argmax(axis=1)
+        agreement = float(np.mean(ref_scores[np.arange(len(picks)), picks] >= ref_best - 1e-6))
+        gate = TextGate(prompts=len(prompts), embedding_cosine_min=float(cos.min()),
+                        embedding_cosine_mean=float(cos.mean()), top1_agreement=agreement,
+                        thresholds={"min_cosine": gate_cfg.min_cosine, "min_top1_agreement": gate_cfg.min_top1_agreement})
+        missed = [f"embedding cosine min {gate.embedding_cosine_min:.5f} < {gate_cfg.min_cosine}"] \
+            if gate.embedding_cosine_min < gate_cfg.min_cosine else []
+        if agreement < gate_cfg.min_top1_agreement:
+            missed.append(f"top-1 agreement {agreement:.2%} < {gate_cfg.min_top1_agreement:.2%}")
+        if missed:
+            dst.unlink(missing_ok=True)
+            raise GateError(f"text variant {precision} misses the gate against the fp32 text graph on {len(prompts)} "
+                            f"held-out prompts: {'; '.join(missed)}; it is not written (drop it from --text-precision "
+                            "or relax the gate)", [f"text {precision}: {m}" for m in missed])
+        say(f"text {precision}: cosine min {gate.embedding_cosine_min:.5f}, top-1 agreement {agreement:.1%} "
+            f"on {len(prompts)} prompts")
+        variants.append(TextVariant(precision, file, precision, gate, scheme))
+    return dataclasses.replace(tower, variants=tuple(variants))
+
+
+def _embed_all(encoder, texts: list[str]) -> np.ndarray:
+    return np.concatenate([encoder.embed(texts[i:i + 256]).embeddings for i in range(0, len(texts), 256)])

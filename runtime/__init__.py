@@ -3,7 +3,8 @@
 Depends on numpy, Pillow and onnxruntime only; a test imports it with torch blocked.
 """
 
+from .batcher import DynamicBatcher
 from .engine import Engine, Prediction
 from .manifest import SCHEMA_VERSION, Manifest
 
-__all__ = ["Engine", "Prediction", "Manifest", "SCHEMA_VERSION"]
+__all__ = ["DynamicBatcher", "Engine", "Prediction", "Manifest", "SCHEMA_VERSION"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from .kernel_head import KernelHead, KernelHeadBackend
 from .manifest import DEFAULT_HEAD, ExtraHead, Manifest, Variant, sha256_file
 from .text import TextEmbeddings
 from .preprocess import preprocess
+
+if TYPE_CHECKING:
+    from .batcher import DynamicBatcher
 
 DEFAULT_BATCH = 32
 
@@ -48,11 +51,12 @@ class Engine:
         self.head_backend = head_backend
         self.threads = threads
         self._text = None  # the text encoder, opened on the first text query
+        self.text_variant: str | None = None  # None: the text variant named like ``variant``, else fp32
 
     @classmethod
     def open(cls, path: str | Path, *, variant: str | None = None, backend: str = "onnxruntime",
              threads: int | None = None, batch_size: int = DEFAULT_BATCH,
-             verify_checksums: bool = True, head: str | None = None) -> "Engine":
+             verify_checksums: bool = True, head: str | None = None, text_variant: str | None = None) -> "Engine":
         """Read the manifest (refusing newer schemas), check every checksum, open the backend(s)."""
         path = Path(path)
         if not path.is_dir():
@@ -61,6 +65,10 @@ class Engine:
         if verify_checksums:
             verify_files(path, manifest)
         chosen = manifest.variant(variant)
+        if text_variant is not None:
+            names = ["fp32"] + [v.name for v in manifest.text.variants] if manifest.text is not None else []
+            if text_variant not in names:
+                raise BundleError(f"bundle has no text variant {text_variant!r}; it has {names or 'no text tower'}")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         extra = None if head in (None, DEFAULT_HEAD) else manifest.extra_head(head)
@@ -69,8 +77,10 @@ class Engine:
         if manifest.head.kernel is not None:  # the default head is scored by the top-k kernel
             graph = KernelHeadBackend(graph, KernelHead(path / manifest.head.kernel, manifest.head.activation,
                                                         chosen.top_k, len(manifest.labels), threads))
-        return cls(path, manifest, chosen, graph, batch_size=batch_size, head=extra, head_backend=head_backend,
-                   threads=threads)
+        engine = cls(path, manifest, chosen, graph, batch_size=batch_size, head=extra, head_backend=head_backend,
+                     threads=threads)
+        engine.text_variant = text_variant
+        return engine
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -97,6 +107,17 @@ class Engine:
             for name, value in self._run(pixels[start:start + self.batch_size]).items():
                 outs.setdefault(name, []).append(value)
         return {name: np.concatenate(values) for name, values in outs.items()}
+
+    def batcher(self, *, max_batch: int = DEFAULT_BATCH, max_delay_ms: float = 5.0, max_queue: int = 1024,
+                on_batch=None) -> "DynamicBatcher":
+        """A :class:`~clipfold.runtime.batcher.DynamicBatcher` over :meth:`run_pixels`: preprocessed
+        pixel rows from many threads, run together. Close it (or use it as a context manager) when done."""
+        from .batcher import DynamicBatcher
+
+        spec = self.variant.inputs[0]
+        return DynamicBatcher(self.run_pixels, max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
+                              row_shape=tuple(spec.shape[1:]), dtype=spec.dtype, on_batch=on_batch,
+                              name=f"{self.path.name} batcher")
 
     def _run_images(self, images: Iterable[ImageSource], embedding_only: bool = False) -> Iterable[dict[str, np.ndarray]]:
         """Decode and preprocess lazily, one batch at a time, so memory stays O(batch)."""
@@ -126,13 +147,16 @@ class Engine:
 
     def embed_text(self, texts: Sequence[str]) -> TextEmbeddings:
         """Unit text embeddings (N, D) in the image embeddings' space, and which texts were cut at
-        the context length; needs a bundle compiled with ``--text``."""
+        the context length; needs a bundle compiled with ``--text``. The text graph is
+        ``Engine.open(text_variant=...)``, else the gated text variant named like this engine's
+        variant (``--text-precision``), else fp32."""
         if self.manifest.text is None:
             raise BundleError(f"bundle {self.path} has no text tower; compile it with --text to embed text queries")
         if self._text is None:
             from .text import TextEncoder
 
-            self._text = TextEncoder(self.path, self.manifest.text, self.threads)
+            self._text = TextEncoder(self.path, self.manifest.text, self.threads,
+                                     variant=self.text_variant or self.variant.name)
         return self._text.embed(texts)
 
     def embed(self, images: Sequence[ImageSource]) -> np.ndarray:

@@ -6,7 +6,8 @@ converted to RGB here: open_clip's eval transform resizes and crops first and co
 matters, e.g. Pillow resizes RGBA with premultiplied alpha and resizes P images with nearest
 neighbour. :func:`clipfold.runtime.preprocess.preprocess` repeats that order.
 
-Safety: the pixel count is checked from the header before any pixel is decoded, against the
+Safety: formats whose decoders run an external program (EPS: Ghostscript) are not opened. The
+pixel count is checked from the header before any pixel is decoded, against the
 caller's ``max_pixels`` rather than Pillow's process-wide ``Image.MAX_IMAGE_PIXELS`` (which we
 neither rely on nor change). Images are fully decoded here (``load()``) so truncated files fail
 with a clear :class:`~clipfold.errors.ImageError` instead of deep inside preprocessing.
@@ -87,7 +88,7 @@ def _open(fh: BinaryIO, name: str, max_pixels: int) -> Image.Image:
         # Pillow warns between 1x and 2x its global limit; our own check below decides instead.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(fh)
+            image = Image.open(fh, formats=_formats())
     except Image.DecompressionBombError as exc:
         # Above 2x Image.MAX_IMAGE_PIXELS Pillow refuses in open() whatever max_pixels says.
         raise DecompressionBombError(
@@ -101,6 +102,15 @@ def _open(fh: BinaryIO, name: str, max_pixels: int) -> Image.Image:
     _check_pixels(image.size, max_pixels, name)
     _decode(image, name)
     return image
+
+
+# Formats whose decoders run an external program (Ghostscript for EPS/PS): never for untrusted bytes.
+_EXTERNAL_DECODERS = frozenset({"EPS"})
+
+
+def _formats() -> list[str]:
+    Image.init()
+    return [f for f in Image.OPEN if f not in _EXTERNAL_DECODERS]
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int, name: str) -> None:

@@ -16,8 +16,9 @@ from typing import Any
 
 from clipfold.errors import BundleError, SchemaVersionError
 
-SCHEMA_VERSION = 4  # 2: optional extra heads; 3: variants carry backends, quantization and an accuracy gate;
-# 4: a large head may live outside the graph (HeadInfo.kernel); an optional text tower (Manifest.text)
+SCHEMA_VERSION = 5  # 2: optional extra heads; 3: variants carry backends, quantization and an accuracy gate;
+# 4: a large head may live outside the graph (HeadInfo.kernel); an optional text tower (Manifest.text);
+# 5: gated reduced-precision text graphs (TextTower.variants)
 DEFAULT_HEAD = "default"  # the head fused into the variants
 MANIFEST_NAME = "manifest.json"
 
@@ -227,6 +228,31 @@ class TextParity:
 
 
 @dataclass(frozen=True)
+class TextGate:
+    """A reduced-precision text graph against the fp32 text graph on held-out prompts."""
+
+    prompts: int
+    embedding_cosine_min: float
+    embedding_cosine_mean: float
+    top1_agreement: float  # the nearest label (by fp32 label embeddings) is the same as fp32's
+    thresholds: dict[str, float]
+
+
+@dataclass(frozen=True)
+class TextVariant:
+    """A gated reduced-precision text graph; the engine of the image variant of the same name uses it."""
+
+    name: str
+    file: str
+    precision: str
+    gate: TextGate
+    quantization: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gate", _coerce(TextGate, self.gate))
+
+
+@dataclass(frozen=True)
 class TextTower:
     """The text tower as its own graph: token ids (batch, tokens) -> unit embedding (batch, D).
 
@@ -242,10 +268,20 @@ class TextTower:
     end_id: int
     cut_after_end: bool
     parity: TextParity
+    variants: tuple[TextVariant, ...] = ()  # reduced-precision text graphs, each gated against ``file``
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "parity", _coerce(TextParity, self.parity))
+        object.__setattr__(self, "variants", tuple(_coerce(TextVariant, v) for v in self.variants))
         _check(self.context_length >= 2, f"text context_length {self.context_length} < 2")
+
+    def graph_for(self, variant: str | None) -> tuple[str, str]:
+        """(name, file) of the text graph that goes with image variant ``variant``: the text
+        variant of that name if there is one, else the fp32 text graph."""
+        for v in self.variants:
+            if v.name == variant:
+                return v.name, v.file
+        return "fp32", self.file
 
 
 @dataclass(frozen=True)

@@ -74,14 +74,16 @@ class TextEncoder:
     """Tokenize, run the text graph (batches cut after their last end token when the tower is
     causal), cache by cleaned text."""
 
-    def __init__(self, bundle: Path, tower: TextTower, threads: int | None = None, cache_size: int = CACHE_SIZE):
+    def __init__(self, bundle: Path, tower: TextTower, threads: int | None = None, cache_size: int = CACHE_SIZE,
+                 variant: str | None = None):
         from .backend import OnnxRuntimeBackend
         from .manifest import TensorSpec
 
         self.tower = tower
+        self.variant, file = tower.graph_for(variant)  # the text graph that goes with that image variant
         self.tokenizer = ClipTokenizer(Path(bundle) / tower.tokenizer, tower.context_length, tower.start_id,
                                        tower.end_id)
-        self.graph = OnnxRuntimeBackend(Path(bundle) / tower.file, (TensorSpec("tokens", "int64", ("batch", "tokens")),),
+        self.graph = OnnxRuntimeBackend(Path(bundle) / file, (TensorSpec("tokens", "int64", ("batch", "tokens")),),
                                         (TensorSpec("text_embedding", "float32", ("batch", "dim")),), threads)
         self.cache: OrderedDict[str, tuple[np.ndarray, bool]] = OrderedDict()
         self.cache_size = cache_size

@@ -141,3 +141,27 @@ def test_sigmoid_head_with_logit_bias_parity(tmp_path):
     inputs, outputs = io_specs(spec.image_size, 4, loaded.info.embed_dim)
     parity = verify_onnx(tmp_path / "m.onnx", inputs, outputs, ref, VerifyConfig())
     assert parity.embedding_cosine_min >= 0.99999 and parity.topk_agreement == 1.0
+
+
+@pytest.mark.parametrize("pool_type, output_tokens, applies", [
+    ("tok", False, True),
+    ("avg", False, False),  # pooling over all tokens needs every token of the last block
+    ("tok", True, False),   # the tower's token outputs are wanted too
+])
+def test_last_block_for_the_class_token_only(pool_type, output_tokens, applies):
+    import copy
+
+    from clipfold.compile.optimize import ClassTokenBlock, keep_class_token_only, use_sdpa_attention
+
+    torch.manual_seed(0)
+    visual = load_model("clipfold-tiny").model.visual.eval()
+    visual.pool_type, visual.output_tokens = pool_type, output_tokens
+    pruned = copy.deepcopy(visual)
+    use_sdpa_attention(pruned)
+    assert keep_class_token_only(pruned) is applies
+    assert isinstance(pruned.transformer.resblocks[-1], ClassTokenBlock) is applies
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        want, got = visual(x), pruned(x)
+    want, got = (want[0], got[0]) if output_tokens else (want, got)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -14,7 +14,7 @@ from clipfold.cli import main
 from clipfold.compile.config import CompileConfig
 from clipfold.compile.pipeline import compile_bundle
 from clipfold.kernels import Gallery
-from clipfold.runtime import Engine
+from clipfold.runtime import SCHEMA_VERSION, Engine
 from clipfold.runtime.kernel_head import KernelHead
 
 from .engine_parity import assert_engine_matches
@@ -118,4 +118,4 @@ def test_cli_threshold_option(large, capsys):
         main(["compile", "--labels", "a,b", "--out", "x", "--kernel-head-classes", "0"])
     assert "expected at least 1 class" in capsys.readouterr().err
     manifest = json.loads((routed.path / "manifest.json").read_text())
-    assert manifest["schema_version"] == 4 and manifest["head"]["kernel"] == "head"
+    assert manifest["schema_version"] == SCHEMA_VERSION and manifest["head"]["kernel"] == "head"

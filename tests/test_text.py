@@ -177,3 +177,34 @@ def test_a_crash_loses_only_the_batch_in_flight(text_bundle, tmp_path, monkeypat
     calls.clear()
     resumed = index_module.build_index(engine, images, tmp_path / "idx")
     assert len(resumed) == 25 and len(resumed.gallery) == 25  # only the last 5 were embedded again
+
+
+def test_quantized_text_graphs_are_gated(tiny_labels, tmp_path):
+    from clipfold.compile.optimize import op_counts
+    from clipfold.compile.precision import GateConfig
+
+    result = compile_bundle(CompileConfig(labels=tiny_labels, out=tmp_path / "q.bundle", top_k=3, text=True,
+                                          text_precisions=("int8-weight",)))
+    (tv,) = result.manifest.text.variants
+    g = tv.gate
+    assert tv.name == "int8-weight" and tv.quantization["bits"] == 8 and g.prompts == 30 * 5
+    assert g.embedding_cosine_min >= 0.99 and g.top1_agreement >= 0.99
+    assert op_counts(result.path / tv.file).get("MatMulNBits", 0) > 0  # really quantized, not a copy of fp32
+    texts = ["a photo of a red star.", "there is a yellow cross", "naïve 🐈"]
+    fp32 = Engine.open(result.path).embed_text(texts).embeddings
+    engine = Engine.open(result.path, text_variant="int8-weight")
+    q = engine.embed_text(texts).embeddings
+    assert engine._text.variant == "int8-weight" and not np.array_equal(q, fp32)
+    assert (q * fp32).sum(axis=1).min() >= 0.99
+    with pytest.raises(errors.BundleError, match=r"no text variant 'int4-weight'.*'fp32', 'int8-weight'"):
+        Engine.open(result.path, text_variant="int4-weight")
+
+    # int4 weights move the tiny tower's embeddings too far: refused, naming the figures; nothing written.
+    with pytest.raises(errors.GateError, match=r"text variant int4-weight misses the gate.*cosine min 0\.9"):
+        compile_bundle(CompileConfig(labels=tiny_labels, out=tmp_path / "q4.bundle", text=True,
+                                     text_precisions=("int4-weight",), gate=GateConfig(min_top1_agreement=0.0)))
+    assert not (tmp_path / "q4.bundle").exists()
+    with pytest.raises(errors.ConfigError, match="needs --text"):
+        CompileConfig(labels=tiny_labels, out=tmp_path / "x", text_precisions=("int8-weight",))
+    with pytest.raises(errors.ConfigError, match="unknown text precision 'int8-static'"):
+        CompileConfig(labels=tiny_labels, out=tmp_path / "x", text=True, text_precisions=("int8-static",))

@@ -1,0 +1,180 @@
+"""Load on ``clipfold serve``: dynamic batching against batch-1 serving, loopback only.
+
+    python -m benchmarks.bench_serve [--bundle B] [--concurrency 1,4,16,64] [--requests 600]
+
+For each mode the server runs as its own process (``clipfold serve``, as a user starts it):
+
+* ``batched``: ``--max-batch 32 --max-delay-ms 5`` (the defaults);
+* ``batch1``: ``--max-batch 1 --max-delay-ms 0``, every request its own engine call.
+
+At each concurrency C, C clients on keep-alive connections (one asyncio task each, raw HTTP/1.1,
+so the client costs little of the 2 cores it shares with the server) send Open Inference Protocol
+``infer`` requests of one preprocessed image each (binary tensor data), ``--requests`` in total
+after a warm-up. Reported: throughput (requests/s over the wall time) and latency p50/p90/p99.
+Target (issue 7): at C = 16 with the tiny model, batched throughput >= 2x batch-1, and batched
+p99 <= 3x its p50. Writes ``benchmarks/results/serve-load.json`` with the machine and versions.
+Without ``--bundle`` it compiles the embedded tiny model into a temporary folder first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+MODES = {"batched": ["--max-batch", "32", "--max-delay-ms", "5"],
+         "batched-0ms": ["--max-batch", "32", "--max-delay-ms", "0"],
+         "batch1": ["--max-batch", "1", "--max-delay-ms", "0"]}
+
+
+def _request(pixels: np.ndarray) -> bytes:
+    header = json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": list(pixels.shape),
+                                     "parameters": {"binary_data_size": pixels.nbytes}}],
+                         "outputs": [{"name": "scores", "parameters": {"binary_data": True}},
+                                     {"name": "indices", "parameters": {"binary_data": True}}]}).encode()
+    body = header + pixels.tobytes()
+    return (f"POST /v2/models/{{model}}/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+            f"Inference-Header-Content-Length: {len(header)}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+async def _read_response(reader: asyncio.StreamReader) -> int:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    length = next(int(v) for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)
+                  if k.strip().lower() == "content-length")
+    await reader.readexactly(length)
+    return status
+
+
+async def _load(port: int, requests: list[bytes], concurrency: int, total: int) -> dict:
+    latencies: list[float] = []
+    errors: dict[int, int] = {}
+    counter = iter(range(total))
+
+    async def client(i: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for n in counter:
+            start = time.perf_counter()
+            writer.write(requests[(i + n) % len(requests)])
+            status = await _read_response(reader)
+            latencies.append(time.perf_counter() - start)
+            if status != 200:
+                errors[status] = errors.get(status, 0) + 1
+        writer.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(concurrency)))
+    wall = time.perf_counter() - start
+    q = statistics.quantiles(latencies, n=100)
+    return {"concurrency": concurrency, "requests": len(latencies), "errors": errors, "seconds": wall,
+            "throughput_rps": len(latencies) / wall, "p50_ms": q[49] * 1e3, "p90_ms": q[89] * 1e3, "p99_ms": q[98] * 1e3}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(bundle: Path, flags: list[str]) -> tuple[subprocess.Popen, int]:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "clipfold", "serve", str(bundle), "--port", str(port), *flags],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, port
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"clipfold serve did not start (exit {proc.poll()})")
+            time.sleep(0.1)
+
+
+def run(bundle: Path, concurrency: list[int], total: int) -> dict:
+    from clipfold.compile.tiny import data
+    from clipfold.runtime import Engine
+    from clipfold.runtime.preprocess import preprocess
+
+    engine = Engine.open(bundle)
+    model = bundle.name.removesuffix(".bundle")
+    pixels = preprocess([s.image for s in data.generate(64, seed=42)], engine.manifest.preprocess)
+    requests = [_request(pixels[i:i + 1]).replace(b"{model}", model.encode()) for i in range(len(pixels))]
+    results: dict[str, list[dict]] = {}
+    for mode, flags in MODES.items():
+        proc, port = _start(bundle, flags)
+        try:
+            asyncio.run(_load(port, requests, 4, 100))  # warm-up: sessions, thread pools, allocator
+            results[mode] = []
+            for c in concurrency:
+                cpu = _cpu_seconds(proc.pid)
+                row = asyncio.run(_load(port, requests, c, max(total, 4 * c)))
+                row["server_cpu_ms_per_request"] = (_cpu_seconds(proc.pid) - cpu) * 1e3 / row["requests"]
+                results[mode].append(row)
+                print(f"{mode:8s} C={c:3d}  {row['throughput_rps']:8.1f} req/s  p50 {row['p50_ms']:7.2f} ms  "
+                      f"p90 {row['p90_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} ms  server CPU {row['server_cpu_ms_per_request']:.2f} "
+                      f"ms/request  errors {row['errors'] or 0}", flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, default=None, help="default: compile the embedded tiny model")
+    parser.add_argument("--concurrency", default="1,4,16,64")
+    parser.add_argument("--requests", type=int, default=600, help="timed requests per concurrency level")
+    parser.add_argument("--out", type=Path, default=RESULTS / "serve-load.json")
+    args = parser.parse_args()
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+
+    from clipfold.compile.profile import machine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = args.bundle
+        if bundle is None:
+            from clipfold.compile.config import CompileConfig
+            from clipfold.compile.pipeline import compile_bundle
+            from clipfold.compile.tiny import data
+
+            bundle = compile_bundle(CompileConfig(labels=tuple(data.class_names()), out=Path(tmp) / "tiny.bundle")).path
+        results = run(bundle, concurrency, args.requests)
+        model = Path(bundle).name
+
+    summary = {}
+    if 16 in concurrency:
+        b = next(r for r in results["batched"] if r["concurrency"] == 16)
+        one = next(r for r in results["batch1"] if r["concurrency"] == 16)
+        summary = {"c16_throughput_ratio": b["throughput_rps"] / one["throughput_rps"],
+                   "c16_batched_p99_over_p50": b["p99_ms"] / b["p50_ms"],
+                   "targets": {"c16_throughput_ratio": ">= 2.0", "c16_batched_p99_over_p50": "<= 3.0"}}
+        print(f"C=16: batched / batch-1 throughput {summary['c16_throughput_ratio']:.2f}x (target >= 2), "
+              f"batched p99/p50 {summary['c16_batched_p99_over_p50']:.2f} (target <= 3)")
+    record = {"machine": machine(), "bundle": model, "modes": {m: " ".join(f) for m, f in MODES.items()},
+              "results": results, "summary": summary}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,565 @@
+"""``clipfold serve``: bundles over HTTP with dynamic batching. No torch.
+
+Two faces on one ASGI app (Starlette, run by uvicorn):
+
+* the Open Inference Protocol v2 (KServe v2 / NVIDIA Triton HTTP), so that existing clients,
+  ``tritonclient.http`` among them, work unchanged: health, server and model metadata, model
+  config, repository index and ``infer`` with JSON tensors or the binary tensor data extension.
+  Each bundle is a model taking ``pixels`` (uint8 NCHW, the bundle's preprocessing already
+  applied) and giving ``scores``, ``indices`` and ``embedding``; a bundle with a text tower adds a
+  model ``<name>-text`` taking ``text`` (BYTES) and giving ``embedding`` and ``truncated``.
+* plain JSON under ``/v1/models/<name>/``: ``classify`` and ``embed`` take encoded images
+  (multipart upload, base64 in JSON, or a raw image body) and do the preprocessing; ``embed``
+  also takes text; ``search`` answers from an index (``--index``).
+
+Every image row, from either face, goes through the model's :class:`~.batcher.DynamicBatcher`,
+so concurrent requests share engine calls. Decoding and preprocessing run in a thread pool, the
+engine in the batcher's thread: the event loop only parses and routes. A full queue answers 503
+with ``Retry-After``; bad input answers 4xx with ``{"error": ...}`` naming what was wrong; an
+unexpected failure answers 500 for that request only. Shutdown (SIGINT/SIGTERM) stops accepting,
+lets in-flight requests finish, then drains the batchers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from clipfold.errors import (BackendUnavailableError, BatcherClosedError, BundleError, ClipfoldError, ConfigError,
+                             DecompressionBombError, ImageError, QueueFullError, RequestError)
+
+from .batcher import DynamicBatcher
+from .engine import Engine
+from .images import load_image
+from .index import Index, bundle_identity
+from .oip import HEADER_LENGTH, TensorMeta, datatype_of, encode_infer_response, load_json, parse_infer_request
+from .preprocess import preprocess
+
+try:  # the serve extra: pip install clipfold[serve]
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+    _MISSING: ImportError | None = None
+except ImportError as exc:  # reported by create_app, so `import clipfold.runtime.server` always works
+    _MISSING = exc
+
+log = logging.getLogger("clipfold.serve")
+VERSION = "1"  # every model has one version
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Server options; every limit is per request unless it says otherwise."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 32  # rows per engine call
+    max_delay_ms: float = 5.0  # how long the oldest waiting row may wait for others
+    max_queue: int = 512  # rows waiting per model; more answers 503
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_items: int = 64  # images or texts in one classify/embed request
+    timeout_s: float = 30.0
+    threads: int | None = None  # ONNX Runtime threads per graph
+
+    def __post_init__(self) -> None:
+        ints = {"port": (self.port, 0, 65535), "max_batch": (self.max_batch, 1, 4096),
+                "max_queue": (self.max_queue, self.max_batch, 1 << 20), "max_body_bytes": (self.max_body_bytes, 1, 1 << 34),
+                "max_image_pixels": (self.max_image_pixels, 1, 1 << 34), "max_items": (self.max_items, 1, 1 << 16)}
+        for name, (value, lo, hi) in ints.items():
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ConfigError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+        if not 0 <= self.max_delay_ms <= 10_000:
+            raise ConfigError(f"max_delay_ms must be between 0 and 10000, got {self.max_delay_ms!r}")
+        if not 0 < self.timeout_s <= 3600:
+            raise ConfigError(f"timeout_s must be in (0, 3600], got {self.timeout_s!r}")
+
+
+class PayloadTooLarge(RequestError):
+    """The body, or an image's pixel count, exceeds the server's limit (HTTP 413)."""
+
+
+class UnknownModel(RequestError):
+    """No served model has that name (HTTP 404)."""
+
+
+@dataclass
+class ServedModel:
+    """One protocol model: a bundle's image graph, or its text tower (``kind="text"``)."""
+
+    name: str
+    kind: str  # "image" | "text"
+    engine: Engine
+    inputs: tuple[TensorMeta, ...]
+    outputs: tuple[TensorMeta, ...]
+    batcher: DynamicBatcher | None = None
+    index: Index | None = None
+    lock: threading.Lock | None = None  # the text encoder's cache is not thread-safe
+
+
+def _meta(spec) -> TensorMeta:
+    return TensorMeta(spec.name, datatype_of(spec.dtype), tuple(d if isinstance(d, int) else -1 for d in spec.shape))
+
+
+def open_models(bundles: Sequence[str | Path], *, variant: str | None = None, indexes: Sequence[str | Path] = (),
+                threads: int | None = None) -> tuple[dict[str, Engine], dict[str, Index]]:
+    """Open each bundle (its name: the folder name without ``.bundle``) and attach each index to
+    the bundle whose image graph built it."""
+    if not bundles:
+        raise ConfigError("give at least one bundle to serve")
+    engines: dict[str, Engine] = {}
+    for path in map(Path, bundles):
+        name = path.name.removesuffix(".bundle")
+        if name in engines:
+            raise ConfigError(f"two bundles are both named {name!r} ({engines[name].path} and {path}); "
+                              "rename one folder")
+        engines[name] = Engine.open(path, variant=variant, threads=threads)
+    attached: dict[str, Index] = {}
+    for path in map(Path, indexes):
+        index = Index.open(path)
+        owner = [n for n, e in engines.items() if bundle_identity(e) == index.meta["bundle"]]
+        if not owner:
+            want = index.meta["bundle"]
+            raise BundleError(f"index {path} was built with {want['model']} (image graph {want['sha256'][:12]}), "
+                              f"which none of the served bundles ({', '.join(engines)}) is; serve that bundle too")
+        if owner[0] in attached:
+            raise ConfigError(f"bundle {owner[0]!r} has two indexes ({attached[owner[0]].path} and {path})")
+        attached[owner[0]] = index
+    return engines, attached
+
+
+class _Metrics:
+    """Prometheus metrics in a registry of their own (one per app, so tests can run several)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("clipfold_requests", "HTTP requests by endpoint, model and status code",
+                                ["endpoint", "model", "code"], registry=r)
+        self.latency = Histogram("clipfold_request_duration_seconds", "request latency by endpoint", ["endpoint"],
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30), registry=r)
+        self.batch = Histogram("clipfold_batch_size", "rows per engine call", ["model"],
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
+        self.engine = Histogram("clipfold_batch_duration_seconds", "engine time per batch", ["model"],
+                                buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5), registry=r)
+        self.queue = Gauge("clipfold_queue_depth", "rows waiting for a batch", ["model"], registry=r)
+
+    def on_batch(self, model: str):
+        batch, engine = self.batch.labels(model=model), self.engine.labels(model=model)
+
+        def record(rows: int, seconds: float) -> None:
+            batch.observe(rows)
+            engine.observe(seconds)
+        return record
+
+
+class ClipfoldServer:
+    """The served models, their batchers and the request handlers (see :func:`create_app`)."""
+
+    def __init__(self, engines: Mapping[str, Engine], config: ServeConfig, indexes: Mapping[str, Index] | None = None):
+        self.config = config
+        self.metrics = _Metrics()
+        self.models: dict[str, ServedModel] = {}
+        self.ready = False
+        indexes = dict(indexes or {})
+        for name, engine in engines.items():
+            spec = engine.variant
+            batcher = engine.batcher(max_batch=config.max_batch, max_delay_ms=config.max_delay_ms,
+                                     max_queue=config.max_queue, on_batch=self.metrics.on_batch(name))
+            self.metrics.queue.labels(model=name).set_function(lambda b=batcher: b.queue_depth)
+            self.models[name] = ServedModel(name, "image", engine, tuple(map(_meta, spec.inputs)),
+                                            tuple(map(_meta, spec.outputs)), batcher, indexes.get(name),
+                                            threading.Lock())
+            if engine.manifest.text is not None:
+                dim = engine.manifest.model.embed_dim
+                text = ServedModel(f"{name}-text", "text", engine, (TensorMeta("text", "BYTES", (-1,)),),
+                                   (TensorMeta("embedding", "FP32", (-1, dim)), TensorMeta("truncated", "BOOL", (-1,))),
+                                   lock=self.models[name].lock)
+                if text.name in engines:
+                    raise ConfigError(f"bundle {text.name!r} clashes with the text model of bundle {name!r}")
+                self.models[text.name] = text
+
+    def close(self) -> None:
+        """Finish every queued batch, then stop the batchers (waiting at most the request time limit)."""
+        self.ready = False
+        for model in self.models.values():
+            if model.batcher is not None:
+                model.batcher.close(drain=True, timeout=self.config.timeout_s)
+
+    # --- plumbing ---------------------------------------------------------------------------
+    def endpoint(self, name: str, handler):
+        """Wrap a handler: time limit, error -> JSON status, metrics and one structured log line."""
+        async def wrapped(request: Request) -> Response:
+            start = time.perf_counter()
+            try:
+                response = await asyncio.wait_for(handler(request), self.config.timeout_s)
+            except asyncio.TimeoutError:
+                response = _error(504, f"the request took longer than the server's {self.config.timeout_s:g} s limit")
+            except Exception as exc:  # noqa: BLE001 - one request's failure must not reach the server
+                response = self._error_response(exc)
+            model = request.path_params.get("model", "")
+            model = model if model in self.models else ("" if not model else "<unknown>")
+            seconds = time.perf_counter() - start
+            self.metrics.requests.labels(endpoint=name, model=model, code=str(response.status_code)).inc()
+            self.metrics.latency.labels(endpoint=name).observe(seconds)
+            log.info("request", extra={"fields": {"endpoint": name, "model": model, "status": response.status_code,
+                                                  "ms": round(seconds * 1000, 3)}})
+            return response
+        return wrapped
+
+    def _error_response(self, exc: Exception) -> Response:
+        if isinstance(exc, UnknownModel):
+            return _error(404, str(exc))
+        if isinstance(exc, (PayloadTooLarge, DecompressionBombError)):
+            return _error(413, str(exc))
+        if isinstance(exc, QueueFullError):
+            return _error(503, str(exc), {"Retry-After": "1"})
+        if isinstance(exc, BatcherClosedError):
+            return _error(503, str(exc), {"Retry-After": "5"})
+        if isinstance(exc, HTTPException):  # e.g. Starlette's multipart parser
+            return _error(exc.status_code if 400 <= exc.status_code < 500 else 400, str(exc.detail))
+        if isinstance(exc, (RequestError, ImageError, ConfigError)):
+            return _error(400, str(exc))
+        if isinstance(exc, BundleError) and "no text tower" in str(exc):
+            return _error(400, str(exc))
+        log.exception("request failed", extra={"fields": {"error": type(exc).__name__}})
+        return _error(500, f"internal error ({type(exc).__name__}); the server logged it")
+
+    def model(self, request: Request, kind: str | None = None) -> ServedModel:
+        name = request.path_params["model"]
+        model = self.models.get(name)
+        if model is None:
+            raise UnknownModel(f"unknown model {name!r}; served: {sorted(self.models)}")
+        version = request.path_params.get("version")
+        if version is not None and version != VERSION:
+            raise UnknownModel(f"model {name!r} has no version {version!r}; it has version {VERSION!r}")
+        if kind is not None and model.kind != kind:
+            raise RequestError(f"model {name!r} is a {model.kind} model; use the bundle's image model "
+                               f"{name.removesuffix('-text')!r} here")
+        return model
+
+    async def body(self, request: Request) -> bytes:
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"the body is {int(declared):,} bytes; this server takes at most {limit:,}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"the body exceeds this server's limit of {limit:,} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def rows(self, model: ServedModel, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        return await asyncio.wrap_future(model.batcher.submit(pixels))
+
+    # --- Open Inference Protocol v2 ---------------------------------------------------------
+    async def server_metadata(self, request: Request) -> Response:
+        from clipfold import __version__
+
+        return JSONResponse({"name": "clipfold", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+    async def live(self, request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def server_ready(self, request: Request) -> Response:
+        return JSONResponse({"ready": self.ready}, status_code=200 if self.ready else 503)
+
+    async def model_metadata(self, request: Request) -> Response:
+        m = self.model(request)
+        return JSONResponse({"name": m.name, "versions": [VERSION], "platform": "onnxruntime_onnx",
+                             "inputs": [t.to_json() for t in m.inputs], "outputs": [t.to_json() for t in m.outputs]})
+
+    async def model_ready(self, request: Request) -> Response:
+        m = self.model(request)
+        return JSONResponse({"name": m.name, "ready": self.ready}, status_code=200 if self.ready else 503)
+
+    async def model_config(self, request: Request) -> Response:
+        m = self.model(request)
+
+        def dims(t: TensorMeta) -> dict:
+            return {"name": t.name, "data_type": f"TYPE_{'STRING' if t.datatype == 'BYTES' else t.datatype}",
+                    "dims": list(t.shape[1:]) or [1]}
+        config: dict[str, Any] = {"name": m.name, "platform": "onnxruntime_onnx", "max_batch_size": self.config.max_batch,
+                                  "input": [dims(t) for t in m.inputs], "output": [dims(t) for t in m.outputs]}
+        if m.kind == "image":
+            config["dynamic_batching"] = {"max_queue_delay_microseconds": int(self.config.max_delay_ms * 1000)}
+        return JSONResponse(config)
+
+    async def repository_index(self, request: Request) -> Response:
+        return JSONResponse([{"name": n, "version": VERSION, "state": "READY" if self.ready else "UNAVAILABLE"}
+                             for n in self.models])
+
+    async def infer(self, request: Request) -> Response:
+        m = self.model(request)
+        body = await self.body(request)
+        args = (body, request.headers.get(HEADER_LENGTH), m.inputs, m.outputs)
+        # A large JSON tensor takes a while to parse: keep the event loop free for other requests.
+        req = parse_infer_request(*args) if len(body) <= INLINE_PARSE_BYTES else \
+            await run_in_threadpool(parse_infer_request, *args)
+        rows = len(next(iter(req.inputs.values())))
+        if rows > self.config.max_queue:
+            raise RequestError(f"{rows} rows in one request; this server takes at most {self.config.max_queue}")
+        if m.kind == "image":
+            out = await self.rows(m, req.inputs["pixels"])
+        else:
+            try:
+                texts = [t.decode("utf-8") for t in req.inputs["text"]]
+            except UnicodeDecodeError as exc:
+                raise RequestError(f"input 'text' must be UTF-8: {exc}") from None
+            embedded = await run_in_threadpool(self._embed_text, m, texts)
+            out = {"embedding": embedded.embeddings, "truncated": embedded.truncated}
+        content, headers = encode_infer_response(m.name, VERSION, req.id, {n: (out[n], b) for n, b in req.outputs.items()})
+        return Response(content, headers=headers,
+                        media_type="application/octet-stream" if headers else "application/json")
+
+    # --- plain JSON -------------------------------------------------------------------------
+    async def list_models(self, request: Request) -> Response:
+        return JSONResponse({"models": [
+            {"name": m.name, "labels": len(m.engine.labels), "max_k": m.engine.max_k,
+             "text": m.engine.manifest.text is not None, "index": None if m.index is None else len(m.index)}
+            for m in self.models.values() if m.kind == "image"]})
+
+    async def classify(self, request: Request) -> Response:
+        m = self.model(request, "image")
+        images, params = await self._images_and_params(request)
+        k = _int_param(params, "k", min(5, m.engine.max_k), 1, m.engine.max_k)
+        pixels = await run_in_threadpool(self._pixels, m, images)
+        out = await self.rows(m, pixels)
+        labels = m.engine.labels
+        return JSONResponse({"model": m.name, "predictions": [
+            [{"label": labels[int(i)], "score": float(s), "index": int(i)} for s, i in zip(scores[:k], indices[:k])]
+            for scores, indices in zip(out["scores"], out["indices"])]})
+
+    async def embed(self, request: Request) -> Response:
+        m = self.model(request, "image")
+        texts, images, _ = await self._query(request, allow_many=True)
+        if texts is not None:
+            embedded = await run_in_threadpool(self._embed_text, m, texts)
+            return JSONResponse({"model": m.name, "embeddings": embedded.embeddings.tolist(),
+                                 "truncated": embedded.truncated.tolist()})
+        pixels = await run_in_threadpool(self._pixels, m, images)
+        out = await self.rows(m, pixels)
+        return JSONResponse({"model": m.name, "embeddings": out["embedding"].tolist()})
+
+    async def search(self, request: Request) -> Response:
+        m = self.model(request, "image")
+        if m.index is None:
+            raise RequestError(f"model {m.name!r} has no index; start the server with --index INDEX built from it")
+        texts, images, params = await self._query(request, allow_many=False)
+        k = _int_param(params, "k", 10, 1, 10_000)
+        if texts is not None:
+            result = await run_in_threadpool(self._search_text, m, texts[0], k)
+        else:
+            image = await run_in_threadpool(load_image, images[0], self.config.max_image_pixels)
+            result = await run_in_threadpool(m.index.search, m.engine, image=image, k=k)
+        return JSONResponse({"model": m.name, "hits": [{"id": h.path, "score": h.score} for h in result.hits],
+                             "query_truncated": result.query_truncated})
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # --- helpers ----------------------------------------------------------------------------
+    def _embed_text(self, m: ServedModel, texts: list[str]):
+        with m.lock:
+            return m.engine.embed_text(texts)
+
+    def _search_text(self, m: ServedModel, text: str, k: int):
+        with m.lock:
+            return m.index.search(m.engine, text=text, k=k)
+
+    def _pixels(self, m: ServedModel, images: list[bytes]) -> np.ndarray:
+        decoded = []
+        for i, data in enumerate(images):
+            try:
+                decoded.append(load_image(data, self.config.max_image_pixels))
+            except ImageError as exc:
+                raise type(exc)(f"image {i}: {exc}") from None
+        return preprocess(decoded, m.engine.manifest.preprocess)
+
+    async def _images_and_params(self, request: Request) -> tuple[list[bytes], dict]:
+        texts, images, params = await self._query(request, allow_many=True, allow_text=False)
+        return images, params
+
+    async def _query(self, request: Request, allow_many: bool, allow_text: bool = True):
+        """(texts or None, images or None, params) from a multipart form, a JSON object or a raw image body."""
+        body = await self.body(request)
+        params: dict[str, Any] = dict(request.query_params)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        texts, images = None, []
+        if ctype == "multipart/form-data":
+            form = await _form(request, body, self.config.max_items)
+            try:
+                for key, value in form.multi_items():
+                    if hasattr(value, "read"):
+                        images.append(await value.read())
+                    elif key in ("text", "texts"):
+                        texts = (texts or []) + [value]
+                    else:
+                        params[key] = value
+            finally:
+                await form.close()  # spooled upload files
+        elif ctype == "application/json":
+            obj = load_json(body)
+            if not isinstance(obj, dict):
+                raise RequestError(f"the request must be a JSON object, got {type(obj).__name__}")
+            for key in ("image", "images"):
+                if key in obj:
+                    values = obj[key] if isinstance(obj[key], list) else [obj[key]]
+                    images += [_b64(v, f"{key}[{i}]") for i, v in enumerate(values)]
+            for key in ("text", "texts"):
+                if key in obj:
+                    values = obj[key] if isinstance(obj[key], list) else [obj[key]]
+                    if not all(isinstance(t, str) for t in values):
+                        raise RequestError(f"'{key}' must be a string or a list of strings")
+                    texts = (texts or []) + values
+            params.update({k: v for k, v in obj.items() if k not in ("image", "images", "text", "texts")})
+        elif body:
+            images = [body]  # a raw image body: image/png, image/jpeg, application/octet-stream...
+        if texts is not None and not allow_text:
+            raise RequestError("this endpoint takes images, not text")
+        if texts == []:
+            raise RequestError("'text' is an empty list; send at least one text query")
+        if (texts is None) == (not images):
+            raise RequestError("send exactly one kind of query: images (multipart files, JSON 'image'/'images' in "
+                               "base64, or a raw image body)" + (" or text (JSON 'text')" if allow_text else ""))
+        count = len(texts if texts is not None else images)
+        limit = self.config.max_items if allow_many else 1
+        if count > limit:
+            raise RequestError(f"{count} queries in one request; this endpoint takes at most {limit}")
+        return texts, (images or None), params
+
+
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    return JSONResponse({"error": message}, status_code=status, headers=dict(headers or {}))
+
+
+def _b64(value, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise RequestError(f"{what} must be a base64 string, got {type(value).__name__}")
+    if value.startswith("data:") and "," in value:  # a data URL
+        value = value.split(",", 1)[1]
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise RequestError(f"{what} is not valid base64: {exc}") from None
+    if not data:
+        raise RequestError(f"{what} is empty")
+    return data
+
+
+def _int_param(params: Mapping[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+    value = params.get(key, default)
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,9}", value.strip()):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise RequestError(f"'{key}' must be an integer in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+async def _form(request: Request, body: bytes, max_files: int):
+    async def replay() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+    try:
+        return await Request(request.scope, replay).form(max_files=max_files, max_fields=max_files + 16)
+    except HTTPException:
+        raise
+    except Exception as exc:  # noqa: BLE001 - python-multipart's parse errors
+        raise RequestError(f"the multipart form cannot be parsed: {exc}") from None
+
+
+# Above this many bytes an infer body is parsed in the thread pool, not on the event loop.
+INLINE_PARSE_BYTES = 64 * 1024
+
+
+def require_serve_extra() -> None:
+    if _MISSING is not None:
+        raise BackendUnavailableError(f"serving needs the serve extra ({_MISSING.name} is missing): "
+                                      "pip install 'clipfold[serve]'")
+
+
+def create_app(server: ClipfoldServer):
+    """The Starlette app serving ``server``'s models."""
+    require_serve_extra()
+    s = server
+
+    def route(path: str, name: str, handler, methods=("GET",)) -> Route:
+        return Route(path, s.endpoint(name, handler), methods=list(methods))
+
+    routes = [route("/v2", "server_metadata", s.server_metadata),
+              route("/v2/health/live", "live", s.live), route("/v2/health/ready", "ready", s.server_ready),
+              route("/v2/repository/index", "repository_index", s.repository_index, ("POST",)),
+              route("/v1/models", "list_models", s.list_models),
+              route("/v1/models/{model}/classify", "classify", s.classify, ("POST",)),
+              route("/v1/models/{model}/embed", "embed", s.embed, ("POST",)),
+              route("/v1/models/{model}/search", "search", s.search, ("POST",)),
+              route("/metrics", "metrics", s.metrics_endpoint)]
+    for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+        routes += [route(prefix, "model_metadata", s.model_metadata),
+                   route(prefix + "/ready", "model_ready", s.model_ready),
+                   route(prefix + "/config", "model_config", s.model_config),
+                   route(prefix + "/infer", "infer", s.infer, ("POST",))]
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:  # unknown path, wrong method
+        return _error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        s.ready = True
+        log.info("ready", extra={"fields": {"models": sorted(s.models)}})
+        yield
+        log.info("draining", extra={"fields": {"queued": {n: m.batcher.queue_depth for n, m in s.models.items()
+                                                          if m.batcher is not None}}})
+        await run_in_threadpool(s.close)
+
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the record's ``fields``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
+                 "msg": record.getMessage(), **getattr(record, "fields", {})}
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def serve(bundles: Sequence[str | Path], config: ServeConfig, *, variant: str | None = None,
+          indexes: Sequence[str | Path] = (), progress=print) -> None:
+    """Open the bundles and serve them until SIGINT/SIGTERM (in-flight requests finish first)."""
+    require_serve_extra()
+    import uvicorn
+
+    engines, attached = open_models(bundles, variant=variant, indexes=indexes, threads=config.threads)
+    server = ClipfoldServer(engines, config, attached)
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter())
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    progress(f"serving {', '.join(sorted(server.models))} on http://{config.host}:{config.port} "
+             f"(max batch {config.max_batch}, max delay {config.max_delay_ms:g} ms)")
+    try:
+        uvicorn.run(create_app(server), host=config.host, port=config.port, log_config=None, access_log=False,
+                    timeout_graceful_shutdown=int(config.timeout_s) + 5, lifespan="on")
+    finally:
+        server.close()
