@@ -215,20 +215,28 @@ def _decode_input(tensor: dict, meta: TensorMeta, binary: bytes, offset: int) ->
         return array.reshape(shape), offset + size
     if "data" not in tensor:
         raise RequestError(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
-    flat = _flatten(tensor["data"], len(shape), name)
+    flat = _flatten(tensor["data"], shape, name)
     if len(flat) != count:
         raise RequestError(f"input {name!r} of shape {shape} needs {count} values, 'data' holds {len(flat)}")
     return _json_values(flat, meta.datatype, dtype, name).reshape(shape), offset
 
 
-def _flatten(data, depth: int, name: str) -> list:
+def _flatten(data, shape: list[int], name: str) -> list:
+    """``data`` flat (row-major), or nested exactly as ``shape``; the values, flat."""
     if not isinstance(data, list):
         raise RequestError(f"'data' of input {name!r} must be a list, got {type(data).__name__}")
     if not any(isinstance(v, list) for v in data):
         return data
-    if depth <= 1 or not all(isinstance(v, list) for v in data):
-        raise RequestError(f"'data' of input {name!r} is nested deeper than its shape or mixes lists and values")
-    return [x for v in data for x in _flatten(v, depth - 1, name)]
+    if len(shape) <= 1 or len(data) != shape[0] or not all(isinstance(v, list) for v in data):
+        raise RequestError(f"'data' of input {name!r} is nested unlike its shape {shape}; send it flat (row-major) "
+                           "or nested exactly as the shape")
+    out = []
+    for v in data:
+        inner = _flatten(v, shape[1:], name)
+        if len(inner) != int(np.prod(shape[1:], dtype=object)):
+            raise RequestError(f"'data' of input {name!r} is nested unlike its shape {shape}")
+        out.extend(inner)
+    return out
 
 
 def _json_values(flat: list, datatype: str, dtype: np.dtype, name: str) -> np.ndarray:
