@@ -37,7 +37,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from clipfold.errors import (BackendUnavailableError, BatcherClosedError, BundleError, ClipfoldError, ConfigError,
+from clipfold.errors import (BackendUnavailableError, BatcherClosedError, BundleError, ConfigError,
                              DecompressionBombError, ImageError, QueueFullError, RequestError)
 
 from .batcher import DynamicBatcher
@@ -236,8 +236,6 @@ class ClipfoldServer:
             return _error(exc.status_code if 400 <= exc.status_code < 500 else 400, str(exc.detail))
         if isinstance(exc, (RequestError, ImageError, ConfigError)):
             return _error(400, str(exc))
-        if isinstance(exc, BundleError) and "no text tower" in str(exc):
-            return _error(400, str(exc))
         log.exception("request failed", extra={"fields": {"error": type(exc).__name__}})
         return _error(500, f"internal error ({type(exc).__name__}); the server logged it")
 
@@ -257,7 +255,7 @@ class ClipfoldServer:
     async def body(self, request: Request) -> bytes:
         limit = self.config.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        if declared is not None and re.fullmatch(r"[0-9]{1,15}", declared) and int(declared) > limit:
             raise PayloadTooLarge(f"the body is {int(declared):,} bytes; this server takes at most {limit:,}")
         chunks, size = [], 0
         async for chunk in request.stream():
@@ -378,10 +376,12 @@ class ClipfoldServer:
 
     # --- helpers ----------------------------------------------------------------------------
     def _embed_text(self, m: ServedModel, texts: list[str]):
+        _require_text(m)
         with m.lock:
             return m.engine.embed_text(texts)
 
     def _search_text(self, m: ServedModel, text: str, k: int):
+        _require_text(m)
         with m.lock:
             return m.index.search(m.engine, text=text, k=k)
 
@@ -445,6 +445,11 @@ class ClipfoldServer:
         if count > limit:
             raise RequestError(f"{count} queries in one request; this endpoint takes at most {limit}")
         return texts, (images or None), params
+
+
+def _require_text(m: ServedModel) -> None:
+    if m.engine.manifest.text is None:
+        raise RequestError(f"model {m.name!r} has no text tower; compile its bundle with --text for text queries")
 
 
 def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:

@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -394,13 +393,17 @@ def test_image_pixel_limit_and_the_server_survives(setup, reference):
     assert status == 200 and json.loads(raw)["predictions"][0][0]["label"] == reference.classify([png], k=1)[0][0].label
 
 
-def test_search_needs_an_index(setup):
+def test_search_needs_an_index_and_text_needs_a_text_tower(setup, tiny_bundle):
     _, bundle, _ = setup
     engines, _ = open_models([bundle])
-    running = Running(ClipfoldServer(engines, ServeConfig()))
+    no_text, _ = open_models([tiny_bundle.path])  # compiled without --text
+    running = Running(ClipfoldServer({**engines, "plain": no_text["tiny"]}, ServeConfig()))
     try:
         status, _, obj = running.json("POST", "/v1/models/tiny/search", {"text": "a red star"})
         assert status == 400 and "--index" in obj["error"]
+        status, _, obj = running.json("POST", "/v1/models/plain/embed", {"text": "a red star"})
+        assert status == 400 and "no text tower" in obj["error"]
+        assert running.json("GET", "/v2/models/plain-text")[0] == 404  # no text model without a text tower
     finally:
         running.stop()
 
