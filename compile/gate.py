@@ -128,13 +128,19 @@ def measure(reference: dict[str, np.ndarray], got: dict[str, np.ndarray], held: 
                 accuracy=accuracy, reference_accuracy=reference_accuracy, thresholds=cfg.thresholds())
 
 
+def embedding_failures(cosine_min: float, top1_agreement: float, cfg: GateConfig) -> list[str]:
+    """The figures every gate has (image and text): min cosine and top-1 agreement against their limits."""
+    out = []  # written as "not >=" so that a NaN figure fails
+    if not cosine_min >= cfg.min_cosine:
+        out.append(f"min embedding cosine {cosine_min:.5f} < {cfg.min_cosine}")
+    if not top1_agreement >= cfg.min_top1_agreement:
+        out.append(f"top-1 agreement {top1_agreement:.2%} < {cfg.min_top1_agreement:.2%}")
+    return out
+
+
 def failures(gate: Gate, cfg: GateConfig) -> list[str]:
     """Every figure that misses its limit, with both numbers."""
-    out = []  # written as "not >=" so that a NaN figure fails
-    if not gate.embedding_cosine_min >= cfg.min_cosine:
-        out.append(f"min embedding cosine {gate.embedding_cosine_min:.5f} < {cfg.min_cosine}")
-    if not gate.top1_agreement >= cfg.min_top1_agreement:
-        out.append(f"top-1 agreement {gate.top1_agreement:.2%} < {cfg.min_top1_agreement:.2%}")
+    out = embedding_failures(gate.embedding_cosine_min, gate.top1_agreement, cfg)
     if not gate.top5_overlap >= cfg.min_top5_overlap:
         out.append(f"top-5 overlap {gate.top5_overlap:.2%} < {cfg.min_top5_overlap:.2%}")
     if gate.accuracy is not None and not gate.reference_accuracy - gate.accuracy <= cfg.max_accuracy_drop:

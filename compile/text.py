@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from clipfold.errors import ConfigError, ExportError, GateError, VerificationError
 from clipfold.runtime.manifest import TextGate, TextParity, TextTower, TextVariant
 
-from .gate import row_cosine
+from .gate import embedding_failures, row_cosine
 from .head import _encode_cut, pooled_positions
 
 TEXT_FILE = "text.onnx"
@@ -171,10 +171,7 @@ def build_text_variants(stage: Path, tower: TextTower, precisions: Sequence[str]
         gate = TextGate(prompts=len(prompts), embedding_cosine_min=float(cos.min()),
                         embedding_cosine_mean=float(cos.mean()), top1_agreement=agreement,
                         thresholds={"min_cosine": gate_cfg.min_cosine, "min_top1_agreement": gate_cfg.min_top1_agreement})
-        missed = [f"embedding cosine min {gate.embedding_cosine_min:.5f} < {gate_cfg.min_cosine}"] \
-            if gate.embedding_cosine_min < gate_cfg.min_cosine else []
-        if agreement < gate_cfg.min_top1_agreement:
-            missed.append(f"top-1 agreement {agreement:.2%} < {gate_cfg.min_top1_agreement:.2%}")
+        missed = embedding_failures(gate.embedding_cosine_min, agreement, gate_cfg)  # NaN fails too
         if missed:
             dst.unlink(missing_ok=True)
             raise GateError(f"text variant {precision} misses the gate against the fp32 text graph on {len(prompts)} "

@@ -41,7 +41,7 @@ class Engine:
 
     def __init__(self, path: Path, manifest: Manifest, variant: Variant, backend: Backend,
                  batch_size: int = DEFAULT_BATCH, head: ExtraHead | None = None, head_backend: Backend | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, text_variant: str | None = None):
         self.path = path
         self.manifest = manifest
         self.variant = variant
@@ -51,7 +51,7 @@ class Engine:
         self.head_backend = head_backend
         self.threads = threads
         self._text = None  # the text encoder, opened on the first text query
-        self.text_variant: str | None = None  # None: the text variant named like ``variant``, else fp32
+        self.text_variant = text_variant  # None: the text variant named like ``variant``, else fp32
 
     @classmethod
     def open(cls, path: str | Path, *, variant: str | None = None, backend: str = "onnxruntime",
@@ -77,10 +77,8 @@ class Engine:
         if manifest.head.kernel is not None:  # the default head is scored by the top-k kernel
             graph = KernelHeadBackend(graph, KernelHead(path / manifest.head.kernel, manifest.head.activation,
                                                         chosen.top_k, len(manifest.labels), threads))
-        engine = cls(path, manifest, chosen, graph, batch_size=batch_size, head=extra, head_backend=head_backend,
-                     threads=threads)
-        engine.text_variant = text_variant
-        return engine
+        return cls(path, manifest, chosen, graph, batch_size=batch_size, head=extra, head_backend=head_backend,
+                   threads=threads, text_variant=text_variant)
 
     @property
     def labels(self) -> tuple[str, ...]:

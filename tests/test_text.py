@@ -200,7 +200,7 @@ def test_quantized_text_graphs_are_gated(tiny_labels, tmp_path):
         Engine.open(result.path, text_variant="int4-weight")
 
     # int4 weights move the tiny tower's embeddings too far: refused, naming the figures; nothing written.
-    with pytest.raises(errors.GateError, match=r"text variant int4-weight misses the gate.*cosine min 0\.9"):
+    with pytest.raises(errors.GateError, match=r"text variant int4-weight misses the gate.*min embedding cosine 0\.9"):
         compile_bundle(CompileConfig(labels=tiny_labels, out=tmp_path / "q4.bundle", text=True,
                                      text_precisions=("int4-weight",), gate=GateConfig(min_top1_agreement=0.0)))
     assert not (tmp_path / "q4.bundle").exists()
