@@ -174,28 +174,37 @@ def cmd_index(args: argparse.Namespace) -> int:
     from clipfold.runtime import Engine
     from clipfold.runtime.index import build_index
 
-    engine = Engine.open(args.bundle, threads=args.threads)
-    index = build_index(engine, args.folder, args.out, storage=args.storage,
-                        progress=lambda message: print(message, file=sys.stderr))
+    progress = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    if args.ray:
+        from clipfold.runtime.ray_index import build_index_ray
+
+        index = build_index_ray(args.bundle, args.folder, args.out, storage=args.storage, address=args.address,
+                                actors=args.actors, threads_per_actor=args.threads or 1, progress=progress)
+    else:
+        if args.address is not None:
+            raise ConfigError("--address joins a Ray cluster: it needs --ray")
+        engine = Engine.open(args.bundle, threads=args.threads)
+        index = build_index(engine, args.folder, args.out, storage=args.storage, progress=progress)
     print(f"{args.out}: {len(index):,} images, {index.meta['storage']}, built with {index.meta['bundle']['model']}")
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     from clipfold.runtime import Engine
-    from clipfold.runtime.index import Index
+    from clipfold.runtime.index import Index, ShardedIndex
 
-    index = Index.open(args.index)
+    index = Index.open(args.index[0]) if len(args.index) == 1 else ShardedIndex.open(args.index)
     engine = Engine.open(args.bundle or index.meta["bundle_path"], threads=args.threads)
     result = index.search(engine, text=args.text, image=args.image, k=args.k)
     if args.json:
-        print(json.dumps({"hits": [{"path": h.path, "score": h.score} for h in result.hits],
+        print(json.dumps({"hits": [{"path": h.path, "score": h.score, **({"index": h.index} if h.index else {})}
+                                   for h in result.hits],
                           "query_truncated": result.query_truncated}, indent=2))
         return 0
     if result.query_truncated:
         print("note: the text query was longer than the model's context and was cut", file=sys.stderr)
     for hit in result.hits:
-        print(f"  {hit.score:8.4f}  {hit.path}")
+        print(f"  {hit.score:8.4f}  {hit.path}" + (f"  ({hit.index})" if hit.index else ""))
     return 0
 
 
@@ -252,6 +261,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.bundles, config, variant=args.variant, indexes=args.index,
           progress=lambda m: print(m, file=sys.stderr, flush=True))
     return 0
+
+
+def cmd_export_triton(args: argparse.Namespace) -> int:
+    from clipfold.compile.triton_repo import TritonExportConfig, export_triton
+
+    preferred = tuple(_positive_ints(args.preferred_batch, "--preferred-batch")) if args.preferred_batch else ()
+    config = TritonExportConfig(bundle=args.bundle, out=args.out, name=args.name, variant=args.variant,
+                                max_batch=args.max_batch, preferred_batch=preferred,
+                                max_queue_delay_us=args.max_queue_delay_us, instances=args.instances,
+                                preprocess_instances=args.preprocess_instances, kind=args.kind, overwrite=args.overwrite)
+    path = export_triton(config)
+    print(f"wrote Triton model repository {path}: ensemble {config.name!r} (image bytes -> labels, scores, "
+          f"indices, embedding) over {config.name}_preprocess, {config.name}_onnx and {config.name}_labels; "
+          f"every config.pbtxt validated")
+    print(f"run it: tritonserver --model-repository {path}  (clipfold must be installed for the Python backend)")
+    return 0
+
+
+def _positive_ints(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} takes comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"{option} takes comma-separated positive integers, got {text!r}")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -377,11 +412,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", type=Path, help="images to index (searched recursively)")
     p.add_argument("--out", required=True, type=Path, help="index folder (a re-run adds new or changed images)")
     p.add_argument("--storage", default="fp32", choices=("fp32", "fp16", "int8"), help="embedding storage (default fp32)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (with --ray: per actor, default 1)")
+    p.add_argument("--ray", action="store_true", help="embed with Ray Data: a pool of Engine actors (local Ray "
+                   "instance unless --address)")
+    p.add_argument("--address", default=None, help="with --ray: the cluster to join ('auto', 'ray://host:10001')")
+    p.add_argument("--actors", type=int, default=2, help="with --ray: Engine actors (default 2)")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("search", help="search an index by text (bundle compiled with --text) or by image")
-    p.add_argument("index", type=Path)
+    p.add_argument("index", type=Path, nargs="+", help="one index, or several of the same bundle searched as one")
     query = p.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", default=None)
     query.add_argument("--image", type=Path, default=None)
@@ -407,6 +446,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an index (clipfold index) to answer /search with; repeatable")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per graph")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="hand a bundle to another serving system")
+    export_sub = p.add_subparsers(dest="export_command", required=True)
+    p = export_sub.add_parser("triton", help="write a Triton Inference Server model repository (ensemble of "
+                              "preprocessing, the ONNX engine and labels), validated against the graph")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--out", required=True, type=Path, help="repository folder to write")
+    p.add_argument("--name", default=None, help="ensemble model name (default: the bundle folder's name)")
+    p.add_argument("--variant", default=None, help="variant to export (default: the bundle's default)")
+    p.add_argument("--max-batch", type=int, default=32, help="max_batch_size of every model (default 32)")
+    p.add_argument("--preferred-batch", default=None, help="dynamic batching's preferred sizes, e.g. 8,32 "
+                   "(default: max batch / 4 and max batch)")
+    p.add_argument("--max-queue-delay-us", type=int, default=5000, help="dynamic batching's max queue delay (default 5000)")
+    p.add_argument("--instances", type=int, default=1, help="engine instances per device (default 1)")
+    p.add_argument("--preprocess-instances", type=int, default=2, help="Python preprocessing instances (default 2)")
+    p.add_argument("--kind", default="cpu", choices=("cpu", "gpu"), help="where the engine instances run (default cpu)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export_triton)
 
     p = sub.add_parser("models", help="list the model names open_clip knows (plus clipfold-tiny)")
     p.set_defaults(func=cmd_models)

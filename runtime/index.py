@@ -15,9 +15,10 @@ exact after skipping them.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -37,6 +38,7 @@ BATCH_FILES = 256  # images per shard: what a crash can lose
 class Hit:
     path: str  # relative to the indexed folder
     score: float  # cosine similarity
+    index: str | None = None  # which index of a ShardedIndex holds it (None for a single Index)
 
 
 @dataclass(frozen=True)
@@ -60,44 +62,72 @@ def _images(folder: Path) -> list[Path]:
 def build_index(engine, folder: str | Path, out: str | Path, storage: str = "fp32",
                 progress: Callable[[str], None] | None = None) -> "Index":
     """Embed every image under ``folder`` not yet in the index ``out`` (created if missing)."""
-    folder, out = Path(folder), Path(out)
-    if storage not in STORAGES:
-        raise ConfigError(f"unknown index storage {storage!r}; expected one of {sorted(STORAGES)}")
-    identity = bundle_identity(engine)
-    if (out / INDEX_FILE).is_file():
-        meta = _read_meta(out)
-        _check_identity(meta, identity, out)
-        if meta["storage"] != storage:
-            raise ConfigError(f"index {out} stores {meta['storage']}, not {storage}; build a new index for another storage")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        meta = {"version": VERSION, "bundle": identity, "bundle_path": str(Path(engine.path).resolve()),
-                "folder": str(folder.resolve()), "dim": engine.manifest.model.embed_dim, "storage": storage,
-                "shards": [], "files": {}}
-    todo = []
-    for path in _images(folder):
-        rel, stat = path.relative_to(folder).as_posix(), path.stat()
-        known = meta["files"].get(rel)
-        if known is None or known[:2] != [stat.st_size, stat.st_mtime_ns]:
-            todo.append((rel, path, stat))
+    writer = IndexWriter(engine, folder, out, storage)
+    todo = writer.pending()
     for start in range(0, len(todo), BATCH_FILES):
         batch = todo[start:start + BATCH_FILES]
-        embeddings = engine.embed([path for _, path, _ in batch])
-        shard = len(meta["shards"])
-        name = f"shards/{shard:06d}"
-        Gallery.from_array(embeddings, storage=storage, ids=[rel for rel, _, _ in batch]).save(out / name)
-        files = {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted((out / name).iterdir())}
-        meta["shards"].append({"dir": name, "count": len(batch), "files": files})
-        for row, (rel, _, stat) in enumerate(batch):
-            meta["files"][rel] = [stat.st_size, stat.st_mtime_ns, shard, row]
-        write_json(out / INDEX_FILE, meta)  # the batch is committed only now
+        writer.commit([rel for rel, _ in batch], engine.embed([path for _, path in batch]))
         if progress is not None:
             progress(f"indexed {start + len(batch):,}/{len(todo):,} new or changed images")
-    if not todo and progress is not None:
-        progress(f"index {out} is up to date ({len(meta['files']):,} images)")
-    if not (out / INDEX_FILE).is_file():
-        write_json(out / INDEX_FILE, meta)
-    return Index.open(out)
+    return writer.finish(progress)
+
+
+class IndexWriter:
+    """Opens or creates the index ``out`` for ``folder`` and commits embedded batches to it, one shard each.
+
+    Shared by :func:`build_index` (one process) and :func:`clipfold.runtime.ray_index.build_index_ray`
+    (a Ray cluster embeds; the driver commits), so both write the same format with the same guarantees.
+    """
+
+    def __init__(self, engine, folder: str | Path, out: str | Path, storage: str = "fp32"):
+        self.folder, self.out = Path(folder), Path(out)
+        if storage not in STORAGES:
+            raise ConfigError(f"unknown index storage {storage!r}; expected one of {sorted(STORAGES)}")
+        self.identity = bundle_identity(engine)
+        if (self.out / INDEX_FILE).is_file():
+            self.meta = _read_meta(self.out)
+            _check_identity(self.meta, self.identity, self.out)
+            if self.meta["storage"] != storage:
+                raise ConfigError(f"index {self.out} stores {self.meta['storage']}, not {storage}; build a new index "
+                                  "for another storage")
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.meta = {"version": VERSION, "bundle": self.identity, "bundle_path": str(Path(engine.path).resolve()),
+                         "folder": str(self.folder.resolve()), "dim": engine.manifest.model.embed_dim,
+                         "storage": storage, "shards": [], "files": {}}
+        self._stats: dict[str, os.stat_result] = {}
+
+    def pending(self) -> list[tuple[str, Path]]:
+        """(relative path, path) of every image that is new or changed since it was indexed."""
+        todo = []
+        for path in _images(self.folder):
+            rel, stat = path.relative_to(self.folder).as_posix(), path.stat()
+            known = self.meta["files"].get(rel)
+            if known is None or known[:2] != [stat.st_size, stat.st_mtime_ns]:
+                todo.append((rel, path))
+                self._stats[rel] = stat  # as listed: a file changed after this is re-embedded next run
+        return todo
+
+    def commit(self, rels: Sequence[str], embeddings: np.ndarray) -> None:
+        """Write one shard for these files' embeddings, then rewrite index.json: the batch is committed."""
+        if len(rels) != len(embeddings):
+            raise ConfigError(f"{len(rels)} files but {len(embeddings)} embeddings")
+        shard = len(self.meta["shards"])
+        name = f"shards/{shard:06d}"
+        Gallery.from_array(embeddings, storage=self.meta["storage"], ids=list(rels)).save(self.out / name)
+        files = {p.relative_to(self.out).as_posix(): sha256_file(p) for p in sorted((self.out / name).iterdir())}
+        self.meta["shards"].append({"dir": name, "count": len(rels), "files": files})
+        for row, rel in enumerate(rels):
+            stat = self._stats[rel]
+            self.meta["files"][rel] = [stat.st_size, stat.st_mtime_ns, shard, row]
+        write_json(self.out / INDEX_FILE, self.meta)
+
+    def finish(self, progress: Callable[[str], None] | None = None) -> "Index":
+        if not self._stats and progress is not None:
+            progress(f"index {self.out} is up to date ({len(self.meta['files']):,} images)")
+        if not (self.out / INDEX_FILE).is_file():
+            write_json(self.out / INDEX_FILE, self.meta)
+        return Index.open(self.out)
 
 
 def _read_meta(path: Path) -> dict:
@@ -145,20 +175,72 @@ class Index:
     def search(self, engine, *, text: str | None = None, image=None, k: int = 10) -> SearchResult:
         """The ``k`` indexed images nearest a text query or a query image, best first."""
         _check_identity(self.meta, bundle_identity(engine), self.path)
-        if (text is None) == (image is None):
-            raise ConfigError("search takes exactly one query: text=... or image=...")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ConfigError(f"k must be a positive integer, got {k!r}")
-        truncated = False
-        if text is not None:
-            embedded = engine.embed_text([text])
-            query, truncated = embedded.embeddings, bool(embedded.truncated[0])
-        else:
-            query = engine.embed([image])
-        if not len(self):
-            return SearchResult([], truncated)
-        stale = len(self.gallery) - len(self)  # superseded rows may rank first: ask for that many more
-        scores, rows = topk_similarity(query, self.gallery, min(k + stale, len(self.gallery)))
-        keep = self.live[rows[0]]
-        ids = self.gallery.ids_of(rows[0][keep][:k])
-        return SearchResult([Hit(str(i), float(s)) for i, s in zip(ids, scores[0][keep][:k])], truncated)
+        query, truncated = _query(engine, text, image, k)
+        scores, rows = _nearest_live(query, self.gallery, self.live, k)
+        ids = self.gallery.ids_of(rows) if len(rows) else []
+        return SearchResult([Hit(str(i), float(s)) for i, s in zip(ids, scores)], truncated)
+
+
+class ShardedIndex:
+    """Several indexes of the same bundle (one per node, per Ray job or per folder) searched as one.
+
+    Their shards form one gallery: the fused top-k kernel scores every shard in parallel (a task
+    per shard or row range on its thread pool) and merges the per-task k-lists exactly, so the
+    result equals a search of one index holding all the images (``tests/test_scale_out.py``).
+    """
+
+    def __init__(self, indexes: Sequence[Index]):
+        if not indexes:
+            raise ConfigError("a sharded index needs at least one index")
+        first = indexes[0]
+        for other in indexes[1:]:
+            _check_identity(other.meta, first.meta["bundle"], other.path)
+            if (other.meta["storage"], other.meta["dim"]) != (first.meta["storage"], first.meta["dim"]):
+                raise ConfigError(f"index {other.path} stores {other.meta['storage']} x {other.meta['dim']}, "
+                                  f"{first.path} {first.meta['storage']} x {first.meta['dim']}: a sharded index "
+                                  "needs one storage")
+        self.indexes = tuple(indexes)
+        self.meta = first.meta
+        self.gallery = Gallery([shard for ix in indexes for shard in ix.gallery.shards], first.meta["dim"],
+                               first.meta["storage"])
+        self.live = np.concatenate([ix.live for ix in indexes])
+        self.owner = np.repeat(np.arange(len(indexes)), [len(ix.gallery) for ix in indexes])
+
+    @classmethod
+    def open(cls, paths: Sequence[str | Path], verify: bool = True) -> "ShardedIndex":
+        return cls([Index.open(path, verify=verify) for path in paths])
+
+    def __len__(self) -> int:
+        return int(self.live.sum())
+
+    def search(self, engine, *, text: str | None = None, image=None, k: int = 10) -> SearchResult:
+        """The ``k`` nearest images over every index, best first; each hit names its index."""
+        _check_identity(self.meta, bundle_identity(engine), self.indexes[0].path)
+        query, truncated = _query(engine, text, image, k)
+        scores, rows = _nearest_live(query, self.gallery, self.live, k)
+        ids = self.gallery.ids_of(rows) if len(rows) else []
+        return SearchResult([Hit(str(i), float(s), str(self.indexes[o].path))
+                             for i, s, o in zip(ids, scores, self.owner[rows])], truncated)
+
+
+def _query(engine, text, image, k) -> tuple[np.ndarray, bool]:
+    """The query embedding (1, dim) and whether the text was cut at the context length."""
+    if (text is None) == (image is None):
+        raise ConfigError("search takes exactly one query: text=... or image=...")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"k must be a positive integer, got {k!r}")
+    if text is not None:
+        embedded = engine.embed_text([text])
+        return embedded.embeddings, bool(embedded.truncated[0])
+    return engine.embed([image]), False
+
+
+def _nearest_live(query: np.ndarray, gallery: Gallery, live: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and rows of the ``k`` best live rows. Superseded rows (a changed file's old row) may
+    rank first, so the kernel is asked for that many more; the answer stays exact after skipping them."""
+    if not live.any():
+        return np.zeros(0, np.float32), np.zeros(0, np.int64)
+    stale = len(gallery) - int(live.sum())
+    scores, rows = topk_similarity(query, gallery, min(k + stale, len(gallery)))
+    keep = live[rows[0]]
+    return scores[0][keep][:k], rows[0][keep][:k]

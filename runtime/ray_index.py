@@ -1,0 +1,102 @@
+"""``clipfold index --ray``: embed an image collection on a Ray cluster into the same ``Index``.
+
+The pipeline is Ray Data's: the driver lists the files not yet indexed (path, size, mtime, as
+:func:`~clipfold.runtime.index.build_index` does), ``from_items`` turns them into a dataset,
+``map_batches`` runs them through a pool of actors that each hold one runtime :class:`Engine`
+(opened once per actor, ONNX Runtime with ``threads_per_actor`` threads), and the driver streams
+the embeddings back and commits them as index shards with :class:`~clipfold.runtime.index.IndexWriter`:
+the same format, checksums and crash guarantee (a committed shard survives; a re-run embeds only
+what is missing). Embeddings are small (``dim`` floats per image), so the driver's share of the
+work is a few kilobytes per image.
+
+On a multi-node cluster the actors open the bundle and read the images by path: both must be at the
+same path on every node (a shared or network file system). Each actor checks that it opened the
+same graph as the driver before embedding anything.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from clipfold.errors import BundleError, ConfigError
+
+from .index import BATCH_FILES, Index, IndexWriter, bundle_identity
+
+
+class _Embedder:
+    """A Ray Data actor: one Engine, opened once; embeds a batch of paths."""
+
+    def __init__(self, bundle: str, variant: str, identity: dict, threads: int, batch: int):
+        from clipfold.runtime import Engine
+
+        self.engine = Engine.open(bundle, variant=variant, threads=threads, batch_size=batch)
+        if bundle_identity(self.engine) != identity:
+            raise BundleError(f"a Ray worker opened {bundle} as {bundle_identity(self.engine)}, not the driver's "
+                              f"{identity}: the bundle must be the same file at the same path on every node")
+
+    def __call__(self, batch: dict) -> dict:
+        return {"rel": batch["rel"], "embedding": self.engine.embed(list(batch["path"]))}
+
+
+def _ray():
+    try:
+        import ray
+        import ray.data  # configures Ray Data's loggers: quieten them after this
+    except ImportError:
+        raise ConfigError("clipfold index --ray needs Ray Data: pip install 'clipfold[ray]'") from None
+    return ray
+
+
+def build_index_ray(bundle: str | Path, folder: str | Path, out: str | Path, storage: str = "fp32", *,
+                    variant: str | None = None, address: str | None = None, actors: int = 2,
+                    threads_per_actor: int = 1, batch_size: int = 64,
+                    progress: Callable[[str], None] | None = None) -> Index:
+    """Embed every image under ``folder`` not yet in the index ``out`` with ``actors`` Ray actors.
+
+    ``address`` joins a running cluster (``"auto"``, ``"ray://host:10001"``); without it a local
+    Ray instance with ``actors * threads_per_actor`` CPUs is started and stopped again.
+    """
+    from clipfold.runtime import Engine
+
+    for label, value in (("actors", actors), ("threads per actor", threads_per_actor), ("batch size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{label} must be a positive integer, got {value!r}")
+    engine = Engine.open(bundle, variant=variant)  # the driver checks the bundle; the actors embed
+    writer = IndexWriter(engine, folder, out, storage)
+    todo = writer.pending()
+    if not todo:
+        return writer.finish(progress)
+    ray = _ray()
+    started = not ray.is_initialized()
+    if started:
+        if address is None:
+            ray.init(num_cpus=actors * threads_per_actor, include_dashboard=False, logging_level="ERROR",
+                     log_to_driver=False)
+        else:
+            ray.init(address=address, logging_level="ERROR")
+    quiet = logging.getLogger("ray.data")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # Ray Data logs every execution plan at INFO; progress is ours
+    try:
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        items = [{"rel": rel, "path": str(path.resolve())} for rel, path in todo]
+        dataset = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // batch_size))).map_batches(
+            _Embedder, batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=threads_per_actor,
+            fn_constructor_kwargs={"bundle": str(Path(engine.path).resolve()), "variant": engine.variant.name,
+                                   "identity": writer.identity, "threads": threads_per_actor, "batch": batch_size})
+        done = 0
+        for batch in dataset.iter_batches(batch_size=BATCH_FILES, batch_format="numpy"):
+            writer.commit([str(rel) for rel in batch["rel"]], np.asarray(batch["embedding"], dtype=np.float32))
+            done += len(batch["rel"])
+            if progress is not None:
+                progress(f"indexed {done:,}/{len(todo):,} new or changed images (Ray, {actors} actors)")
+    finally:
+        quiet.setLevel(level)
+        if started:
+            ray.shutdown()
+    return writer.finish(progress)
