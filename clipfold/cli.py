@@ -43,11 +43,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.labels is None and (args.adapter is None or args.method is not None):
         raise ConfigError("compile needs --labels (a file or a comma list), or --adapter with a clipfold adapter "
                           "file whose labels are used")
+    precisions = args.precision
+    if args.target == "tensorrt":
+        precisions = _tensorrt_precisions(args.precision)
+        profile = _batch_profile(args)
+    elif any(v is not None for v in (args.min_batch, args.opt_batch, args.max_batch)):
+        raise ConfigError("--min-batch, --opt-batch and --max-batch shape TensorRT engines: they need --target tensorrt")
     config = CompileConfig(
         labels=read_labels(args.labels) if args.labels is not None else None, out=args.out, model=args.model,
         pretrained=args.pretrained, templates=args.templates, top_k=args.top_k, overwrite=args.overwrite,
         adapter=args.adapter, method=args.method, method_options=_options(args.set),
-        precisions=args.precision, kernel_head_classes=args.kernel_head_classes, text=args.text,
+        precisions=precisions, kernel_head_classes=args.kernel_head_classes, text=args.text,
         text_precisions=tuple(p for p in (args.text_precision or "").split(",") if p),
         quant=QuantConfig(calib=args.calib, calibration=args.calibration, calib_images=args.calib_images,
                           per_channel=args.per_channel, search=not args.no_search,
@@ -69,6 +75,49 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print(f"{v.name} vs fp32 ({g.images} held-out images): cosine min {g.embedding_cosine_min:.5f} mean "
               f"{g.embedding_cosine_mean:.5f}, top-1 agreement {g.top1_agreement:.1%}, top-5 overlap "
               f"{g.top5_overlap:.1%}{accuracy}" + (f"; {len(g.kept_float)} node(s) kept in float" if g.kept_float else ""))
+    if args.target == "tensorrt":
+        from clipfold.compile.engines import EngineBuildConfig, build_engines
+        from clipfold.compile.tensorrt import tensorrt_available
+
+        if not tensorrt_available():
+            print(f"TensorRT is not installed here: the TensorRT-bound graphs were built and gated with ONNX Runtime. "
+                  f"Build their engines on the GPU that will run them: clipfold engine build {result.path} "
+                  f"--min-batch {profile.min} --opt-batch {profile.opt} --max-batch {profile.max}")
+            return 0
+        build_engines(EngineBuildConfig(result.path, profile=profile, gate=config.gate), progress=_progress(time.perf_counter()))
+        print(f"added TensorRT engines to {result.path}")
+    return 0
+
+
+def _tensorrt_precisions(spec: str) -> str:
+    from clipfold.compile.tensorrt import TENSORRT_PRECISIONS
+
+    names = [p.strip() for p in spec.split(",") if p.strip() and p.strip() != "fp32"]
+    unknown = [p for p in names if p not in TENSORRT_PRECISIONS and p not in TENSORRT_PRECISIONS.values()]
+    if not names or unknown:
+        raise ConfigError(f"--target tensorrt takes --precision from {', '.join(TENSORRT_PRECISIONS)}; got {spec!r}")
+    return ",".join(TENSORRT_PRECISIONS.get(p, p) for p in names)
+
+
+def _batch_profile(args: argparse.Namespace):
+    from clipfold.compile.tensorrt import BatchProfile
+
+    default = BatchProfile()
+    return BatchProfile(min=args.min_batch or default.min, opt=args.opt_batch or default.opt,
+                        max=args.max_batch or default.max)
+
+
+def cmd_engine_build(args: argparse.Namespace) -> int:
+    from clipfold.compile.engines import EngineBuildConfig, build_engines
+    from clipfold.compile.precision import GateConfig
+
+    config = EngineBuildConfig(args.bundle, variants=tuple(args.variant or ()), profile=_batch_profile(args),
+                               gate=GateConfig(data=args.gate_data), workspace_gib=args.workspace_gib)
+    manifest = build_engines(config, progress=_progress(time.perf_counter()))
+    for v in manifest.variants:
+        for e in v.engines:
+            print(f"{v.name}: {e.file} ({e.gpu}, sm {e.compute_capability}, TensorRT {e.tensorrt}, batch "
+                  f"{e.profile['min']}..{e.profile['max']})")
     return 0
 
 
@@ -289,6 +338,12 @@ def _positive_ints(text: str, option: str) -> list[int]:
     return values
 
 
+def _batch_options(group) -> None:
+    group.add_argument("--min-batch", type=int, default=None, help="smallest batch the engine runs (default 1)")
+    group.add_argument("--opt-batch", type=int, default=None, help="batch TensorRT tunes for (default 8)")
+    group.add_argument("--max-batch", type=int, default=None, help="largest batch the engine runs (default 64)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from clipfold.compile.adapters.registry import FITTERS, IMPORTERS  # names only; no torch import
     from clipfold.compile.config import KERNEL_HEAD_CLASSES
@@ -337,7 +392,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gate-min-top1", type=float, default=0.99, help="minimum top-1 agreement with fp32 (default 0.99)")
     q.add_argument("--gate-min-top5", type=float, default=0.0, help="minimum top-5 overlap with fp32 (default 0)")
     q.add_argument("--gate-max-accuracy-drop", type=float, default=0.01, help="with --gate-data (default 0.01)")
+    t = p.add_argument_group("TensorRT (--target tensorrt --precision fp16,int8,fp8)")
+    t.add_argument("--target", default="onnxruntime", choices=("onnxruntime", "tensorrt"),
+                   help="tensorrt: TensorRT-bound graphs on standard operators, gated here, and their engines "
+                        "when TensorRT and a GPU are present")
+    _batch_options(t)
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("engine", help="TensorRT engines of a bundle")
+    engine_sub = p.add_subparsers(dest="engine_command", required=True)
+    p = engine_sub.add_parser("build", help="build, gate and add TensorRT plans for this machine's GPU")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--variant", action="append", help="a TensorRT-bound variant (repeatable; default: all of them)")
+    p.add_argument("--gate-data", type=Path, default=None, help="labelled folder for the gate (default: generated images)")
+    p.add_argument("--workspace-gib", type=float, default=4.0, help="TensorRT builder workspace (default 4 GiB)")
+    _batch_options(p)
+    p.set_defaults(func=cmd_engine_build)
 
     p = sub.add_parser("fit", help="fit a few-shot adapter on a support folder (one sub-folder per class)")
     p.add_argument("method", choices=sorted(FITTERS))

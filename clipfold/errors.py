@@ -82,6 +82,10 @@ class BackendUnavailableError(ClipfoldError):
 
 
 # --- serving --------------------------------------------------------------------------------
+class EngineMismatchError(BackendUnavailableError):
+    """A TensorRT engine was built for another GPU compute capability or TensorRT version."""
+
+
 class RequestError(ClipfoldError):
     """A request is malformed: bad JSON, a wrong tensor shape or datatype, an unknown name."""
 

@@ -21,7 +21,14 @@ PRECISIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "int8-weight": ("weight-only int8 MatMul (MatMulNBits)", ("onnxruntime",)),
     "int4-weight": ("weight-only int4 MatMul (MatMulNBits)", ("onnxruntime",)),
     "fp8": ("FP8 E4M3 QDQ graph for TensorRT on Hopper (checked here with emulated Q/DQ)", ("tensorrt",)),
+    # TensorRT-bound graphs on standard operators (compile --target tensorrt), for a strongly typed network
+    "tensorrt-fp16": ("mixed fp16 graph for TensorRT: LayerNorm, softmax, reductions and the head stay fp32",
+                      ("tensorrt",)),
+    "tensorrt-int8": ("int8 QDQ graph for TensorRT: symmetric s8 activations and weights, ranges calibrated on "
+                      "images", ("tensorrt",)),
 }
+# The precisions whose graphs need calibration images.
+CALIBRATED = ("int8-static", "fp8", "tensorrt-int8")
 CALIBRATIONS = ("minmax", "entropy", "percentile")
 # Operator types left in float by default: normalization, softmax and GELU are where int8
 # ranges go wrong in ViTs (outliers after LayerNorm, the exponent of softmax); the head is kept

@@ -214,8 +214,11 @@ _CALIBRATION = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percent
 
 
 def int8_static(src: Path, dst: Path, exclude: list[str], cfg: QuantConfig, calib: np.ndarray,
-                cache: Path, fp8: bool = False) -> dict:
-    """QDQ quantization of every MatMul/Conv not in ``exclude``; ranges cached in ``cache``."""
+                cache: Path, fp8: bool = False, symmetric: bool = False) -> dict:
+    """QDQ quantization of every MatMul/Conv not in ``exclude``; ranges cached in ``cache``.
+
+    ``symmetric``: s8 activations with zero points of 0, the only int8 QDQ TensorRT accepts.
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     method = getattr(CalibrationMethod, _CALIBRATION[cfg.calibration])
@@ -225,11 +228,13 @@ def int8_static(src: Path, dst: Path, exclude: list[str], cfg: QuantConfig, cali
         # --calibration applies to int8-static.
         method, calibration = CalibrationMethod.Distribution, "distribution"
         weight_type = activation_type = QuantType.QFLOAT8E4M3FN
+    elif symmetric:
+        weight_type = activation_type = QuantType.QInt8
     else:
         # u8 activations x s8 weights: the combination x86 int8 GEMM kernels are fastest on.
         weight_type, activation_type = QuantType.QInt8, QuantType.QUInt8
     ops = ["MatMul", "Conv", "Gemm"]
-    extra = {"MatMulConstBOnly": True, "WeightSymmetric": True, "ActivationSymmetric": fp8,
+    extra = {"MatMulConstBOnly": True, "WeightSymmetric": True, "ActivationSymmetric": fp8 or symmetric,
              "CalibMovingAverage": False}
     if cfg.calibration == "percentile":
         extra["CalibPercentile"] = 99.999
@@ -239,7 +244,8 @@ def int8_static(src: Path, dst: Path, exclude: list[str], cfg: QuantConfig, cali
                         activation_type=activation_type, nodes_to_exclude=exclude, calibrate_method=method,
                         calibration_cache_path=cache, extra_options=extra)
     return {"method": "static QDQ", "calibration": calibration, "calibration_images": int(len(calib)),
-            "weights": "fp8 e4m3" if fp8 else "int8 symmetric", "activations": "fp8 e4m3" if fp8 else "uint8",
+            "weights": "fp8 e4m3" if fp8 else "int8 symmetric",
+            "activations": "fp8 e4m3" if fp8 else "int8 symmetric" if symmetric else "uint8",
             "per_channel": cfg.per_channel and not fp8, "op_types": ops}
 
 

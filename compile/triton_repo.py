@@ -123,8 +123,11 @@ def _engine_config(pb, cfg: TritonExportConfig, name: str, variant: Variant):
     return config
 
 
-def _python_config(pb, name: str, max_batch: int, inputs: list[dict], outputs: list[dict], instances: int):
+def _python_config(pb, name: str, max_batch: int, inputs: list[dict], outputs: list[dict], instances: int,
+                   batching: bool = False):
     config = pb.ModelConfig(name=name, backend="python", max_batch_size=max_batch)
+    if batching:  # hand each instance every waiting request at once (execute takes a list)
+        config.dynamic_batching.max_queue_delay_microseconds = 0
     for spec in inputs:
         config.input.add(**spec)
     for spec in outputs:
@@ -156,6 +159,17 @@ def _ensemble_config(pb, cfg: TritonExportConfig, names: dict[str, str], variant
     return config
 
 
+def _external_data(path: Path) -> list[str]:
+    """The side files holding a graph's weights (relative paths), if it keeps them outside the protobuf."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {entry.value for tensor in model.graph.initializer
+                 if tensor.data_location == onnx.TensorProto.EXTERNAL
+                 for entry in tensor.external_data if entry.key == "location"}
+    return sorted(locations)
+
+
 def _check_exportable(manifest: Manifest, variant: Variant) -> None:
     if manifest.head.kernel is not None:
         raise BundleError("this bundle scores its head with clipfold's top-k kernel after the graph (a kernel head); "
@@ -169,9 +183,10 @@ def _check_exportable(manifest: Manifest, variant: Variant) -> None:
                           "input and scores and indices outputs")
     if any(spec.shape[0] != "batch" for spec in (*variant.inputs, *variant.outputs)):
         raise BundleError(f"variant {variant.name!r} has a fixed batch dimension; Triton batching needs a dynamic one")
-    bad = [label for label in manifest.labels if "\n" in label or "\r" in label]
+    bad = [label for label in manifest.labels if len(label.splitlines()) != 1 or label != label.splitlines()[0]]
     if bad:
-        raise BundleError(f"labels {bad[:3]} contain line breaks; labels.txt holds one label per line")
+        raise BundleError(f"labels {bad[:3]} contain line breaks (or other line separators); labels.txt holds one "
+                          "label per line")
 
 
 def export_triton(cfg: TritonExportConfig) -> Path:
@@ -199,7 +214,7 @@ def export_triton(cfg: TritonExportConfig) -> Path:
         names["engine"]: _engine_config(pb, cfg, names["engine"], variant),
         names["preprocess"]: _python_config(
             pb, names["preprocess"], cfg.max_batch, [_tensor(pb, "IMAGE", "TYPE_STRING", [1])],
-            [_tensor(pb, "pixels", "TYPE_UINT8", _dims(pixels.shape, True))], cfg.preprocess_instances),
+            [_tensor(pb, "pixels", "TYPE_UINT8", _dims(pixels.shape, True))], cfg.preprocess_instances, batching=True),
         names["labels"]: _python_config(
             pb, names["labels"], cfg.max_batch, [_tensor(pb, "indices", "TYPE_INT64", k)],
             [_tensor(pb, "labels", "TYPE_STRING", k)], 1),
@@ -209,6 +224,9 @@ def export_triton(cfg: TritonExportConfig) -> Path:
             (stage / name / "1").mkdir(parents=True)
             (stage / name / "config.pbtxt").write_text(text_format.MessageToString(config), encoding="utf-8")
         shutil.copyfile(Path(engine.path) / variant.file, stage / names["engine"] / "1" / "model.onnx")
+        for location in _external_data(Path(engine.path) / variant.file):  # weights of graphs over ~1.5 GB
+            (stage / names["engine"] / "1" / location).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(engine.path) / location, stage / names["engine"] / "1" / location)
         shutil.copyfile(PYTHON_MODELS / "preprocess.py", stage / names["preprocess"] / "1" / "model.py")
         (stage / names["preprocess"] / "preprocess.json").write_text(
             json.dumps(asdict(manifest.preprocess), indent=2) + "\n", encoding="utf-8")
@@ -216,7 +234,8 @@ def export_triton(cfg: TritonExportConfig) -> Path:
         (stage / names["labels"] / "labels.txt").write_text("\n".join(manifest.labels) + "\n", encoding="utf-8")
         (stage / MARKER).write_text(json.dumps({
             "bundle": str(Path(engine.path).resolve()), "model": manifest.model.name, "variant": variant.name,
-            "sha256": manifest.files[variant.file], "ensemble": cfg.name, "models": sorted(configs)}, indent=2) + "\n",
+            "sha256": manifest.files[variant.file], "ensemble": cfg.name, "models": sorted(configs),
+            "labels_model": names["labels"], "classes": len(manifest.labels)}, indent=2) + "\n",
             encoding="utf-8")
         validate_repository(stage)
         if target.exists():
@@ -247,7 +266,12 @@ def _check_onnx(model_dir: Path, config, problems: list[str]) -> None:
     if not path.is_file():
         problems.append(f"{config.name}: {path} is missing")
         return
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types; report, do not crash
+        problems.append(f"{config.name}: ONNX Runtime cannot load {path}: {type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200]}")
+        return
     inputs, outputs = _io(config)
     batched = config.max_batch_size > 0
     for kind, declared, actual in (("input", inputs, session.get_inputs()), ("output", outputs, session.get_outputs())):
@@ -273,6 +297,7 @@ def _check_ensemble(config, repo: _Repo) -> None:
     problems, name = repo.problems, config.name
     inputs, outputs = _io(config)
     available = dict(inputs)  # ensemble tensor -> (dtype, dims) once something produces it
+    used: set[str] = set()
     for index, step in enumerate(config.ensemble_scheduling.step):
         where = f"{name}: step {index} ({step.model_name})"
         model = repo.configs.get(step.model_name)
@@ -285,6 +310,7 @@ def _check_ensemble(config, repo: _Repo) -> None:
         if set(step.input_map) != set(model_in):
             problems.append(f"{where}: input_map covers {sorted(step.input_map)}, the model takes {sorted(model_in)}")
         for model_tensor, ensemble_tensor in step.input_map.items():
+            used.add(ensemble_tensor)
             if ensemble_tensor not in available:
                 problems.append(f"{where}: reads {ensemble_tensor!r} before anything produces it")
             elif model_tensor in model_in and available[ensemble_tensor] != model_in[model_tensor]:
@@ -293,8 +319,12 @@ def _check_ensemble(config, repo: _Repo) -> None:
         for model_tensor, ensemble_tensor in step.output_map.items():
             if model_tensor not in model_out:
                 problems.append(f"{where}: output_map names {model_tensor!r}; the model outputs {sorted(model_out)}")
+            elif ensemble_tensor in available:
+                problems.append(f"{where}: {ensemble_tensor!r} is already produced by an earlier step or the input")
             else:
                 available[ensemble_tensor] = model_out[model_tensor]
+    for tensor in sorted(set(inputs) - used):
+        problems.append(f"{name}: input {tensor!r} is read by no step")
     for tensor, spec in outputs.items():
         if tensor not in available:
             problems.append(f"{name}: output {tensor!r} is produced by no step")
@@ -325,6 +355,16 @@ def validate_repository(repo_path: str | Path) -> dict:
             continue
         if config.name != model_dir.name:
             repo.problems.append(f"{path}: name {config.name!r} differs from its folder {model_dir.name!r}")
+        declared = {t.name: (t.data_type, list(t.dims)) for t in config.input}
+        for warmup in config.model_warmup:
+            for tensor, data in warmup.inputs.items():
+                if tensor not in declared:
+                    repo.problems.append(f"{config.name}: warm-up {warmup.name!r} feeds {tensor!r}, not an input")
+                elif (data.data_type, list(data.dims)) != declared[tensor] or any(d < 1 for d in data.dims):
+                    repo.problems.append(f"{config.name}: warm-up {warmup.name!r} input {tensor!r} has "
+                                         f"{pb.DataType.Name(data.data_type)} {list(data.dims)}; the input is "
+                                         f"{pb.DataType.Name(declared[tensor][0])} {declared[tensor][1]} with every "
+                                         "dim fixed")
         batching = config.dynamic_batching
         if any(b > config.max_batch_size for b in batching.preferred_batch_size):
             repo.problems.append(f"{config.name}: preferred batch sizes {list(batching.preferred_batch_size)} exceed "
@@ -342,6 +382,14 @@ def validate_repository(repo_path: str | Path) -> dict:
         else:
             repo.problems.append(f"{config.name}: platform {config.platform!r} / backend {config.backend!r} "
                                  "is not one clipfold exports")
+    marker = root / MARKER
+    if marker.is_file():
+        record = json.loads(marker.read_text(encoding="utf-8"))
+        labels = root / record["labels_model"] / "labels.txt"
+        count = len(labels.read_text(encoding="utf-8").split("\n")[:-1]) if labels.is_file() else 0
+        if count != record["classes"]:
+            repo.problems.append(f"{record['labels_model']}: labels.txt has {count} labels; the bundle has "
+                                 f"{record['classes']} classes")
     if repo.problems:
         raise VerificationError(f"Triton repository {root} is invalid:\n  " + "\n  ".join(repo.problems), repo.problems)
     return repo.configs

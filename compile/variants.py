@@ -30,7 +30,8 @@ from clipfold.runtime.manifest import Gate, PreprocessSpec, TensorSpec, Variant
 from . import float16, quantize
 from . import gate as gating
 from .config import VerifyConfig
-from .precision import PRECISIONS, GateConfig, QuantConfig
+from .precision import CALIBRATED, PRECISIONS, GateConfig, QuantConfig
+from .tensorrt import check_tensorrt_graph
 from .verify import Reference, compare
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def check_early(precisions: Sequence[str], quant: QuantConfig, gate_cfg: GateCon
         raise BackendUnavailableError(
             "bf16 needs a backend with bf16 kernels (TensorRT or CUDA: install clipfold[gpu] on an NVIDIA GPU "
             "machine); ONNX Runtime's CPU provider has none, so a bf16 variant can be neither run nor verified here")
-    if wanted and quant.calib is not None and {"int8-static", "fp8"} & set(wanted):
+    if wanted and quant.calib is not None and set(CALIBRATED) & set(wanted):
         gating.calibration_paths(quant)
     if wanted and gate_cfg.data is not None:
         read_folder(gate_cfg.data)
@@ -79,7 +80,7 @@ def build_variants(precisions: Sequence[str], stage: Path, sources: Sources, spe
     say(f"gate: fp32 on {held.source}")
     fp32_out = gating.run_graph(sources.fused, sources.inputs, sources.outputs, held.pixels, head=sources.head)
     calib = calib_source = None
-    if {"int8-static", "fp8"} & set(wanted):
+    if set(CALIBRATED) & set(wanted):
         calib, calib_source = gating.calibration_images(spec, quant)
     variants = []
     with quantize.scratch_dir(stage) as scratch:
@@ -100,6 +101,8 @@ def build_variants(precisions: Sequence[str], stage: Path, sources: Sources, spe
             details, figures, kept = builder.build_and_gate(
                 lambda path: _run_variant(precision, path, sources, held.pixels),
                 lambda out: gating.measure(fp32_out, out, held, gate_cfg, verify.tie_tolerance), gate_cfg, say)
+            if "tensorrt" in PRECISIONS[precision][1]:
+                check_tensorrt_graph(stage / variant_file(precision), precision)
             if calib_source is not None and "calibration" in details:
                 details["calibration_source"] = calib_source
             figures = Gate(**{**figures.__dict__, "kept_float": tuple(kept)})
@@ -135,7 +138,8 @@ def _eager_parity(path: Path, sources: Sources, reference: Reference, verify: Ve
 
 class _Builder:
     # The graph each precision starts from, and the operator types its quantizer can handle.
-    KIND = {"int8-dynamic": "fused", "fp16": "fused", "fp8": "portable"}
+    KIND = {"int8-dynamic": "fused", "fp16": "fused", "fp8": "portable", "tensorrt-fp16": "portable",
+            "tensorrt-int8": "portable"}
     OPS = {"int8-dynamic": ("MatMul", "Attention"), "int8-weight": ("MatMul",), "int4-weight": ("MatMul",)}
 
     def __init__(self, precision: str, out: Path, scratch: Path, source, quant: QuantConfig, calib,
@@ -155,12 +159,12 @@ class _Builder:
         p, q, exclude = self.precision, self.quant, sorted(set(self.float_nodes) | set(returned))
         if p == "int8-dynamic":
             return quantize.int8_dynamic(self.src, self.out, exclude, q)
-        if p in ("int8-static", "fp8"):
+        if p in ("int8-static", "fp8", "tensorrt-int8"):
             return quantize.int8_static(self.src, self.out, exclude, q, self.calib, self.scratch / f"ranges-{p}.json",
-                                        fp8=p == "fp8")
+                                        fp8=p == "fp8", symmetric=p == "tensorrt-int8")
         if p in ("int8-weight", "int4-weight"):
             return quantize.weight_only(self.src, self.out, exclude, q, bits=8 if p == "int8-weight" else 4)
-        if p == "fp16":
+        if p in ("fp16", "tensorrt-fp16"):
             return float16.convert(self.src, self.out, exclude, q)
         raise AssertionError(p)
 

@@ -81,18 +81,65 @@ class OnnxRuntimeBackend(Backend):
         return dict(zip(self.output_names, values))
 
 
-BACKENDS = {"onnxruntime": OnnxRuntimeBackend}
-GPU_BACKENDS = ("tensorrt",)  # known names whose backends come with clipfold[gpu]
+class OnnxRuntimeCudaBackend(Backend):
+    """ONNX Runtime's CUDA execution provider (onnxruntime-gpu) with I/O binding.
+
+    Inputs are copied to the GPU once per call and the outputs are bound to GPU memory, so ONNX
+    Runtime does no copies of its own between its nodes and the host; only the results come back.
+    """
+
+    name = "onnxruntime-cuda"
+
+    def __init__(self, path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+                 threads: int | None = None, device: int = 0):
+        super().__init__(path, inputs, outputs)
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackendUnavailableError("backend 'onnxruntime-cuda' needs onnxruntime-gpu: install clipfold[gpu]") from None
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendUnavailableError(
+                f"backend 'onnxruntime-cuda' needs onnxruntime-gpu and an NVIDIA GPU; this onnxruntime "
+                f"{ort.__version__} offers {ort.get_available_providers()}: install clipfold[gpu]")
+        self.ort, self.device = ort, device
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=[
+            ("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"])
+        self.output_names = [o.name for o in self.outputs]
+
+    def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        binding = self.session.io_binding()
+        for spec in self.inputs:
+            value = self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(inputs[spec.name]), "cuda", self.device)
+            binding.bind_ortvalue_input(spec.name, value)
+        for name in self.output_names:
+            binding.bind_output(name, "cuda", self.device)
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
+
+
+BACKENDS = {"onnxruntime": OnnxRuntimeBackend, "onnxruntime-cuda": OnnxRuntimeCudaBackend}
+GPU_BACKENDS = ("tensorrt", "onnxruntime-cuda")  # known names whose backends come with clipfold[gpu]
 
 
 def open_backend(name: str, graph: Variant | ExtraHead, path: Path, threads: int | None = None) -> Backend:
     """A backend for one graph of the bundle: a variant, or an extra head."""
-    if name in GPU_BACKENDS and name not in BACKENDS:
-        raise BackendUnavailableError(f"backend {name!r} is not installed here: install clipfold[gpu] on a machine "
-                                      f"with an NVIDIA GPU; available: {sorted(BACKENDS)}")
-    if name not in BACKENDS:
-        raise BackendUnavailableError(f"unknown backend {name!r}; available: {sorted(BACKENDS)}")
+    if name not in BACKENDS and name != "tensorrt":
+        raise BackendUnavailableError(f"unknown backend {name!r}; available: {sorted([*BACKENDS, 'tensorrt'])}")
     runs_on = getattr(graph, "backends", (name,))
+    if name == "onnxruntime-cuda":
+        runs_on = ("onnxruntime-cuda",) if "onnxruntime" in runs_on else runs_on  # the same graphs, on the GPU
+    if name == "tensorrt":
+        if not isinstance(graph, Variant):
+            raise BackendUnavailableError(f"extra head {graph.name!r} runs on onnxruntime only; open it with that backend")
+        if "tensorrt" not in graph.backends and not graph.engines:
+            raise BackendUnavailableError(
+                f"variant {graph.name!r} ({graph.precision}) is a graph for {list(graph.backends)}, not for TensorRT; "
+                "TensorRT runs the tensorrt-* and fp8 variants (compile --target tensorrt)")
+        from .tensorrt_backend import open_tensorrt
+
+        return open_tensorrt(graph, Path(path).parent)
     if name not in runs_on:
         hint = " (install clipfold[gpu] on a machine with an NVIDIA GPU)" if "tensorrt" in runs_on else ""
         raise BackendUnavailableError(

@@ -16,6 +16,7 @@ exact after skipping them.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -114,6 +115,7 @@ class IndexWriter:
             raise ConfigError(f"{len(rels)} files but {len(embeddings)} embeddings")
         shard = len(self.meta["shards"])
         name = f"shards/{shard:06d}"
+        shutil.rmtree(self.out / name, ignore_errors=True)  # left by a crash before its commit: not in index.json
         Gallery.from_array(embeddings, storage=self.meta["storage"], ids=list(rels)).save(self.out / name)
         files = {p.relative_to(self.out).as_posix(): sha256_file(p) for p in sorted((self.out / name).iterdir())}
         self.meta["shards"].append({"dir": name, "count": len(rels), "files": files})
@@ -193,8 +195,20 @@ class ShardedIndex:
         if not indexes:
             raise ConfigError("a sharded index needs at least one index")
         first = indexes[0]
+        folders: dict[Path, Path] = {}
+        for index in indexes:
+            folder = Path(index.meta["folder"]).resolve()
+            for seen, path in folders.items():
+                if folder == seen or seen in folder.parents or folder in seen.parents:
+                    raise ConfigError(f"indexes {path} and {index.path} cover overlapping folders ({seen} and "
+                                      f"{folder}): their images would be counted twice")
+            folders[folder] = index.path
         for other in indexes[1:]:
-            _check_identity(other.meta, first.meta["bundle"], other.path)
+            if other.meta["bundle"] != first.meta["bundle"]:
+                a, b = first.meta["bundle"], other.meta["bundle"]
+                raise BundleError(f"indexes {first.path} and {other.path} were built with different bundles "
+                                  f"({a['model']} {a['variant']} {a['sha256'][:12]} and {b['model']} {b['variant']} "
+                                  f"{b['sha256'][:12]}); their embeddings cannot be compared")
             if (other.meta["storage"], other.meta["dim"]) != (first.meta["storage"], first.meta["dim"]):
                 raise ConfigError(f"index {other.path} stores {other.meta['storage']} x {other.meta['dim']}, "
                                   f"{first.path} {first.meta['storage']} x {first.meta['dim']}: a sharded index "

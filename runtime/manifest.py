@@ -16,9 +16,9 @@ from typing import Any
 
 from clipfold.errors import BundleError, SchemaVersionError
 
-SCHEMA_VERSION = 5  # 2: optional extra heads; 3: variants carry backends, quantization and an accuracy gate;
+SCHEMA_VERSION = 6  # 2: optional extra heads; 3: variants carry backends, quantization and an accuracy gate;
 # 4: a large head may live outside the graph (HeadInfo.kernel); an optional text tower (Manifest.text);
-# 5: gated reduced-precision text graphs (TextTower.variants)
+# 5: gated reduced-precision text graphs (TextTower.variants); 6: TensorRT engines of a variant (Variant.engines)
 DEFAULT_HEAD = "default"  # the head fused into the variants
 MANIFEST_NAME = "manifest.json"
 
@@ -116,6 +116,30 @@ class Gate:
 
 
 @dataclass(frozen=True)
+class EngineRecord:
+    """A TensorRT engine (plan) built from a variant's graph, and what it is tied to.
+
+    A plan runs only on the GPU compute capability and the TensorRT version that built it; the
+    runtime picks the record matching its machine or refuses, naming what exists.
+    """
+
+    file: str  # the serialized plan
+    timing_cache: str  # TensorRT's timing cache from the build, reused by the next build on such a GPU
+    tensorrt: str  # TensorRT version, e.g. "10.8.0.43"
+    gpu: str  # e.g. "NVIDIA H100 80GB HBM3"
+    compute_capability: str  # e.g. "9.0"
+    profile: dict[str, int]  # batch sizes: min, opt, max
+    build_seconds: float = 0.0
+    gate: Gate | None = None  # the engine's agreement with the fp32 variant, measured on that GPU
+
+    def __post_init__(self) -> None:
+        if self.gate is not None:
+            object.__setattr__(self, "gate", _coerce(Gate, self.gate))
+        _check(set(self.profile) == {"min", "opt", "max"} and 1 <= self.profile["min"] <= self.profile["opt"]
+               <= self.profile["max"], f"engine {self.file!r} has an invalid batch profile {self.profile}")
+
+
+@dataclass(frozen=True)
 class Variant:
     """One engine file in the bundle, e.g. the fp32 ONNX graph or an int8 one.
 
@@ -137,8 +161,10 @@ class Variant:
     quantization: dict[str, Any] | None = None
     gate: Gate | None = None
     fused_ops: dict[str, int] = field(default_factory=dict)
+    engines: tuple[EngineRecord, ...] = ()  # TensorRT plans built from ``file`` (``clipfold engine build``)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "engines", tuple(_coerce(EngineRecord, e) for e in self.engines))
         object.__setattr__(self, "inputs", tuple(_coerce(TensorSpec, t) for t in self.inputs))
         object.__setattr__(self, "outputs", tuple(_coerce(TensorSpec, t) for t in self.outputs))
         object.__setattr__(self, "parity", _coerce(Parity, self.parity))
@@ -315,6 +341,8 @@ class Manifest:
                f"default_variant {self.default_variant!r} is not one of {names}")
         for v in self.variants:
             _check(v.file in self.files, f"variant file {v.file!r} has no checksum in files")
+            for e in v.engines:
+                _check(e.file in self.files, f"engine file {e.file!r} of variant {v.name!r} has no checksum in files")
         object.__setattr__(self, "heads", tuple(_coerce(ExtraHead, h) for h in self.heads))
         head_names = [h.name for h in self.heads]
         _check(len(set(head_names)) == len(head_names), f"duplicate head names {head_names}")

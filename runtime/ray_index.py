@@ -17,14 +17,17 @@ same graph as the driver before embedding anything.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from clipfold.errors import BundleError, ConfigError
+from clipfold import errors
+from clipfold.errors import BundleError, ClipfoldError, ConfigError
 
-from .index import BATCH_FILES, Index, IndexWriter, bundle_identity
+from . import index as index_module
+from .index import Index, IndexWriter, bundle_identity
 
 
 class _Embedder:
@@ -39,7 +42,30 @@ class _Embedder:
                               f"{identity}: the bundle must be the same file at the same path on every node")
 
     def __call__(self, batch: dict) -> dict:
-        return {"rel": batch["rel"], "embedding": self.engine.embed(list(batch["path"]))}
+        # Ray Data re-raises a UDF's exception as its own UserCodeException holding only text, so a
+        # clipfold error (a broken image) travels back as data and the driver raises it by type.
+        n = len(batch["rel"])
+        try:
+            embedding, error = self.engine.embed(list(batch["path"])), ""
+        except ClipfoldError as exc:
+            embedding = np.zeros((n, self.engine.manifest.model.embed_dim), np.float32)
+            error = f"{type(exc).__name__}: {exc}"
+        return {"rel": batch["rel"], "embedding": embedding, "error": np.array([error] * n)}
+
+
+def _user_error(exc: BaseException) -> BaseException:
+    """The ClipfoldError an actor raised (a bad image, another bundle), out of Ray's wrappers."""
+    seen, frontier = set(), [exc]
+    while frontier:
+        error = frontier.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, ClipfoldError):
+            return error
+        frontier.extend(e for e in (getattr(error, "cause", None), error.__cause__, error.__context__)
+                        if isinstance(e, BaseException))
+    return ClipfoldError(f"a Ray worker failed while embedding: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
 
 
 def _ray():
@@ -73,16 +99,17 @@ def build_index_ray(bundle: str | Path, folder: str | Path, out: str | Path, sto
     ray = _ray()
     started = not ray.is_initialized()
     if started:
-        if address is None:
+        if address is None and not os.environ.get("RAY_ADDRESS"):
             ray.init(num_cpus=actors * threads_per_actor, include_dashboard=False, logging_level="ERROR",
                      log_to_driver=False)
-        else:
+        else:  # an existing cluster: --address, or RAY_ADDRESS as `ray job submit` sets it
             ray.init(address=address, logging_level="ERROR")
     quiet = logging.getLogger("ray.data")
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # Ray Data logs every execution plan at INFO; progress is ours
+    context = ray.data.DataContext.get_current()
+    bars = context.enable_progress_bars
     try:
-        context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         items = [{"rel": rel, "path": str(path.resolve())} for rel, path in todo]
         dataset = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // batch_size))).map_batches(
@@ -90,12 +117,21 @@ def build_index_ray(bundle: str | Path, folder: str | Path, out: str | Path, sto
             fn_constructor_kwargs={"bundle": str(Path(engine.path).resolve()), "variant": engine.variant.name,
                                    "identity": writer.identity, "threads": threads_per_actor, "batch": batch_size})
         done = 0
-        for batch in dataset.iter_batches(batch_size=BATCH_FILES, batch_format="numpy"):
-            writer.commit([str(rel) for rel in batch["rel"]], np.asarray(batch["embedding"], dtype=np.float32))
-            done += len(batch["rel"])
-            if progress is not None:
-                progress(f"indexed {done:,}/{len(todo):,} new or changed images (Ray, {actors} actors)")
+        try:
+            for batch in dataset.iter_batches(batch_size=index_module.BATCH_FILES, batch_format="numpy"):
+                failed = next((str(e) for e in batch["error"] if e), None)
+                if failed is not None:  # the batches committed so far stay; a re-run resumes after them
+                    kind, _, message = failed.partition(": ")
+                    kind = getattr(errors, kind, None)
+                    raise (kind if isinstance(kind, type) and issubclass(kind, ClipfoldError) else ClipfoldError)(message)
+                writer.commit([str(rel) for rel in batch["rel"]], np.asarray(batch["embedding"], dtype=np.float32))
+                done += len(batch["rel"])
+                if progress is not None:
+                    progress(f"indexed {done:,}/{len(todo):,} new or changed images (Ray, {actors} actors)")
+        except ray.exceptions.RayError as exc:
+            raise _user_error(exc) from None
     finally:
+        context.enable_progress_bars = bars
         quiet.setLevel(level)
         if started:
             ray.shutdown()

@@ -172,11 +172,18 @@ def test_triton_ensemble_computes_what_the_engine_computes(repository, tiny_bund
     scores = np.concatenate([a["SCORES"] for a in answers])
     assert np.allclose(scores, [[p.score for p in preds] for preds in expected], atol=1e-6)
     assert np.allclose(np.concatenate([a["EMBEDDING"] for a in answers]), embeddings, atol=1e-6)
-    # An undecodable image fails its own request only.
+    # An undecodable image fails its own request only, when Triton batches it with a good one.
     bad = {"IMAGE": np.array([[b"not an image"]], dtype=object)}
-    answers = triton.infer("tiny", [bad, requests[0]])
+    answers = triton.infer("tiny_preprocess", [bad, requests[0]])
     assert isinstance(answers[0], str) and "<bytes, 12 bytes>" in answers[0]
-    assert [[label.decode() for label in row] for row in answers[1]["LABELS"]] == got_labels[:3]
+    assert np.array_equal(answers[1]["pixels"], engine_pixels(engine, images[:3]))
+
+
+def engine_pixels(engine, images):
+    from clipfold.runtime.images import load_image
+    from clipfold.runtime.preprocess import preprocess
+
+    return preprocess([load_image(b) for b in images], engine.manifest.preprocess)
 
 
 @pytest.mark.parametrize("mutation, message", [
@@ -189,6 +196,10 @@ def test_triton_ensemble_computes_what_the_engine_computes(repository, tiny_bund
     (("tiny_labels", "max_batch_size: 16", "max_batch_size: 8"), "max_batch_size 8 is below the ensemble's 16"),
     (("tiny_preprocess", "max_batch_size: 16", "max_batch_sise: 16"), "not a valid Triton ModelConfig"),
     (("tiny_onnx", 'name: "embedding"', 'name: "features"'), "config outputs .* differ from the ONNX graph's"),
+    (("tiny_onnx", "dims: 64\n      zero_data", "dims: -1\n      zero_data"),
+     "warm-up 'zeros' input 'pixels' has TYPE_UINT8 \\[3, 64, -1\\]; the input is TYPE_UINT8 \\[3, 64, 64\\]"),
+    (("tiny", 'value: "INDICES"\n    }\n    output_map {\n      key: "scores"', 'value: "SCORES"\n    }\n    output_map {\n      key: "scores"'),
+     "'SCORES' is already produced by an earlier step"),
 ])
 def test_triton_validation_names_each_problem(repository, tmp_path, mutation, message):
     from clipfold.compile.triton_repo import validate_repository
@@ -235,6 +246,20 @@ def test_triton_export_refuses_a_kernel_head_bundle(tmp_path):
     with pytest.raises(errors.BundleError, match="kernel head"):
         export_triton(TritonExportConfig(bundle.path, tmp_path / "repo"))
     assert not (tmp_path / "repo").exists()
+    # A label holding a line separator other than "\n" would shift every later label in labels.txt.
+    odd = compile_bundle(CompileConfig(labels=("cat", "a\x85b", "dog"), out=tmp_path / "odd.bundle"))
+    with pytest.raises(errors.BundleError, match="line separators"):
+        export_triton(TritonExportConfig(odd.path, tmp_path / "repo"))
+
+
+def test_triton_validation_counts_the_labels(repository, tmp_path):
+    from clipfold.compile.triton_repo import validate_repository
+
+    copy = shutil.copytree(repository, tmp_path / "repo")
+    labels = copy / "tiny_labels" / "labels.txt"
+    labels.write_text(labels.read_text() + "extra\n")
+    with pytest.raises(errors.VerificationError, match="labels.txt has 31 labels; the bundle has 30 classes"):
+        validate_repository(copy)
 
 
 # --- Ray Data indexing and sharded search ------------------------------------------------------
@@ -283,6 +308,11 @@ def test_ray_index_equals_the_single_process_index_and_resumes(tiny_bundle, phot
         assert len(Index.open(tmp_path / "ray")) == 91
     finally:
         (photos / "extra.png").unlink()
+    # An actor's error reaches the user as clipfold's own, not as a Ray traceback.
+    broken = _write_images(tmp_path / "broken", [])
+    (broken / "bad.png").write_bytes(b"\x89PNG not really")
+    assert main(["index", str(tiny_bundle.path), str(broken), "--out", str(tmp_path / "broken.index"), "--ray"]) == 2
+    assert "bad.png" in capsys.readouterr().err
 
 
 def test_sharded_search_equals_one_index(tiny_bundle, photos, tmp_path, capsys):
@@ -310,5 +340,8 @@ def test_sharded_search_equals_one_index(tiny_bundle, photos, tmp_path, capsys):
     # Indexes of different bundles cannot be merged: refused naming both.
     other = Index.open(tmp_path / "part0")
     other.meta = {**other.meta, "bundle": {**other.meta["bundle"], "sha256": "0" * 64}}
-    with pytest.raises(errors.BundleError, match="was built with clipfold-tiny .*000000000000"):
+    with pytest.raises(errors.BundleError, match="part1 and .*part0 were built with different bundles .*000000000000"):
         ShardedIndex([parts[1], other])
+    # Overlapping folders would count images twice.
+    with pytest.raises(errors.ConfigError, match="overlapping folders"):
+        ShardedIndex([whole, parts[0]])

@@ -12,7 +12,8 @@ import triton_python_backend_utils as pb_utils
 class TritonPythonModel:
     def initialize(self, args):
         with open(os.path.join(args["model_repository"], "labels.txt"), encoding="utf-8") as fh:
-            self.labels = np.array([line.encode("utf-8") for line in fh.read().splitlines()], dtype=object)
+            # split on "\n" only: str.splitlines() also splits on other separators a label may hold
+            self.labels = np.array([line.encode("utf-8") for line in fh.read().split("\n")[:-1]], dtype=object)
 
     def execute(self, requests):
         responses = []

@@ -31,5 +31,9 @@ class TritonPythonModel:
             except ClipfoldError as exc:
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc))))
                 continue
+            except Exception as exc:  # noqa: BLE001 - one request's failure must not fail the others
+                message = f"preprocessing failed: {type(exc).__name__}: {exc}"
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)))
+                continue
             responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("pixels", pixels)]))
         return responses
