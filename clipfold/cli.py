@@ -174,7 +174,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_classify(args: argparse.Namespace) -> int:
     from clipfold.runtime import Engine
 
-    engine = Engine.open(args.bundle, variant=args.variant, threads=args.threads, head=args.head)
+    engine = Engine.open(args.bundle, variant=args.variant, threads=args.threads, head=args.head, backend=args.backend)
     results = engine.classify(args.images, k=args.k)
     if args.json:
         payload = [
@@ -210,7 +210,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     cfg = ProfileConfig(bundles=tuple(args.bundles), data=args.data, batches=parse_batches(args.batch),
                         backend=args.backend, threads=args.threads, rounds=args.rounds, eager=not args.no_eager,
-                        out=args.out)
+                        eager_modes=tuple(m for m in args.eager.split(",") if m), out=args.out)
     rows = profile(cfg, progress=_progress(time.perf_counter()))
     print(table(rows, cfg.batches))
     if cfg.out is not None:
@@ -448,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--head", default=None, help="an extra head by name (default: the fused head)")
     p.add_argument("--variant", default=None)
+    p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default), onnxruntime-cuda or tensorrt")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_classify)
@@ -465,7 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundles", nargs="+", type=Path)
     p.add_argument("--data", type=Path, default=None, help="labelled folder (class sub-folders) for accuracy")
     p.add_argument("--batch", default="1,8", help="comma list of batch sizes (default 1,8)")
-    p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) or tensorrt")
+    p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default), onnxruntime-cuda or tensorrt")
+    p.add_argument("--eager", default="cpu", help="open_clip eager references: comma list of cpu, cuda-fp16, "
+                   "cuda-bf16, cuda-fp16-compile (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="threads per engine (default: all usable cores)")
     p.add_argument("--rounds", type=int, default=10, help="timed rounds per batch size (default 10)")
     p.add_argument("--no-eager", action="store_true", help="skip the open_clip eager row")

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 from clipfold.errors import BackendUnavailableError, ConfigError
 
 EAGER = "open_clip eager"
+EAGER_MODES = ("cpu", "cuda-fp16", "cuda-bf16", "cuda-fp16-compile")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class ProfileConfig:
     warmup: int = 2
     images: int = 64  # agreement images without --data
     eager: bool = True
+    # open_clip eager references: "cpu" (fp32), and on an NVIDIA GPU "cuda-fp16", "cuda-bf16",
+    # "cuda-fp16-compile" (torch.compile): the comparisons a GPU engine is measured against.
+    eager_modes: tuple[str, ...] = ("cpu",)
     out: Path | None = None  # writes OUT.json and OUT.png
 
     def __post_init__(self) -> None:
@@ -49,6 +53,10 @@ class ProfileConfig:
             raise ConfigError(f"rounds must be >= 3 for percentiles, got {self.rounds}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        object.__setattr__(self, "eager_modes", tuple(self.eager_modes))
+        unknown = [m for m in self.eager_modes if m not in EAGER_MODES]
+        if unknown or not self.eager_modes:
+            raise ConfigError(f"eager modes {list(unknown) or '(none)'} unknown; expected some of {EAGER_MODES}")
         if self.data is not None and not Path(self.data).is_dir():
             raise ConfigError(f"--data {self.data} is not a folder (expected one sub-folder of images per class)")
 
@@ -93,12 +101,12 @@ def profile(cfg: ProfileConfig, progress: Callable[[str], None] | None = None) -
                 raise ConfigError(f"--data {cfg.data} has classes {unknown[:5]} that {bundle} does not know; "
                                   f"its labels are {list(manifest.labels)[:8]}")
         if cfg.eager:
-            jobs.append(("eager", {"bundle": str(bundle)}))
+            jobs.extend(("eager", {"bundle": str(bundle), "mode": mode}) for mode in cfg.eager_modes)
         for variant in manifest.variants:
             jobs.append(("engine", {"bundle": str(bundle), "variant": variant.name}))
     raw = []
     for i, (kind, job) in enumerate(jobs, 1):
-        name = EAGER if kind == "eager" else job["variant"]
+        name = eager_name(job["mode"]) if kind == "eager" else job["variant"]
         say(f"[{i}/{len(jobs)}] {Path(job['bundle']).name}: {name}")
         raw.append(_in_worker(kind, job, cfg))
     # Agreement: top-1 of each row against the same bundle's fp32 variant, on the same images.
@@ -112,12 +120,16 @@ def profile(cfg: ProfileConfig, progress: Callable[[str], None] | None = None) -
     return rows
 
 
+def eager_name(mode: str) -> str:
+    return EAGER if mode == "cpu" else f"{EAGER} {mode.replace('-', ' ')}"
+
+
 def _in_worker(kind: str, job: dict, cfg: ProfileConfig) -> dict:
     """One row in a fresh spawned process; a worker that fails or dies becomes a row saying so."""
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    base = {"bundle": Path(job["bundle"]).name, "variant": EAGER if kind == "eager" else job["variant"],
+    base = {"bundle": Path(job["bundle"]).name, "variant": eager_name(job["mode"]) if kind == "eager" else job["variant"],
             "precision": "fp32" if kind == "eager" else "", "backend": "torch" if kind == "eager" else cfg.backend}
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:

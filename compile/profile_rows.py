@@ -90,10 +90,19 @@ def measure_eager(job: dict, cfg: dict) -> dict:
     from clipfold.runtime.backend import default_threads
     from clipfold.runtime.manifest import Manifest
 
+    from clipfold.compile.profile import eager_name
+
     torch.set_num_threads(cfg["threads"] or default_threads())
     bundle = Path(job["bundle"])
     m = Manifest.read(bundle)
-    row = {"bundle": bundle.name, "variant": "open_clip eager", "precision": "fp32", "backend": "torch"}
+    mode = job.get("mode", "cpu")
+    dtype = {"cpu": torch.float32, "cuda-fp16": torch.float16, "cuda-bf16": torch.bfloat16,
+             "cuda-fp16-compile": torch.float16}[mode]
+    row = {"bundle": bundle.name, "variant": eager_name(mode), "precision": str(dtype).removeprefix("torch."),
+           "backend": "torch" if mode == "cpu" else "torch-cuda"}
+    if mode != "cpu" and not torch.cuda.is_available():
+        return {**row, "status": "not run: needs an NVIDIA GPU (torch.cuda.is_available() is False)"}
+    device = "cpu" if mode == "cpu" else "cuda"
     pretrained = m.model.pretrained
     if pretrained is not None and "/" in pretrained and not Path(pretrained).exists():
         return {**row, "status": f"not run: the checkpoint {pretrained} the bundle was compiled from is not here"}
@@ -109,10 +118,13 @@ def measure_eager(job: dict, cfg: dict) -> dict:
         if m.head.method == "zero-shot" else None
     row["load_s"] = time.perf_counter() - start
 
+    model = loaded.model.to(device=device, dtype=dtype).eval()
+    encode = torch.compile(model.encode_image) if mode.endswith("-compile") else model.encode_image
+
     @torch.inference_mode()
     def run(chunk):
-        x = torch.stack([transform(image) for image in chunk])
-        features = F.normalize(loaded.model.encode_image(x), dim=-1)
+        x = torch.stack([transform(image) for image in chunk]).to(device=device, dtype=dtype)
+        features = F.normalize(encode(x).float(), dim=-1).cpu()  # .cpu() waits for the GPU
         return head.scores(features).argmax(-1) if head is not None else features
 
     images, truth = _images(cfg)
