@@ -6,7 +6,7 @@ CLI    := $(VENV)/bin/clipfold
 STAMP  := $(VENV)/.clipfold-installed
 DEMO   ?= out/demo
 
-.PHONY: install demo test test-all bench bench-kernels bench-serve fewshot train-tiny clean
+.PHONY: install demo test test-all bench bench-kernels bench-serve bench-ray fewshot train-tiny clean
 
 $(STAMP): pyproject.toml kernels/_topk.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,10 @@ fewshot: $(STAMP)
 # clipfold serve under load (loopback): dynamic batching vs batch-1 at concurrency 1-64, about 2 minutes.
 bench-serve: $(STAMP)
 	$(PY) -m benchmarks.bench_serve
+
+# Ray Data embedding on a local 2-CPU Ray instance against the single-process runtime.
+bench-ray: $(STAMP)
+	$(PY) -m benchmarks.bench_ray
 
 train-tiny: $(STAMP)
 	$(PY) -m clipfold.compile.tiny.train --out compile/tiny/clipfold-tiny.safetensors

@@ -107,14 +107,14 @@ class TensorRTBackend(Backend):
     def _enqueue(self, batch: int) -> None:
         cudart = self.cudart
         if batch not in self.graph_batches:
-            if not self.context.execute_async_v3(self.stream):
+            if not self.context.execute_async_v3(int(self.stream)):
                 raise RuntimeError("TensorRT failed to enqueue the engine")
             return
         if batch not in self.graphs:
-            self.context.execute_async_v3(self.stream)  # a first run outside capture sets up lazily created state
+            self.context.execute_async_v3(int(self.stream))  # a first run outside capture sets up lazily created state
             mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
             _check(cudart.cudaStreamBeginCapture(self.stream, mode))
-            self.context.execute_async_v3(self.stream)
+            self.context.execute_async_v3(int(self.stream))
             graph = _check(cudart.cudaStreamEndCapture(self.stream))
             self.graphs[batch] = _check(cudart.cudaGraphInstantiate(graph, 0))
         _check(cudart.cudaGraphLaunch(self.graphs[batch], self.stream))
