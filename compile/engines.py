@@ -23,6 +23,7 @@ import numpy as np
 
 from clipfold.errors import BundleError, ConfigError, GateError
 from clipfold.runtime import Engine
+from clipfold.runtime.kernel_head import KernelHead, KernelHeadBackend
 from clipfold.runtime.manifest import MANIFEST_NAME, EngineRecord, sha256_file
 
 from . import gate as gating
@@ -68,6 +69,14 @@ def build_engines(cfg: EngineBuildConfig, progress: Callable[[str], None] | None
     manifest = fp32.manifest
     targets = tensorrt_variants(manifest, cfg.variants)
     here = gpu_identity()
+    if float(here["compute_capability"]) < 8.9:  # TensorRT's FP8 needs Ada or Hopper
+        fp8 = [v.name for v in targets if v.precision == "fp8"]
+        if fp8 and cfg.variants:
+            raise ConfigError(f"{fp8} need FP8 tensor cores (compute capability 8.9 or newer); {here['gpu']} has "
+                              f"{here['compute_capability']}")
+        if fp8:
+            say(f"skipping {fp8}: FP8 needs compute capability 8.9 or newer, {here['gpu']} has {here['compute_capability']}")
+        targets = [v for v in targets if v.precision != "fp8"]
     tag = f"sm{here['compute_capability'].replace('.', '')}-trt{here['tensorrt']}"
     held = gating.held_out_images(manifest.preprocess, manifest.labels, cfg.gate)
     reference = fp32.run_pixels(held.pixels)
@@ -89,6 +98,9 @@ def build_engines(cfg: EngineBuildConfig, progress: Callable[[str], None] | None
             fields = {f.name for f in dataclasses.fields(EngineRecord)}
             record = EngineRecord(**{k: v for k, v in {**info, "file": plan, "timing_cache": cache}.items() if k in fields})
             backend = TensorRTBackend(staged[0], variant.inputs, variant.outputs, record)
+            if manifest.head.kernel is not None:  # the head is scored by the top-k kernel after the graph
+                backend = KernelHeadBackend(backend, KernelHead(cfg.bundle / manifest.head.kernel, manifest.head.activation,
+                                                                variant.top_k, len(manifest.labels)))
             out: dict = {}
             for lo in range(0, len(held.pixels), cfg.profile.max):
                 for name, value in backend.run({"pixels": held.pixels[lo:lo + cfg.profile.max]}).items():
@@ -99,6 +111,7 @@ def build_engines(cfg: EngineBuildConfig, progress: Callable[[str], None] | None
                 raise GateError(f"the TensorRT engine of {variant.name!r} on {here['gpu']} misses the accuracy gate "
                                 f"against fp32 on {figures.images} images ({figures.source}):\n  - "
                                 + "\n  - ".join(missed), missed)
+            del backend  # its device memory, before the next variant's build
             say(f"  {variant.name} on {here['gpu']}: min cosine {figures.embedding_cosine_min:.5f}, top-1 agreement "
                 f"{figures.top1_agreement:.1%}")
             replaced = [e for e in variant.engines
@@ -126,5 +139,6 @@ def build_engines(cfg: EngineBuildConfig, progress: Callable[[str], None] | None
     finally:
         staged.unlink(missing_ok=True)
     for name in obsolete:
-        (cfg.bundle / name).unlink(missing_ok=True)
+        if name not in files:  # a byte-identical rebuild kept the name: that file is listed again
+            (cfg.bundle / name).unlink(missing_ok=True)
     return updated

@@ -235,7 +235,9 @@ def int8_static(src: Path, dst: Path, exclude: list[str], cfg: QuantConfig, cali
         weight_type, activation_type = QuantType.QInt8, QuantType.QUInt8
     ops = ["MatMul", "Conv", "Gemm"]
     extra = {"MatMulConstBOnly": True, "WeightSymmetric": True, "ActivationSymmetric": fp8 or symmetric,
-             "CalibMovingAverage": False}
+             "CalibMovingAverage": False,
+             # TensorRT dequantizes int8/fp8 only; ORT would store Conv biases as int32 QDQ.
+             "QuantizeBias": not (fp8 or symmetric)}
     if cfg.calibration == "percentile":
         extra["CalibPercentile"] = 99.999
     with quiet():

@@ -37,12 +37,15 @@ from clipfold.errors import BackendUnavailableError, ConfigError, ExportError
 TENSORRT_OPSETS = (9, 20)
 STANDARD_DOMAINS = ("", "ai.onnx")
 UNSUPPORTED_OPS = frozenset({
-    "BitShift", "ConcatFromSequence", "ConvInteger", "DynamicQuantizeLinear", "MatMulInteger", "MaxRoiPool",
-    "MaxUnpool", "Multinomial", "NegativeLogLikelihoodLoss", "QLinearConv", "QLinearMatMul", "RandomNormal",
-    "RandomNormalLike", "SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceErase", "SequenceInsert",
-    "SequenceLength", "SoftmaxCrossEntropyLoss", "SplitToSequence", "StringNormalizer", "TfIdfVectorizer",
-    "Optional", "OptionalGetElement", "OptionalHasElement",
+    "BitShift", "BitwiseAnd", "BitwiseNot", "BitwiseOr", "BitwiseXor", "Bernoulli", "BlackmanWindow", "Col2Im",
+    "Compress", "ConcatFromSequence", "ConvInteger", "DFT", "Det", "DynamicQuantizeLinear", "HammingWindow",
+    "HannWindow", "MatMulInteger", "MaxRoiPool", "MaxUnpool", "MelWeightMatrix", "Multinomial",
+    "NegativeLogLikelihoodLoss", "QLinearConv", "QLinearMatMul", "STFT", "SequenceAt", "SequenceConstruct",
+    "SequenceEmpty", "SequenceErase", "SequenceInsert", "SequenceLength", "SoftmaxCrossEntropyLoss",
+    "SplitToSequence", "StringNormalizer", "StringConcat", "StringSplit", "RegexFullMatch", "TfIdfVectorizer",
+    "Unique", "Optional", "OptionalGetElement", "OptionalHasElement",
 })
+TOPK_MAX = 3840  # TensorRT's largest K
 # Where a strongly typed TensorRT network of a clipfold graph must compute in fp32.
 FP32_OP_TYPES = ("LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "ReduceL2", "TopK", "Erf")
 TENSORRT_PRECISIONS = {"fp16": "tensorrt-fp16", "int8": "tensorrt-int8", "fp8": "fp8"}
@@ -66,20 +69,33 @@ def tensorrt_problems(path: str | Path) -> list[str]:
     version = opsets.get("", opsets.get("ai.onnx"))
     if version is None or not TENSORRT_OPSETS[0] <= version <= TENSORRT_OPSETS[1]:
         problems.append(f"opset {version} is outside TensorRT's {TENSORRT_OPSETS[0]}..{TENSORRT_OPSETS[1]}")
-    initializers = {t.name: t for t in graph.initializer}
-    constants = set(initializers) | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    constants = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                constants[node.output[0]] = value
+    signed = (onnx.TensorProto.INT8, onnx.TensorProto.FLOAT8E4M3FN)
     for node in graph.node:
         where = f"node {node.name or '?'} ({(node.domain + '.') if node.domain else ''}{node.op_type})"
         if node.domain not in STANDARD_DOMAINS:
             problems.append(f"{where}: not a standard ONNX operator; TensorRT parses the standard domain only")
         elif node.op_type in UNSUPPORTED_OPS:
             problems.append(f"{where}: TensorRT's ONNX parser does not support it")
-        elif node.op_type == "TopK" and node.input[1] not in constants:
-            problems.append(f"{where}: K must be a constant for TensorRT")
-        elif node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2 and node.input[2]:
-            zero = initializers.get(node.input[2])
-            if zero is None or np.any(numpy_helper.to_array(zero).astype(np.float64) != 0):
-                problems.append(f"{where}: zero point {node.input[2]!r} must be a constant 0 (symmetric "
+        elif node.op_type == "TopK":
+            attributes = {a.name: a.i for a in node.attribute}
+            k = constants.get(node.input[1])
+            if attributes.get("sorted", 1) == 0:
+                problems.append(f"{where}: sorted=0; TensorRT's TopK always sorts")
+            if k is not None and int(numpy_helper.to_array(k).max()) > TOPK_MAX:
+                problems.append(f"{where}: K above {TOPK_MAX}, TensorRT's largest")
+        elif node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            zero = constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            if zero is None:
+                problems.append(f"{where}: no zero point: ONNX then means uint8, which TensorRT quantizes as int8; "
+                                "give an int8 (or fp8) zero point of 0")
+            elif zero.data_type not in signed or np.any(numpy_helper.to_array(zero).astype(np.float64) != 0):
+                problems.append(f"{where}: zero point {node.input[2]!r} must be a constant int8 or fp8 0 (symmetric "
                                 "quantization); TensorRT supports no other")
     return problems
 
@@ -99,7 +115,12 @@ def node_float_types(path: str | Path) -> dict[str, set[str]]:
     onnx = _onnx()
     from onnx import TensorProto, shape_inference
 
-    model = shape_inference.infer_shapes(onnx.load(str(path)))
+    inferred = Path(path).with_name(f".{Path(path).name}.shapes")
+    try:  # through files: works for graphs past protobuf's 2 GB
+        shape_inference.infer_shapes_path(str(path), str(inferred))
+        model = onnx.load(str(inferred), load_external_data=False)
+    finally:
+        inferred.unlink(missing_ok=True)
     types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.input,
                                                             *model.graph.output)}
     types.update({t.name: t.data_type for t in model.graph.initializer})
@@ -173,7 +194,9 @@ def build_engine(onnx_path: Path, plan_path: Path, cache_path: Path, input_name:
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):  # e.g. from another GPU model: start afresh
+        say(f"the timing cache {cache_path.name} does not fit this GPU; starting a new one")
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     shapes = [(b, 3, *image_size) for b in (profile.min, profile.opt, profile.max)]
     opt_profile = builder.create_optimization_profile()
     opt_profile.set_shape(input_name, *shapes)
@@ -185,7 +208,8 @@ def build_engine(onnx_path: Path, plan_path: Path, cache_path: Path, input_name:
     if plan is None:
         raise ExportError(f"TensorRT failed to build an engine from {onnx_path.name}; its log above says why")
     plan_path.write_bytes(bytes(plan))
-    (cache_out or cache_path).write_bytes(bytes(config.get_timing_cache().serialize()))
+    timing = config.get_timing_cache()
+    (cache_out or cache_path).write_bytes(bytes(timing.serialize()) if timing is not None else b"")
     return {**here, "file": plan_path.name, "timing_cache": cache_path.name,
             "profile": {"min": profile.min, "opt": profile.opt, "max": profile.max},
             "build_seconds": round(time.perf_counter() - start, 1)}

@@ -106,6 +106,9 @@ class OnnxRuntimeCudaBackend(Backend):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(path), options, providers=[
             ("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"])
+        if self.session.get_providers()[0] != "CUDAExecutionProvider":  # e.g. cuDNN missing: never a silent CPU run
+            raise BackendUnavailableError(f"ONNX Runtime could not start its CUDA provider for {path.name} (it offers "
+                                          f"{self.session.get_providers()}); check the CUDA and cuDNN libraries")
         self.output_names = [o.name for o in self.outputs]
 
     def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -342,7 +342,8 @@ class Manifest:
         for v in self.variants:
             _check(v.file in self.files, f"variant file {v.file!r} has no checksum in files")
             for e in v.engines:
-                _check(e.file in self.files, f"engine file {e.file!r} of variant {v.name!r} has no checksum in files")
+                for name in (e.file, e.timing_cache):
+                    _check(name in self.files, f"engine file {name!r} of variant {v.name!r} has no checksum in files")
         object.__setattr__(self, "heads", tuple(_coerce(ExtraHead, h) for h in self.heads))
         head_names = [h.name for h in self.heads]
         _check(len(set(head_names)) == len(head_names), f"duplicate head names {head_names}")

@@ -75,7 +75,11 @@ def this_machine() -> dict[str, str]:
 
 
 class TensorRTBackend(Backend):
-    """One deserialized plan with its execution context, stream and device buffers."""
+    """One deserialized plan with its execution context(s), stream and device buffers.
+
+    Not thread-safe (one stream, one set of buffers): the runtime calls it from one thread (the
+    batcher's, or the caller's).
+    """
 
     name = "tensorrt"
 
@@ -86,71 +90,103 @@ class TensorRTBackend(Backend):
 
         self.cudart = cudart = _cuda()
         self.record = record
-        self.max_batch = record.profile["max"]
         self.trt_runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.trt_runtime.deserialize_cuda_engine(Path(path).read_bytes())
         if self.engine is None:
             raise BackendUnavailableError(f"TensorRT could not deserialize {path}; rebuild it with clipfold engine build")
-        self.context = self.engine.create_execution_context()
-        self.stream = _check(cudart.cudaStreamCreate())
-        self.buffers: dict[str, int] = {}
+        first = self.inputs[0].name
+        low, _, high = self.engine.get_tensor_profile_shape(first, 0)
+        self.min_batch, self.max_batch = int(low[0]), int(high[0])
         self.dtypes: dict[str, np.dtype] = {}
-        for spec in (*self.inputs, *self.outputs):
+        for spec in (*self.inputs, *self.outputs):  # the plan must be the graph the manifest describes
             dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(spec.name)))
+            shape = tuple(self.engine.get_tensor_shape(spec.name))[1:]
+            if dtype != np.dtype(spec.dtype) or shape != tuple(spec.shape[1:]):
+                raise BackendUnavailableError(f"the plan {Path(path).name} has {spec.name!r} as {dtype} {shape}, the "
+                                              f"manifest says {spec.dtype} {tuple(spec.shape[1:])}: rebuild it")
             self.dtypes[spec.name] = dtype
-            row = int(np.prod([d for d in spec.shape[1:]])) * dtype.itemsize
+        self.stream = _check(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking))
+        self.buffers: dict[str, int] = {}
+        for spec in (*self.inputs, *self.outputs):
+            row = int(np.prod(spec.shape[1:])) * self.dtypes[spec.name].itemsize
             self.buffers[spec.name] = _check(cudart.cudaMalloc(row * self.max_batch))
-            self.context.set_tensor_address(spec.name, self.buffers[spec.name])
-        self.graph_batches = set(int(b) for b in cuda_graph_batches)
+        self.context = self._context()
+        # A CUDA graph replays the kernels of the shapes it was captured with: one context per
+        # captured batch size, never re-shaped, so a plain call at another size cannot go stale.
+        self.graph_batches = {int(b) for b in cuda_graph_batches if self.min_batch <= int(b) <= self.max_batch}
+        self.graph_contexts: dict[int, object] = {}
         self.graphs: dict[int, object] = {}
 
-    def _enqueue(self, batch: int) -> None:
-        cudart = self.cudart
-        if batch not in self.graph_batches:
-            if not self.context.execute_async_v3(int(self.stream)):
-                raise RuntimeError("TensorRT failed to enqueue the engine")
-            return
-        if batch not in self.graphs:
-            self.context.execute_async_v3(int(self.stream))  # a first run outside capture sets up lazily created state
-            mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
-            _check(cudart.cudaStreamBeginCapture(self.stream, mode))
-            self.context.execute_async_v3(int(self.stream))
-            graph = _check(cudart.cudaStreamEndCapture(self.stream))
-            self.graphs[batch] = _check(cudart.cudaGraphInstantiate(graph, 0))
-        _check(cudart.cudaGraphLaunch(self.graphs[batch], self.stream))
+    def _context(self):
+        context = self.engine.create_execution_context()
+        for name, pointer in self.buffers.items():
+            context.set_tensor_address(name, pointer)
+        return context
 
-    def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _capture(self, batch: int) -> None:
+        cudart = self.cudart
+        context = self.graph_contexts[batch] = self._context()
+        for spec in self.inputs:
+            context.set_input_shape(spec.name, (batch, *spec.shape[1:]))
+        context.execute_async_v3(int(self.stream))  # a first run outside capture sets up lazily created state
+        _check(cudart.cudaStreamBeginCapture(self.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
+        graph = None
+        try:
+            context.execute_async_v3(int(self.stream))
+        finally:
+            graph = _check(cudart.cudaStreamEndCapture(self.stream))  # always ends the capture
+        try:
+            self.graphs[batch] = _check(cudart.cudaGraphInstantiate(graph, 0))
+        finally:
+            cudart.cudaGraphDestroy(graph)
+
+    def _chunk(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         cudart = self.cudart
         batch = len(next(iter(inputs.values())))
-        if not 1 <= batch <= self.max_batch:
-            raise ConfigError(f"batch {batch} is outside this engine's profile {self.record.profile['min']}.."
-                              f"{self.max_batch}; rebuild it with a larger --max-batch")
+        padded = max(batch, self.min_batch)  # below the profile's minimum: pad with copies of the last row
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        context = self.context
+        if padded in self.graph_batches and padded not in self.graphs:
+            self._capture(padded)
         for spec in self.inputs:
             array = np.ascontiguousarray(inputs[spec.name], dtype=self.dtypes[spec.name])
-            self.context.set_input_shape(spec.name, array.shape)
+            if padded > batch:
+                array = np.concatenate([array, np.repeat(array[-1:], padded - batch, axis=0)])
+            if padded not in self.graphs and not context.set_input_shape(spec.name, array.shape):
+                raise ConfigError(f"TensorRT refused input shape {array.shape} for {spec.name!r}")
             _check(cudart.cudaMemcpyAsync(self.buffers[spec.name], array.ctypes.data, array.nbytes, h2d, self.stream))
-        self._enqueue(batch)
+        if padded in self.graphs:
+            _check(cudart.cudaGraphLaunch(self.graphs[padded], self.stream))
+        elif not context.execute_async_v3(int(self.stream)):
+            raise RuntimeError("TensorRT failed to enqueue the engine")
         out = {}
         for spec in self.outputs:
-            array = np.empty((batch, *spec.shape[1:]), dtype=self.dtypes[spec.name])
+            array = np.empty((padded, *spec.shape[1:]), dtype=self.dtypes[spec.name])
             _check(cudart.cudaMemcpyAsync(array.ctypes.data, self.buffers[spec.name], array.nbytes, d2h, self.stream))
             out[spec.name] = array
         _check(cudart.cudaStreamSynchronize(self.stream))
-        return out
+        return {name: value[:batch] for name, value in out.items()}
+
+    def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Batches above the profile's maximum run in chunks of it; below its minimum, padded."""
+        batch = len(next(iter(inputs.values())))
+        parts = [self._chunk({k: v[lo:lo + self.max_batch] for k, v in inputs.items()})
+                 for lo in range(0, batch, self.max_batch)]
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
     def __del__(self):
         cudart = getattr(self, "cudart", None)
         if cudart is None:
             return
-        for pointer in getattr(self, "buffers", {}).values():
-            cudart.cudaFree(pointer)
         for graph in getattr(self, "graphs", {}).values():
             cudart.cudaGraphExecDestroy(graph)
+        for pointer in getattr(self, "buffers", {}).values():
+            cudart.cudaFree(pointer)
         if getattr(self, "stream", None) is not None:
             cudart.cudaStreamDestroy(self.stream)
 
 
 def open_tensorrt(variant: Variant, bundle: Path, cuda_graph_batches: Sequence[int] = ()) -> TensorRTBackend:
+    """The plan of ``variant`` for this machine; ``cuda_graph_batches``: batch sizes replayed as CUDA graphs."""
     record = select_engine(variant, this_machine(), str(bundle))
     return TensorRTBackend(bundle / record.file, variant.inputs, variant.outputs, record, cuda_graph_batches)

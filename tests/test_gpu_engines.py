@@ -68,8 +68,13 @@ def test_tensorrt_problems_catch_what_the_parser_refuses(tmp_path):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
     y = helper.make_tensor_value_info("y", TensorProto.INT8, [1, 4])
     k = helper.make_tensor_value_info("k", TensorProto.INT64, [1])
+    zero = helper.make_tensor("z0", TensorProto.INT8, [], [0])
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"], name="q"),
-             helper.make_node("TopK", ["x", "k"], ["v", "i"], name="top"),
+             helper.make_node("QuantizeLinear", ["x", "s"], ["y2"], name="q_default"),
+             helper.make_node("Constant", [], ["zc"], value=zero),
+             helper.make_node("QuantizeLinear", ["x", "s", "zc"], ["y3"], name="q_ok"),
+             helper.make_node("TopK", ["x", "k"], ["v", "i"], name="top", sorted=0),
+             helper.make_node("TopK", ["x", "k"], ["v2", "i2"], name="top_ok"),
              helper.make_node("FastGelu", ["x"], ["g"], name="gelu", domain="com.microsoft"),
              helper.make_node("QLinearMatMul", ["x"] * 8, ["m"], name="qmm")]
     inits = [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]), helper.make_tensor("z", TensorProto.INT8, [], [3])]
@@ -78,8 +83,10 @@ def test_tensorrt_problems_catch_what_the_parser_refuses(tmp_path):
     onnx.save(model, tmp_path / "bad.onnx")
     problems = "\n".join(tensorrt_problems(tmp_path / "bad.onnx"))
     assert "opset 21 is outside TensorRT's 9..20" in problems
-    assert "node q (QuantizeLinear): zero point 'z' must be a constant 0" in problems
-    assert "node top (TopK): K must be a constant" in problems
+    assert "node q (QuantizeLinear): zero point 'z' must be a constant int8 or fp8 0" in problems
+    assert "node q_default (QuantizeLinear): no zero point: ONNX then means uint8" in problems
+    assert "node top (TopK): sorted=0" in problems
+    assert "q_ok" not in problems and "top_ok" not in problems  # a Constant 0 and a tensor K are fine
     assert "node gelu (com.microsoft.FastGelu): not a standard ONNX operator" in problems
     assert "node qmm (QLinearMatMul): TensorRT's ONNX parser does not support it" in problems
 
@@ -154,12 +161,14 @@ def test_manifest_records_engines_and_checks_their_files(trt_bundle):
     manifest = trt_bundle.manifest
     variants = tuple(dataclasses.replace(v, engines=(_record(),)) if v.name == "tensorrt-fp16" else v
                      for v in manifest.variants)
-    data = dataclasses.replace(manifest, variants=variants, files={**manifest.files, _record().file: "0" * 64}).to_dict()
+    files = {**manifest.files, _record().file: "0" * 64, _record().timing_cache: "1" * 64}
+    data = dataclasses.replace(manifest, variants=variants, files=files).to_dict()
     again = Manifest.from_dict(json.loads(json.dumps(data)))
     assert again.variant("tensorrt-fp16").engines[0].profile == {"min": 1, "opt": 8, "max": 64}
-    del data["files"][_record().file]
-    with pytest.raises(errors.BundleError, match="engine file .* of variant 'tensorrt-fp16' has no checksum"):
-        Manifest.from_dict(data)
+    for name in (_record().timing_cache, _record().file):
+        del data["files"][name]
+        with pytest.raises(errors.BundleError, match=f"engine file '{name}' of variant 'tensorrt-fp16' has no checksum"):
+            Manifest.from_dict(data)
     with pytest.raises(errors.BundleError, match="invalid batch profile"):
         _record(profile={"min": 8, "opt": 4, "max": 64})
 
