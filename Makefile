@@ -73,7 +73,7 @@ bench-ray: $(STAMP)
 	$(PY) -m benchmarks.bench_ray
 
 train-tiny: $(STAMP)
-	$(PY) -m clipfold.compile.tiny.train --out compile/tiny/clipfold-tiny.safetensors
+	$(PY) -m clipfold.compile.tiny.train --out compile/tiny/clipfold-tiny.safetensors --steps 6000 --threads 1
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .benchmarks

@@ -137,9 +137,13 @@ def open_backend(name: str, graph: Variant | ExtraHead, path: Path, threads: int
         if not isinstance(graph, Variant):
             raise BackendUnavailableError(f"extra head {graph.name!r} runs on onnxruntime only; open it with that backend")
         if "tensorrt" not in graph.backends and not graph.engines:
+            import importlib.util
+
+            missing = "" if importlib.util.find_spec("tensorrt") else \
+                " (and TensorRT is not installed here: install clipfold[gpu] on a machine with an NVIDIA GPU)"
             raise BackendUnavailableError(
                 f"variant {graph.name!r} ({graph.precision}) is a graph for {list(graph.backends)}, not for TensorRT; "
-                "TensorRT runs the tensorrt-* and fp8 variants (compile --target tensorrt)")
+                f"TensorRT runs the tensorrt-* and fp8 variants (compile --target tensorrt){missing}")
         from .tensorrt_backend import open_tensorrt
 
         return open_tensorrt(graph, Path(path).parent)

@@ -51,8 +51,8 @@ def test_beats_zero_shot_on_a_task_the_model_was_not_trained_to_name(tiny):
     head = tip_adapter_head(zero_shot, keys, labels, alpha=alpha, beta=beta)
     zs = float((zero_shot.logits(test_f).argmax(1) == test_y).float().mean())
     adapted = float((head.fold().logits(test_f).argmax(1) == test_y).float().mean())
-    # Measured: 0.8275 -> 0.8750 (beta 1.342, alpha 2.855). Training-free Tip-Adapter gains less
-    # than GDA here: with the official 100x text scale and alpha <= 3 the cache is a small correction.
+    # Measured: 0.825 -> 0.9425 (beta 1.58, alpha 9.01). With the ImageNet config's alpha <= 3 the
+    # search found nothing above zero-shot on this task (see tip.SEARCH_SCALE).
     assert adapted >= zs + 0.03, (zs, adapted)
 
 

@@ -45,6 +45,9 @@ class Sample:
         return f"{self.color} {self.shape}"
 
 
+BACKGROUND_NAMED = 0.12  # share of captions that name the background
+
+
 def class_names() -> list[str]:
     return [f"{c} {s}" for c in COLORS for s in SHAPES]
 
@@ -52,7 +55,11 @@ def class_names() -> list[str]:
 def caption(sample: Sample, rng: np.random.Generator) -> tuple[str, str | None, str | None]:
     """A caption for ``sample`` and which optional attributes it states (size, background)."""
     size = sample.size if rng.random() < 0.5 else None
-    background = sample.background if rng.random() < 0.5 else None
+    # Rarely named: the image features must keep the background (12 % of captions make it a
+    # positive), while the text barely knows its names, so the few-shot background task stays one
+    # that zero-shot does only moderately well on (at 50 % and 6,000 steps zero-shot reached 100 %;
+    # at 0 % or 5 % the features lost the background and GDA fell to chance).
+    background = sample.background if rng.random() < BACKGROUND_NAMED else None
     words = [PREFIXES[rng.integers(len(PREFIXES))]]
     words += [size] if size else []
     words += [sample.color, sample.shape]

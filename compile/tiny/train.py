@@ -126,7 +126,7 @@ def train(steps: int, batch: int, lr: float, seed: int, progress=print):
 def main() -> None:
     parser = argparse.ArgumentParser(description="train the embedded tiny CLIP (deterministic)")
     parser.add_argument("--out", type=Path, required=True, help="safetensors file to write")
-    parser.add_argument("--steps", type=int, default=900)
+    parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
