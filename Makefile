@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(CLI) compile --labels $(DEMO)/labels.txt --out $(DEMO)/tiny.bundle --overwrite --text
 	$(CLI) inspect $(DEMO)/tiny.bundle
 	$(CLI) classify $(DEMO)/tiny.bundle $(DEMO)/images/*.png --k 3
-	# Few-shot: fit GDA on 12 shots of a task the model was never trained to name, compare.
+	# Few-shot: fit GDA on 12 shots of a task whose names the model rarely saw in training, compare.
 	$(CLI) fit gda --support $(DEMO)/fewshot/support --templates $(DEMO)/fewshot/templates.txt --out $(DEMO)/gda.safetensors
 	$(CLI) compile --labels $(DEMO)/fewshot/labels.txt --templates $(DEMO)/fewshot/templates.txt --out $(DEMO)/zero-shot.bundle --overwrite
 	# The adapted bundle with int8 variants, each gated against fp32 on the labelled test images.
@@ -63,7 +63,7 @@ bench-kernels: $(STAMP)
 fewshot: $(STAMP)
 	$(PY) -m benchmarks.fewshot
 
-# Re-train the embedded tiny model (deterministic; a few minutes on 2 cores).
+# Re-train the embedded tiny model (deterministic; about 40 minutes on 2 cores).
 # clipfold serve under load (loopback): dynamic batching vs batch-1 at concurrency 1-64, about 2 minutes.
 bench-serve: $(STAMP)
 	$(PY) -m benchmarks.bench_serve

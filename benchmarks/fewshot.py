@@ -1,6 +1,6 @@
 """Few-shot table: top-1 of every fitting method at 1, 2, 4, 8, 16 shots next to zero-shot.
 
-The task is one the embedded tiny model was never trained to name — the background type of the
+The task is one whose names the embedded tiny model rarely saw in training — the background type of the
 generated images (4 classes) — and every number comes from the real path: ``clipfold fit`` on a
 support folder (features cached, augmented views), ``clipfold compile --adapter``, and the
 torch-free engine's ``evaluate_folder`` on a separate test folder. Hyperparameters are chosen on a

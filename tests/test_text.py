@@ -212,3 +212,22 @@ def test_quantized_text_graphs_are_gated(tiny_labels, tmp_path):
         CompileConfig(labels=tiny_labels, out=tmp_path / "x", text_precisions=("int8-weight",))
     with pytest.raises(errors.ConfigError, match="unknown text precision 'int8-static'"):
         CompileConfig(labels=tiny_labels, out=tmp_path / "x", text=True, text_precisions=("int8-static",))
+
+
+def test_text_search_finds_every_class_first(text_bundle, tmp_path):
+    """The demo's retrieval on the tiny model: for each colour x shape among 120 generated photos,
+    a text query's top hit is an image of that class (measured: 30 of 30 with the 6,000-step model)."""
+    from clipfold.compile.tiny import data
+    from clipfold.runtime.index import build_index
+
+    samples = data.generate(120, seed=5)
+    _write_images(tmp_path / "photos", samples)
+    engine = Engine.open(text_bundle.path)
+    index = build_index(engine, tmp_path / "photos", tmp_path / "idx")
+    present = sorted({s.label for s in samples})
+    misses = []
+    for label in present:
+        top = index.search(engine, text=f"a photo of a {label}.", k=1).hits[0].path
+        if not top.endswith(f"-{label.replace(' ', '-')}.png"):
+            misses.append((label, top))
+    assert len(present) == 30 and misses == []

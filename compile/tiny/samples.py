@@ -2,7 +2,7 @@
 
 ``python -m clipfold.compile.tiny.samples --out DIR`` writes ``DIR/labels.txt`` and
 ``DIR/images/NN_<colour>_<shape>.png`` (the file name tells the truth, for eyeballing the demo),
-a few-shot task the tiny model was never trained to name, background type:
+a few-shot task whose names the tiny model rarely saw in training (12 % of captions), background type:
 ``DIR/fewshot/{support,test}/<type> background/*.png``, ``labels.txt`` and ``templates.txt``, and
 ``DIR/photos/`` to index and search by text.
 """
