@@ -319,10 +319,12 @@ def cmd_export_triton(args: argparse.Namespace) -> int:
     config = TritonExportConfig(bundle=args.bundle, out=args.out, name=args.name, variant=args.variant,
                                 max_batch=args.max_batch, preferred_batch=preferred,
                                 max_queue_delay_us=args.max_queue_delay_us, instances=args.instances,
-                                preprocess_instances=args.preprocess_instances, kind=args.kind, overwrite=args.overwrite)
+                                preprocess_instances=args.preprocess_instances, kind=args.kind, overwrite=args.overwrite,
+                                platform=args.platform, compute_capability=args.compute_capability)
     path = export_triton(config)
+    engine = f"{config.name}_{'trt' if config.platform == 'tensorrt' else 'onnx'}"
     print(f"wrote Triton model repository {path}: ensemble {config.name!r} (image bytes -> labels, scores, "
-          f"indices, embedding) over {config.name}_preprocess, {config.name}_onnx and {config.name}_labels; "
+          f"indices, embedding) over {config.name}_preprocess, {engine} and {config.name}_labels; "
           f"every config.pbtxt validated")
     print(f"run it: tritonserver --model-repository {path}  (clipfold must be installed for the Python backend)")
     return 0
@@ -534,7 +536,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue-delay-us", type=int, default=5000, help="dynamic batching's max queue delay (default 5000)")
     p.add_argument("--instances", type=int, default=1, help="engine instances per device (default 1)")
     p.add_argument("--preprocess-instances", type=int, default=2, help="Python preprocessing instances (default 2)")
-    p.add_argument("--kind", default="cpu", choices=("cpu", "gpu"), help="where the engine instances run (default cpu)")
+    p.add_argument("--kind", default=None, choices=("cpu", "gpu"),
+                   help="where the engine instances run (default: gpu with --platform tensorrt, else cpu)")
+    p.add_argument("--platform", default="onnxruntime", choices=("onnxruntime", "tensorrt"),
+                   help="the engine model: the variant's ONNX graph (onnxruntime_onnx, default) or its TensorRT plan "
+                        "(tensorrt_plan; built with clipfold engine build)")
+    p.add_argument("--compute-capability", default=None, help="with --platform tensorrt: which GPU's plan, e.g. 8.7")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export_triton)
 

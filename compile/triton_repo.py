@@ -34,6 +34,7 @@ from clipfold.runtime.manifest import Manifest, Variant
 
 MARKER = "clipfold-export.json"  # Triton scans sub-folders only: a file at the root is ignored
 KINDS = ("cpu", "gpu")
+PLATFORMS = {"onnxruntime": ("onnxruntime_onnx", "onnx", "model.onnx"), "tensorrt": ("tensorrt_plan", "trt", "model.plan")}
 PYTHON_MODELS = Path(__file__).with_name("triton_python")
 
 # manifest dtype -> Triton DataType name; the ONNX Runtime type string of each.
@@ -54,8 +55,10 @@ class TritonExportConfig:
     max_queue_delay_us: int = 5000
     instances: int = 1  # engine instances per device
     preprocess_instances: int = 2  # Python instances decoding images (each one process)
-    kind: str = "cpu"
+    kind: str | None = None  # default: gpu for a TensorRT plan, else cpu
     overwrite: bool = False
+    platform: str = "onnxruntime"  # or "tensorrt": the variant's TensorRT plan (clipfold engine build)
+    compute_capability: str | None = None  # which plan, when the variant has plans for several GPUs
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bundle", Path(self.bundle))
@@ -74,8 +77,14 @@ class TritonExportConfig:
         if any(not isinstance(b, int) or not 1 <= b <= self.max_batch for b in preferred):
             raise ConfigError(f"preferred batch sizes {list(preferred)} must be integers in 1..{self.max_batch} (max batch)")
         object.__setattr__(self, "preferred_batch", preferred)
+        if self.platform not in PLATFORMS:
+            raise ConfigError(f"platform {self.platform!r} is not one of {sorted(PLATFORMS)}")
+        if self.kind is None:
+            object.__setattr__(self, "kind", "gpu" if self.platform == "tensorrt" else "cpu")
         if self.kind not in KINDS:
             raise ConfigError(f"instance kind {self.kind!r} is not one of {KINDS}")
+        if self.platform == "tensorrt" and self.kind != "gpu":
+            raise ConfigError("a TensorRT plan runs on a GPU: --kind gpu (the default with --platform tensorrt)")
 
 
 @dataclass
@@ -106,7 +115,7 @@ def _tensor(pb, name: str, dtype: str, dims: list[int]):
 
 
 def _engine_config(pb, cfg: TritonExportConfig, name: str, variant: Variant):
-    config = pb.ModelConfig(name=name, platform="onnxruntime_onnx", max_batch_size=cfg.max_batch)
+    config = pb.ModelConfig(name=name, platform=PLATFORMS[cfg.platform][0], max_batch_size=cfg.max_batch)
     for spec in variant.inputs:
         config.input.add(**_tensor(pb, spec.name, TRITON_DTYPES[spec.dtype], _dims(spec.shape, True)))
     for spec in variant.outputs:
@@ -189,13 +198,43 @@ def _check_exportable(manifest: Manifest, variant: Variant) -> None:
                           "label per line")
 
 
+def _plan(variant: Variant, cfg: TritonExportConfig):
+    """The TensorRT engine record of ``variant`` to export (one per GPU it was built on)."""
+    if not variant.engines:
+        raise BundleError(f"variant {variant.name!r} has no TensorRT plan; build one on the target GPU with "
+                          f"clipfold engine build {cfg.bundle} --variant {variant.name}")
+    wanted = [e for e in variant.engines if cfg.compute_capability in (None, e.compute_capability)]
+    if len(wanted) != 1:
+        have = ", ".join(f"{e.gpu} (compute capability {e.compute_capability}, TensorRT {e.tensorrt})"
+                         for e in variant.engines)
+        raise ConfigError(f"variant {variant.name!r} has plans for {have}; pick one with --compute-capability"
+                          if not wanted or cfg.compute_capability is None else f"two plans match: {have}")
+    record = wanted[0]
+    if cfg.max_batch > record.profile["max"] or min(cfg.preferred_batch) < record.profile["min"]:
+        raise ConfigError(f"the plan runs batches {record.profile['min']}..{record.profile['max']}; max batch "
+                          f"{cfg.max_batch} and preferred sizes {list(cfg.preferred_batch)} must lie inside")
+    return record
+
+
+def _onnx_io(path: Path) -> dict:
+    """The graph's inputs and outputs as Triton sees them with batching: name -> [TYPE_*, dims]."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return {kind: {a.name: [ORT_DTYPES.get(a.type, a.type), [d if isinstance(d, int) else -1 for d in a.shape[1:]]]
+                   for a in args}
+            for kind, args in (("inputs", session.get_inputs()), ("outputs", session.get_outputs()))}
+
+
 def export_triton(cfg: TritonExportConfig) -> Path:
     """Write the repository for ``cfg.bundle`` at ``cfg.out``, validated, atomically. Returns the path."""
-    from clipfold.runtime import Engine  # checks every checksum of the bundle
+    from clipfold.runtime.engine import verify_files
 
     pb, text_format = _pb()
-    engine = Engine.open(cfg.bundle, variant=cfg.variant)
-    manifest, variant = engine.manifest, engine.variant
+    manifest = Manifest.read(cfg.bundle)  # refuses newer schemas
+    verify_files(cfg.bundle, manifest)  # every checksum
+    variant = manifest.variant(cfg.variant)
+    bundle = Path(cfg.bundle)
     _check_exportable(manifest, variant)
     target = cfg.out.absolute()
     if target.exists():
@@ -206,7 +245,9 @@ def export_triton(cfg: TritonExportConfig) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     stage = target.parent / f".{target.name}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
-    names = {"preprocess": f"{cfg.name}_preprocess", "engine": f"{cfg.name}_onnx", "labels": f"{cfg.name}_labels"}
+    record = _plan(variant, cfg) if cfg.platform == "tensorrt" else None
+    _, suffix, engine_file = PLATFORMS[cfg.platform]
+    names = {"preprocess": f"{cfg.name}_preprocess", "engine": f"{cfg.name}_{suffix}", "labels": f"{cfg.name}_labels"}
     pixels = variant.inputs[0]
     k = _dims(next(s for s in variant.outputs if s.name == "indices").shape, True)
     configs = {
@@ -223,19 +264,26 @@ def export_triton(cfg: TritonExportConfig) -> Path:
         for name, config in configs.items():
             (stage / name / "1").mkdir(parents=True)
             (stage / name / "config.pbtxt").write_text(text_format.MessageToString(config), encoding="utf-8")
-        shutil.copyfile(Path(engine.path) / variant.file, stage / names["engine"] / "1" / "model.onnx")
-        for location in _external_data(Path(engine.path) / variant.file):  # weights of graphs over ~1.5 GB
-            (stage / names["engine"] / "1" / location).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(engine.path) / location, stage / names["engine"] / "1" / location)
+        extra = {}
+        if record is None:
+            shutil.copyfile(bundle / variant.file, stage / names["engine"] / "1" / engine_file)
+            for location in _external_data(bundle / variant.file):  # weights of graphs over ~1.5 GB
+                (stage / names["engine"] / "1" / location).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(bundle / location, stage / names["engine"] / "1" / location)
+        else:  # a plan cannot be read without TensorRT: record the tensors of the graph it was built from
+            shutil.copyfile(bundle / record.file, stage / names["engine"] / "1" / engine_file)
+            extra = {"plan": {"model": names["engine"], "file": record.file, "gpu": record.gpu,
+                              "compute_capability": record.compute_capability, "tensorrt": record.tensorrt,
+                              "profile": record.profile, **_onnx_io(bundle / variant.file)}}
         shutil.copyfile(PYTHON_MODELS / "preprocess.py", stage / names["preprocess"] / "1" / "model.py")
         (stage / names["preprocess"] / "preprocess.json").write_text(
             json.dumps(asdict(manifest.preprocess), indent=2) + "\n", encoding="utf-8")
         shutil.copyfile(PYTHON_MODELS / "labels.py", stage / names["labels"] / "1" / "model.py")
         (stage / names["labels"] / "labels.txt").write_text("\n".join(manifest.labels) + "\n", encoding="utf-8")
         (stage / MARKER).write_text(json.dumps({
-            "bundle": str(Path(engine.path).resolve()), "model": manifest.model.name, "variant": variant.name,
+            "bundle": str(bundle.resolve()), "model": manifest.model.name, "variant": variant.name,
             "sha256": manifest.files[variant.file], "ensemble": cfg.name, "models": sorted(configs),
-            "labels_model": names["labels"], "classes": len(manifest.labels)}, indent=2) + "\n",
+            "labels_model": names["labels"], "classes": len(manifest.labels), **extra}, indent=2) + "\n",
             encoding="utf-8")
         validate_repository(stage)
         if target.exists():
@@ -291,6 +339,26 @@ def _check_onnx(model_dir: Path, config, problems: list[str]) -> None:
             expected = [d if isinstance(d, int) else -1 for d in (shape[1:] if batched else shape)]
             if dims != expected:
                 problems.append(f"{config.name}: {kind} {tensor!r} dims {dims} in config.pbtxt, {expected} in the graph")
+
+
+def _check_plan(root: Path, model_dir: Path, config, problems: list[str]) -> None:
+    """A plan is checked against the tensors of the ONNX graph it was built from (kept in the marker)."""
+    if not (model_dir / "1" / "model.plan").is_file():
+        problems.append(f"{config.name}: 1/model.plan is missing")
+    marker = root / MARKER
+    plan = json.loads(marker.read_text(encoding="utf-8")).get("plan") if marker.is_file() else None
+    if not plan or plan.get("model") != config.name:
+        problems.append(f"{config.name}: no record of the graph its plan was built from ({MARKER}); export it with "
+                        "clipfold export triton")
+        return
+    inputs, outputs = _io(config)
+    for kind, declared in (("inputs", inputs), ("outputs", outputs)):
+        expected = {name: (dtype, list(dims)) for name, (dtype, dims) in plan[kind].items()}
+        if declared != expected:
+            problems.append(f"{config.name}: config {kind} {declared} differ from the plan's graph {expected}")
+    if config.max_batch_size > plan["profile"]["max"]:
+        problems.append(f"{config.name}: max_batch_size {config.max_batch_size} exceeds the plan's profile "
+                        f"maximum {plan['profile']['max']}")
 
 
 def _check_ensemble(config, repo: _Repo) -> None:
@@ -374,6 +442,8 @@ def validate_repository(repo_path: str | Path) -> dict:
         model_dir = root / config.name
         if config.platform == "onnxruntime_onnx":
             _check_onnx(model_dir, config, repo.problems)
+        elif config.platform == "tensorrt_plan":
+            _check_plan(root, model_dir, config, repo.problems)
         elif config.backend == "python":
             if not (model_dir / "1" / "model.py").is_file():
                 repo.problems.append(f"{config.name}: 1/model.py is missing")

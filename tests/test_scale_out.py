@@ -17,6 +17,7 @@ import pytest
 from clipfold import errors
 from clipfold.cli import main
 from clipfold.runtime import Engine
+from clipfold.runtime.manifest import Manifest
 
 pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="the Triton export needs tritonclient[grpc]")
 
@@ -260,6 +261,60 @@ def test_triton_validation_counts_the_labels(repository, tmp_path):
     labels.write_text(labels.read_text() + "extra\n")
     with pytest.raises(errors.VerificationError, match="labels.txt has 31 labels; the bundle has 30 classes"):
         validate_repository(copy)
+
+
+def _with_plan(tmp_path, profile=None):
+    """A TensorRT-bound bundle carrying a plan record, as `clipfold engine build` leaves it on a GPU
+    machine. The plan's bytes are a stand-in: without TensorRT nothing here can read a plan."""
+    import dataclasses
+
+    from clipfold.compile.bundle import checksum_tree
+    from clipfold.compile.config import CompileConfig
+    from clipfold.compile.pipeline import compile_bundle
+    from clipfold.runtime.manifest import MANIFEST_NAME, EngineRecord
+
+    bundle = compile_bundle(CompileConfig(labels=("red circle", "green star", "blue square"), top_k=3,
+                                          out=tmp_path / "t.bundle", precisions=("fp32", "tensorrt-fp16"))).path
+    (bundle / "p.plan").write_bytes(b"plan for sm 8.7")
+    (bundle / "p.cache").write_bytes(b"timing cache")
+    record = EngineRecord(file="p.plan", timing_cache="p.cache", tensorrt="10.3.0", gpu="Orin",
+                          compute_capability="8.7", profile=profile or {"min": 1, "opt": 8, "max": 32})
+    manifest = Manifest.read(bundle)
+    variants = tuple(dataclasses.replace(v, engines=(record,)) if v.name == "tensorrt-fp16" else v
+                     for v in manifest.variants)
+    manifest = dataclasses.replace(manifest, variants=variants, files=checksum_tree(bundle))
+    (bundle / MANIFEST_NAME).write_text(manifest.to_json())
+    return bundle
+
+
+def test_triton_export_of_a_tensorrt_plan(tmp_path, capsys):
+    from clipfold.compile.triton_repo import TritonExportConfig, export_triton, validate_repository
+
+    bundle = _with_plan(tmp_path)
+    out = tmp_path / "repo"
+    assert main(["export", "triton", str(bundle), "--out", str(out), "--variant", "tensorrt-fp16",
+                 "--platform", "tensorrt", "--max-batch", "16"]) == 0
+    assert "t_trt" in capsys.readouterr().out
+    text = (out / "t_trt" / "config.pbtxt").read_text()
+    assert 'platform: "tensorrt_plan"' in text and "KIND_GPU" in text
+    assert (out / "t_trt" / "1" / "model.plan").read_bytes() == b"plan for sm 8.7"
+    plan = json.loads((out / "clipfold-export.json").read_text())["plan"]
+    assert plan["compute_capability"] == "8.7" and plan["inputs"] == {"pixels": ["TYPE_UINT8", [3, 64, 64]]}
+    # The plan's config is checked against the graph it was built from.
+    config = out / "t_trt" / "config.pbtxt"
+    config.write_text(text.replace("dims: 3\n  dims: 64", "dims: 3\n  dims: 65", 1))
+    with pytest.raises(errors.VerificationError, match="t_trt: config inputs .* differ from the plan's graph"):
+        validate_repository(out)
+    # Refusals: beyond the plan's profile, a CPU instance, a variant without a plan, an unknown GPU.
+    for args, message in [(["--max-batch", "64"], "the plan runs batches 1..32"),
+                          (["--kind", "cpu"], "a TensorRT plan runs on a GPU"),
+                          (["--compute-capability", "9.0"], "has plans for Orin \\(compute capability 8.7")]:
+        assert main(["export", "triton", str(bundle), "--out", str(tmp_path / "r2"), "--variant", "tensorrt-fp16",
+                     "--platform", "tensorrt", *args]) == 2
+        assert re.search(message, capsys.readouterr().err)
+    with pytest.raises(errors.BundleError, match="has no TensorRT plan; build one on the target GPU"):
+        export_triton(TritonExportConfig(bundle, tmp_path / "r3", platform="tensorrt"))
+    assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()
 
 
 # --- Ray Data indexing and sharded search ------------------------------------------------------
