@@ -87,13 +87,18 @@ def commit(stage: Path, manifest: Manifest, target: Path) -> Path:
     target = Path(target).absolute()
     (stage / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
     _fsync_tree(stage)
+    replace_dir(stage, target)
+    return target
+
+
+def replace_dir(stage: Path, target: Path) -> None:
+    """Move the finished directory ``stage`` onto ``target``, replacing what is there."""
     if target.exists():
-        # rename() cannot replace a non-empty directory: move the old bundle aside first, so
-        # that at every instant the target is either the old bundle or the new one.
+        # rename() cannot replace a non-empty directory: move the old one aside first, so that
+        # at every instant the target is either the old directory or the new one.
         old = target.parent / f".{target.name}.old-{os.getpid()}"
         os.rename(target, old)
         os.rename(stage, target)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(stage, target)
-    return target

@@ -32,6 +32,8 @@ from pathlib import Path
 from clipfold.errors import BundleError, ConfigError, VerificationError
 from clipfold.runtime.manifest import Manifest, Variant
 
+from .bundle import replace_dir
+
 MARKER = "clipfold-export.json"  # Triton scans sub-folders only: a file at the root is ignored
 KINDS = ("cpu", "gpu")
 PLATFORMS = {"onnxruntime": ("onnxruntime_onnx", "onnx", "model.onnx"), "tensorrt": ("tensorrt_plan", "trt", "model.plan")}
@@ -286,13 +288,7 @@ def export_triton(cfg: TritonExportConfig) -> Path:
             "labels_model": names["labels"], "classes": len(manifest.labels), **extra}, indent=2) + "\n",
             encoding="utf-8")
         validate_repository(stage)
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.rename(target, old)
-            os.rename(stage, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(stage, target)
+        replace_dir(stage, target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return target
