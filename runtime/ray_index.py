@@ -112,8 +112,10 @@ def build_index_ray(bundle: str | Path, folder: str | Path, out: str | Path, sto
     try:
         context.enable_progress_bars = False
         items = [{"rel": rel, "path": str(path.resolve())} for rel, path in todo]
-        dataset = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // batch_size))).map_batches(
-            _Embedder, batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=threads_per_actor,
+        blocks = max(1, -(-len(items) // batch_size))
+        dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+            _Embedder, batch_size=batch_size, batch_format="numpy", num_cpus=threads_per_actor,
+            compute=ray.data.ActorPoolStrategy(size=actors),
             fn_constructor_kwargs={"bundle": str(Path(engine.path).resolve()), "variant": engine.variant.name,
                                    "identity": writer.identity, "threads": threads_per_actor, "batch": batch_size})
         done = 0
