@@ -94,11 +94,15 @@ def commit(stage: Path, manifest: Manifest, target: Path) -> Path:
 def replace_dir(stage: Path, target: Path) -> None:
     """Move the finished directory ``stage`` onto ``target``, replacing what is there."""
     if target.exists():
-        # rename() cannot replace a non-empty directory: move the old one aside first, so that
-        # at every instant the target is either the old directory or the new one.
+        # rename() cannot replace a non-empty directory: move the old one aside first. Between
+        # the two renames the target is briefly absent; if the second fails, the old one goes back.
         old = target.parent / f".{target.name}.old-{os.getpid()}"
         os.rename(target, old)
-        os.rename(stage, target)
+        try:
+            os.rename(stage, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(stage, target)

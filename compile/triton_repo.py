@@ -181,12 +181,15 @@ def _external_data(path: Path) -> list[str]:
     return sorted(locations)
 
 
-def _check_exportable(manifest: Manifest, variant: Variant) -> None:
+def _check_exportable(manifest: Manifest, variant: Variant, platform: str) -> None:
     if manifest.head.kernel is not None:
         raise BundleError("this bundle scores its head with clipfold's top-k kernel after the graph (a kernel head); "
                           "Triton would run the graph only, without the head: export a bundle whose head is in the graph")
     if variant.format != "onnx":
         raise BundleError(f"variant {variant.name!r} is a {variant.format} engine; the Triton export takes ONNX variants")
+    if platform == "onnxruntime" and "onnxruntime" not in variant.backends:
+        raise BundleError(f"variant {variant.name!r} ({variant.precision}) is a graph for {list(variant.backends)}, not "
+                          "for ONNX Runtime; export its TensorRT plan with --platform tensorrt, or another variant")
     names = [spec.name for spec in variant.outputs]
     if len(variant.inputs) != 1 or variant.inputs[0].dtype != "uint8" or {"scores", "indices"} - set(names):
         raise BundleError(f"variant {variant.name!r} is not a pixels -> top-k graph (inputs "
@@ -212,20 +215,30 @@ def _plan(variant: Variant, cfg: TritonExportConfig):
         raise ConfigError(f"variant {variant.name!r} has plans for {have}; pick one with --compute-capability"
                           if not wanted or cfg.compute_capability is None else f"two plans match: {have}")
     record = wanted[0]
-    if cfg.max_batch > record.profile["max"] or min(cfg.preferred_batch) < record.profile["min"]:
-        raise ConfigError(f"the plan runs batches {record.profile['min']}..{record.profile['max']}; max batch "
-                          f"{cfg.max_batch} and preferred sizes {list(cfg.preferred_batch)} must lie inside")
+    if record.profile["min"] != 1:  # Triton sends any batch from 1 up (a lone request, the warm-up) and never pads
+        raise ConfigError(f"the plan's batch profile starts at {record.profile['min']}; Triton sends batches from 1: "
+                          f"rebuild it with clipfold engine build --min-batch 1")
+    if cfg.max_batch > record.profile["max"]:
+        raise ConfigError(f"the plan runs batches 1..{record.profile['max']}; max batch {cfg.max_batch} must lie inside")
     return record
 
 
 def _onnx_io(path: Path) -> dict:
-    """The graph's inputs and outputs as Triton sees them with batching: name -> [TYPE_*, dims]."""
-    import onnxruntime as ort
+    """The graph's inputs and outputs as Triton sees them with batching: name -> [TYPE_*, dims].
+    Read from the protobuf, not a session: a TensorRT-bound graph need not run on ONNX Runtime's CPU."""
+    import onnx
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return {kind: {a.name: [ORT_DTYPES.get(a.type, a.type), [d if isinstance(d, int) else -1 for d in a.shape[1:]]]
-                   for a in args}
-            for kind, args in (("inputs", session.get_inputs()), ("outputs", session.get_outputs()))}
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {t.name for t in graph.initializer}
+
+    def spec(value):
+        tensor = value.type.tensor_type
+        dtype = f"tensor({onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name.replace('float32', 'float')})"
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim][1:]
+        return [ORT_DTYPES.get(dtype, dtype), dims]
+
+    return {"inputs": {v.name: spec(v) for v in graph.input if v.name not in initializers},
+            "outputs": {v.name: spec(v) for v in graph.output}}
 
 
 def export_triton(cfg: TritonExportConfig) -> Path:
@@ -237,7 +250,7 @@ def export_triton(cfg: TritonExportConfig) -> Path:
     verify_files(cfg.bundle, manifest)  # every checksum
     variant = manifest.variant(cfg.variant)
     bundle = Path(cfg.bundle)
-    _check_exportable(manifest, variant)
+    _check_exportable(manifest, variant, cfg.platform)
     target = cfg.out.absolute()
     if target.exists():
         if not cfg.overwrite:
@@ -274,7 +287,8 @@ def export_triton(cfg: TritonExportConfig) -> Path:
                 shutil.copyfile(bundle / location, stage / names["engine"] / "1" / location)
         else:  # a plan cannot be read without TensorRT: record the tensors of the graph it was built from
             shutil.copyfile(bundle / record.file, stage / names["engine"] / "1" / engine_file)
-            extra = {"plan": {"model": names["engine"], "file": record.file, "gpu": record.gpu,
+            extra = {"plan": {"model": names["engine"], "file": record.file, "sha256": manifest.files[record.file],
+                              "gpu": record.gpu,
                               "compute_capability": record.compute_capability, "tensorrt": record.tensorrt,
                               "profile": record.profile, **_onnx_io(bundle / variant.file)}}
         shutil.copyfile(PYTHON_MODELS / "preprocess.py", stage / names["preprocess"] / "1" / "model.py")
@@ -339,14 +353,23 @@ def _check_onnx(model_dir: Path, config, problems: list[str]) -> None:
 
 def _check_plan(root: Path, model_dir: Path, config, problems: list[str]) -> None:
     """A plan is checked against the tensors of the ONNX graph it was built from (kept in the marker)."""
-    if not (model_dir / "1" / "model.plan").is_file():
-        problems.append(f"{config.name}: 1/model.plan is missing")
+    from clipfold.runtime.manifest import sha256_file
+
     marker = root / MARKER
     plan = json.loads(marker.read_text(encoding="utf-8")).get("plan") if marker.is_file() else None
     if not plan or plan.get("model") != config.name:
         problems.append(f"{config.name}: no record of the graph its plan was built from ({MARKER}); export it with "
                         "clipfold export triton")
         return
+    file = model_dir / "1" / "model.plan"
+    if not file.is_file() or sha256_file(file) != plan["sha256"]:
+        problems.append(f"{config.name}: 1/model.plan is missing or is not the exported plan {plan['file']} "
+                        "(sha256 differs)")
+    if any(group.kind != group.KIND_GPU for group in config.instance_group):
+        problems.append(f"{config.name}: a TensorRT plan runs on GPU instances only (instance_group kind KIND_GPU)")
+    if plan["profile"]["min"] != 1:
+        problems.append(f"{config.name}: the plan's batch profile starts at {plan['profile']['min']}; Triton sends "
+                        "batches from 1")
     inputs, outputs = _io(config)
     for kind, declared in (("inputs", inputs), ("outputs", outputs)):
         expected = {name: (dtype, list(dims)) for name, (dtype, dims) in plan[kind].items()}

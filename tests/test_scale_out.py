@@ -274,7 +274,7 @@ def _with_plan(tmp_path, profile=None):
     from clipfold.runtime.manifest import MANIFEST_NAME, EngineRecord
 
     bundle = compile_bundle(CompileConfig(labels=("red circle", "green star", "blue square"), top_k=3,
-                                          out=tmp_path / "t.bundle", precisions=("fp32", "tensorrt-fp16"))).path
+                                          out=Path(tmp_path) / "t.bundle", precisions=("fp32", "tensorrt-fp16"))).path
     (bundle / "p.plan").write_bytes(b"plan for sm 8.7")
     (bundle / "p.cache").write_bytes(b"timing cache")
     record = EngineRecord(file="p.plan", timing_cache="p.cache", tensorrt="10.3.0", gpu="Orin",
@@ -305,13 +305,25 @@ def test_triton_export_of_a_tensorrt_plan(tmp_path, capsys):
     config.write_text(text.replace("dims: 3\n  dims: 64", "dims: 3\n  dims: 65", 1))
     with pytest.raises(errors.VerificationError, match="t_trt: config inputs .* differ from the plan's graph"):
         validate_repository(out)
-    # Refusals: beyond the plan's profile, a CPU instance, a variant without a plan, an unknown GPU.
+    # A swapped plan is caught by its sha256.
+    config.write_text(text)
+    (out / "t_trt" / "1" / "model.plan").write_bytes(b"another plan")
+    with pytest.raises(errors.VerificationError, match="1/model.plan is missing or is not the exported plan"):
+        validate_repository(out)
+    # Refusals: beyond the plan's profile, a CPU instance, a variant without a plan, an unknown GPU,
+    # a TensorRT-bound graph as an ONNX Runtime model.
     for args, message in [(["--max-batch", "64"], "the plan runs batches 1..32"),
                           (["--kind", "cpu"], "a TensorRT plan runs on a GPU"),
-                          (["--compute-capability", "9.0"], "has plans for Orin \\(compute capability 8.7")]:
+                          (["--compute-capability", "9.0"], "has plans for Orin \\(compute capability 8.7"),
+                          (["--platform", "onnxruntime"], "is a graph for \\['tensorrt'\\], not for ONNX Runtime")]:
         assert main(["export", "triton", str(bundle), "--out", str(tmp_path / "r2"), "--variant", "tensorrt-fp16",
                      "--platform", "tensorrt", *args]) == 2
         assert re.search(message, capsys.readouterr().err)
+    # A plan whose profile starts above 1 cannot take Triton's single requests (nor its warm-up).
+    later = _with_plan(tmp_path / "min8", profile={"min": 8, "opt": 8, "max": 32})
+    with pytest.raises(errors.ConfigError, match="batch profile starts at 8; Triton sends batches from 1"):
+        export_triton(TritonExportConfig(later, tmp_path / "r4", variant="tensorrt-fp16", platform="tensorrt",
+                                         max_batch=16))
     with pytest.raises(errors.BundleError, match="has no TensorRT plan; build one on the target GPU"):
         export_triton(TritonExportConfig(bundle, tmp_path / "r3", platform="tensorrt"))
     assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()
