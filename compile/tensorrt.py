@@ -162,17 +162,12 @@ def _tensorrt():
 
 
 def gpu_identity() -> dict[str, str]:
-    """This machine's GPU 0 and TensorRT version: what an engine built here is tied to."""
-    trt = _tensorrt()
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        raise BackendUnavailableError("TensorRT engines need cuda-python for device memory: install clipfold[gpu]") from None
-    err, props = cudart.cudaGetDeviceProperties(0)
-    if err != cudart.cudaError_t.cudaSuccess:
-        raise BackendUnavailableError(f"no usable NVIDIA GPU: cudaGetDeviceProperties failed with {err}")
-    name = props.name.decode(errors="replace").rstrip("\0") if isinstance(props.name, bytes) else str(props.name)
-    return {"gpu": name, "compute_capability": f"{props.major}.{props.minor}", "tensorrt": trt.__version__}
+    """This machine's GPU 0 and TensorRT version: what an engine built here is tied to (the same
+    identity the runtime matches plans against)."""
+    _tensorrt()  # the builder's own message when TensorRT is missing
+    from clipfold.runtime.tensorrt_backend import this_machine
+
+    return this_machine()
 
 
 def build_engine(onnx_path: Path, plan_path: Path, cache_path: Path, input_name: str, image_size: tuple[int, int],
