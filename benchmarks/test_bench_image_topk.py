@@ -5,7 +5,11 @@ medians (reference / candidate, > 1 means the candidate is faster):
 
 * ``vitb32_image_to_top5_b{1,8}``: open_clip eager vs the fused fp32 engine (target >= 2.0x at b1);
 * ``vitb32_{variant}_vs_fp32_b{1,8}``: the fp32 engine vs each variant (target >= 1.3x at b8 for
-  the best int8 variant).
+  the best int8 variant);
+* ``vitb32_eager_vs_gemm_floor_b1`` and ``vitb32_fp32_vs_gemm_floor_b1``: the roofline. The fp32
+  engine's weight multiplications alone, as plain MatMuls (:mod:`benchmarks.gemm_floor`), are the
+  least time any fp32 engine doing that arithmetic needs here; eager over floor is the most any
+  fp32 engine can gain over eager on this machine, fp32 over floor how far the engine is from it.
 
 Accuracy of the same recipes: the embedded tiny model, compiled with the same precisions and the
 default gate (min cosine 0.99, top-1 agreement 99 %) on held-out images; its gate figures are
@@ -18,6 +22,7 @@ both (torchvision on the eager side, Pillow + numpy in the runtime). Run with ``
 
 from __future__ import annotations
 
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,7 +35,11 @@ from clipfold.compile.pipeline import compile_bundle
 from clipfold.compile.precision import GateConfig, QuantConfig
 from clipfold.compile.tiny import data
 from clipfold.compile.tiny.samples import write_background_folder
+from clipfold.kernels.cpu import default_threads
 from clipfold.runtime import Engine
+from clipfold.runtime.preprocess import preprocess
+
+from benchmarks.gemm_floor import floor_model, gemm_shapes, gflop
 
 LABELS = tuple(data.class_names())
 MODEL = "ViT-B-32"
@@ -61,7 +70,14 @@ def setup(tmp_path_factory):
     _, _, transform = open_clip.create_model_and_transforms(MODEL)
     images = [s.image for s in data.generate(8, seed=3)]
     gates = {**_gate_figures(vit.manifest, "vitb32-random"), **_tiny_gates(tmp)}
-    return engines, loaded.model, head, transform, images, gates
+    fp32 = vit.path / vit.manifest.variant("fp32").file
+    shapes = gemm_shapes(fp32, {"pixels": preprocess(images[:1], vit.manifest.preprocess)})
+    feeds = floor_model(shapes, tmp / "gemm_floor.onnx")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = default_threads()  # as the engines have it
+    floor = (ort.InferenceSession(str(tmp / "gemm_floor.onnx"), options, providers=["CPUExecutionProvider"]), feeds,
+             gflop(shapes))
+    return engines, loaded.model, head, transform, images, gates, floor
 
 
 def _tiny_gates(tmp) -> dict:
@@ -87,21 +103,34 @@ def _eager_topk(model, head, transform, images, k=5):
 
 @pytest.mark.parametrize("batch", [1, 8])
 def test_eager(benchmark, setup, batch):
-    engines, model, head, transform, images, gates = setup
-    benchmark.extra_info.update(pair=f"vitb32_image_to_top5_b{batch}", role="reference", gates=gates)
+    engines, model, head, transform, images, gates, floor = setup
+    roles = {f"vitb32_image_to_top5_b{batch}": "reference", **({"vitb32_eager_vs_gemm_floor_b1": "reference"}
+                                                               if batch == 1 else {})}
+    benchmark.extra_info.update(pairs=roles, gates=gates)
     benchmark.pedantic(_eager_topk, args=(model, head, transform, images[:batch]), rounds=15, warmup_rounds=2)
 
 
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("variant", ["fp32", *VARIANTS])
 def test_clipfold_onnxruntime(benchmark, setup, batch, variant):
-    engines, model, head, transform, images, gates = setup
+    engines, model, head, transform, images, gates, floor = setup
     if variant == "fp32":
         roles = {f"vitb32_image_to_top5_b{batch}": "candidate",
-                 **{f"vitb32_{v}_vs_fp32_b{batch}": "reference" for v in VARIANTS}}
+                 **{f"vitb32_{v}_vs_fp32_b{batch}": "reference" for v in VARIANTS},
+                 **({"vitb32_fp32_vs_gemm_floor_b1": "reference"} if batch == 1 else {})}
     else:
         roles = {f"vitb32_{variant}_vs_fp32_b{batch}": "candidate"}
     benchmark.extra_info.update(pairs=roles, variant=variant)
     result = benchmark.pedantic(engines[variant].classify, args=(images[:batch],), kwargs={"k": 5}, rounds=15,
                                 warmup_rounds=2)
     assert len(result) == batch
+
+
+def test_gemm_floor(benchmark, setup):
+    """The fp32 engine's weight GEMMs alone at batch 1 (see the module docstring)."""
+    *_, (session, feeds, gflops) = setup
+    benchmark.extra_info.update(pairs={"vitb32_eager_vs_gemm_floor_b1": "candidate",
+                                       "vitb32_fp32_vs_gemm_floor_b1": "candidate"}, gflop=gflops)
+    outputs = benchmark.pedantic(session.run, args=(None, feeds), rounds=15, warmup_rounds=2)
+    assert len(outputs) == len(session.get_outputs())
+    benchmark.extra_info["gflop_per_s"] = gflops / benchmark.stats.stats.median

@@ -56,12 +56,19 @@ def _check_tensor(spec: TensorSpec, array: np.ndarray) -> None:
 
 
 class OnnxRuntimeBackend(Backend):
-    """ONNX Runtime on the CPU execution provider (the base install)."""
+    """ONNX Runtime on the CPU execution provider (the base install).
+
+    ``spin``: whether ONNX Runtime's worker threads busy-wait between and after calls (its
+    default). Spinning shaves the thread wake-up off each call when the process does nothing
+    else, but the spinning threads take the cores from any other work of the process; a server,
+    whose event loop decodes requests on the same cores, opens its graphs with ``spin=False``
+    (``benchmarks/bench_serve.py`` measures both).
+    """
 
     name = "onnxruntime"
 
     def __init__(self, path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
-                 threads: int | None = None):
+                 threads: int | None = None, spin: bool = True):
         super().__init__(path, inputs, outputs)
         try:
             import onnxruntime as ort
@@ -72,6 +79,8 @@ class OnnxRuntimeBackend(Backend):
         options.intra_op_num_threads = threads or default_threads()
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.output_names = [o.name for o in self.outputs]
 
@@ -91,7 +100,7 @@ class OnnxRuntimeCudaBackend(Backend):
     name = "onnxruntime-cuda"
 
     def __init__(self, path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
-                 threads: int | None = None, device: int = 0):
+                 threads: int | None = None, spin: bool = True, device: int = 0):
         super().__init__(path, inputs, outputs)
         try:
             import onnxruntime as ort
@@ -126,8 +135,10 @@ BACKENDS = {"onnxruntime": OnnxRuntimeBackend, "onnxruntime-cuda": OnnxRuntimeCu
 GPU_BACKENDS = ("tensorrt", "onnxruntime-cuda")  # known names whose backends come with clipfold[gpu]
 
 
-def open_backend(name: str, graph: Variant | ExtraHead, path: Path, threads: int | None = None) -> Backend:
-    """A backend for one graph of the bundle: a variant, or an extra head."""
+def open_backend(name: str, graph: Variant | ExtraHead, path: Path, threads: int | None = None,
+                 spin: bool = True) -> Backend:
+    """A backend for one graph of the bundle: a variant, or an extra head. ``threads`` and
+    ``spin`` (see :class:`OnnxRuntimeBackend`) apply to the ONNX Runtime backends."""
     if name not in BACKENDS and name != "tensorrt":
         raise BackendUnavailableError(f"unknown backend {name!r}; available: {sorted([*BACKENDS, 'tensorrt'])}")
     runs_on = getattr(graph, "backends", (name,))
@@ -152,4 +163,4 @@ def open_backend(name: str, graph: Variant | ExtraHead, path: Path, threads: int
         raise BackendUnavailableError(
             f"variant {graph.name!r} ({getattr(graph, 'precision', '?')}) runs on {list(runs_on)}, not on {name!r}"
             f"{hint}; pick another variant with --variant")
-    return BACKENDS[name](path, graph.inputs, graph.outputs, threads=threads)
+    return BACKENDS[name](path, graph.inputs, graph.outputs, threads=threads, spin=spin)

@@ -41,7 +41,7 @@ class Engine:
 
     def __init__(self, path: Path, manifest: Manifest, variant: Variant, backend: Backend,
                  batch_size: int = DEFAULT_BATCH, head: ExtraHead | None = None, head_backend: Backend | None = None,
-                 threads: int | None = None, text_variant: str | None = None):
+                 threads: int | None = None, text_variant: str | None = None, spin: bool = True):
         self.path = path
         self.manifest = manifest
         self.variant = variant
@@ -49,15 +49,20 @@ class Engine:
         self.batch_size = batch_size
         self.head = head  # None: the default head fused into the variant
         self.head_backend = head_backend
-        self.threads = threads
+        self.threads, self.spin = threads, spin
         self._text = None  # the text encoder, opened on the first text query
         self.text_variant = text_variant  # None: the text variant named like ``variant``, else fp32
 
     @classmethod
     def open(cls, path: str | Path, *, variant: str | None = None, backend: str = "onnxruntime",
              threads: int | None = None, batch_size: int = DEFAULT_BATCH,
-             verify_checksums: bool = True, head: str | None = None, text_variant: str | None = None) -> "Engine":
-        """Read the manifest (refusing newer schemas), check every checksum, open the backend(s)."""
+             verify_checksums: bool = True, head: str | None = None, text_variant: str | None = None,
+             spin: bool = True) -> "Engine":
+        """Read the manifest (refusing newer schemas), check every checksum, open the backend(s).
+
+        ``spin=False`` stops ONNX Runtime's threads busy-waiting between calls (see
+        :class:`~clipfold.runtime.backend.OnnxRuntimeBackend`): for processes that share their
+        cores with other work, such as a server."""
         path = Path(path)
         if not path.is_dir():
             raise BundleError(f"bundle {path} not found (expected a directory holding manifest.json)")
@@ -72,13 +77,13 @@ class Engine:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         extra = None if head in (None, DEFAULT_HEAD) else manifest.extra_head(head)
-        head_backend = None if extra is None else open_backend(backend, extra, path / extra.file, threads)
-        graph = open_backend(backend, chosen, path / chosen.file, threads)
+        head_backend = None if extra is None else open_backend(backend, extra, path / extra.file, threads, spin)
+        graph = open_backend(backend, chosen, path / chosen.file, threads, spin)
         if manifest.head.kernel is not None:  # the default head is scored by the top-k kernel
             graph = KernelHeadBackend(graph, KernelHead(path / manifest.head.kernel, manifest.head.activation,
                                                         chosen.top_k, len(manifest.labels), threads))
         return cls(path, manifest, chosen, graph, batch_size=batch_size, head=extra, head_backend=head_backend,
-                   threads=threads, text_variant=text_variant)
+                   threads=threads, text_variant=text_variant, spin=spin)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -107,15 +112,30 @@ class Engine:
         return {name: np.concatenate(values) for name, values in outs.items()}
 
     def batcher(self, *, max_batch: int = DEFAULT_BATCH, max_delay_ms: float = 5.0, max_queue: int = 1024,
-                on_batch=None) -> "DynamicBatcher":
+                on_batch=None, preferred_batch: int | str | None = None) -> "DynamicBatcher":
         """A :class:`~clipfold.runtime.batcher.DynamicBatcher` over :meth:`run_pixels`: preprocessed
-        pixel rows from many threads, run together. Close it (or use it as a context manager) when done."""
+        pixel rows from many threads, run together. Close it (or use it as a context manager) when done.
+
+        ``preferred_batch``: rows at which a batch starts without waiting for more (default
+        ``max_batch``); ``"auto"`` times this engine first (:meth:`preferred_batch`)."""
         from .batcher import DynamicBatcher
 
+        if preferred_batch == "auto":
+            preferred_batch = self.preferred_batch(max_batch)[0]
         spec = self.variant.inputs[0]
         return DynamicBatcher(self.run_pixels, max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
                               row_shape=tuple(spec.shape[1:]), dtype=spec.dtype, on_batch=on_batch,
-                              name=f"{self.path.name} batcher")
+                              name=f"{self.path.name} batcher", preferred_batch=preferred_batch)
+
+    def preferred_batch(self, max_batch: int = DEFAULT_BATCH) -> tuple[int, dict[int, float]]:
+        """The smallest batch whose per-image time on this engine is within 10 % of the best
+        (up to ``max_batch``), and the per-image seconds measured at each size."""
+        from .batcher import measure_preferred_batch
+
+        spec = self.variant.inputs[0]
+        if not all(isinstance(d, int) for d in spec.shape[1:]):
+            raise ConfigError(f"cannot time {spec.name}: its row shape {spec.shape[1:]} is not fixed")
+        return measure_preferred_batch(self.run_pixels, np.zeros(spec.shape[1:], dtype=spec.dtype), max_batch)
 
     def _run_images(self, images: Iterable[ImageSource], embedding_only: bool = False) -> Iterable[dict[str, np.ndarray]]:
         """Decode and preprocess lazily, one batch at a time, so memory stays O(batch)."""
@@ -154,7 +174,7 @@ class Engine:
             from .text import TextEncoder
 
             self._text = TextEncoder(self.path, self.manifest.text, self.threads,
-                                     variant=self.text_variant or self.variant.name)
+                                     variant=self.text_variant or self.variant.name, spin=self.spin)
         return self._text.embed(texts)
 
     def embed(self, images: Sequence[ImageSource]) -> np.ndarray:

@@ -71,12 +71,18 @@ class ServeConfig:
     port: int = 8000
     max_batch: int = 32  # rows per engine call
     max_delay_ms: float = 5.0  # how long the oldest waiting row may wait for others
+    # rows at which a batch starts without waiting longer; None: measured per model at start-up
+    # (the smallest batch within 10 % of the engine's best time per image, see batcher.py)
+    preferred_batch: int | None = None
     max_queue: int = 512  # rows waiting per model; more answers 503
     max_body_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_items: int = 64  # images or texts in one classify/embed request
     timeout_s: float = 30.0
     threads: int | None = None  # ONNX Runtime threads per graph
+    # ONNX Runtime threads busy-wait between calls: off, as the event loop needs the same cores
+    # (tiny model, C=16, 2 cores: +5 % requests/s and -25 % server CPU per request; bench_serve).
+    spin: bool = False
 
     def __post_init__(self) -> None:
         ints = {"port": (self.port, 0, 65535), "max_batch": (self.max_batch, 1, 4096),
@@ -87,6 +93,10 @@ class ServeConfig:
                 raise ConfigError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
         if not 0 <= self.max_delay_ms <= 10_000:
             raise ConfigError(f"max_delay_ms must be between 0 and 10000, got {self.max_delay_ms!r}")
+        if self.preferred_batch is not None and (isinstance(self.preferred_batch, bool) or not isinstance(
+                self.preferred_batch, int) or not 1 <= self.preferred_batch <= self.max_batch):
+            raise ConfigError(f"preferred_batch must be an integer in [1, max_batch={self.max_batch}], "
+                              f"got {self.preferred_batch!r}")
         if not 0 < self.timeout_s <= 3600:
             raise ConfigError(f"timeout_s must be in (0, 3600], got {self.timeout_s!r}")
 
@@ -118,7 +128,7 @@ def _meta(spec) -> TensorMeta:
 
 
 def open_models(bundles: Sequence[str | Path], *, variant: str | None = None, indexes: Sequence[str | Path] = (),
-                threads: int | None = None) -> tuple[dict[str, Engine], dict[str, Index]]:
+                threads: int | None = None, spin: bool = False) -> tuple[dict[str, Engine], dict[str, Index]]:
     """Open each bundle (its name: the folder name without ``.bundle``) and attach each index to
     the bundle whose image graph built it."""
     if not bundles:
@@ -129,7 +139,7 @@ def open_models(bundles: Sequence[str | Path], *, variant: str | None = None, in
         if name in engines:
             raise ConfigError(f"two bundles are both named {name!r} ({engines[name].path} and {path}); "
                               "rename one folder")
-        engines[name] = Engine.open(path, variant=variant, threads=threads)
+        engines[name] = Engine.open(path, variant=variant, threads=threads, spin=spin)
     attached: dict[str, Index] = {}
     for path in map(Path, indexes):
         index = Index.open(path)
@@ -180,8 +190,15 @@ class ClipfoldServer:
         indexes = dict(indexes or {})
         for name, engine in engines.items():
             spec = engine.variant
+            preferred = config.preferred_batch
+            if preferred is None:
+                preferred, per_image = engine.preferred_batch(config.max_batch)
+                log.info("preferred batch", extra={"fields": {"model": name, "preferred_batch": preferred,
+                                                              "engine_ms_per_image": {size: round(seconds * 1e3, 3)
+                                                                                      for size, seconds in per_image.items()}}})
             batcher = engine.batcher(max_batch=config.max_batch, max_delay_ms=config.max_delay_ms,
-                                     max_queue=config.max_queue, on_batch=self.metrics.on_batch(name))
+                                     max_queue=config.max_queue, on_batch=self.metrics.on_batch(name),
+                                     preferred_batch=preferred)
             self.metrics.queue.labels(model=name).set_function(lambda b=batcher: b.queue_depth)
             self.models[name] = ServedModel(name, "image", engine, tuple(map(_meta, spec.inputs)),
                                             tuple(map(_meta, spec.outputs)), batcher, indexes.get(name),
@@ -298,7 +315,8 @@ class ClipfoldServer:
         config: dict[str, Any] = {"name": m.name, "platform": "onnxruntime_onnx", "max_batch_size": self.config.max_batch,
                                   "input": [dims(t) for t in m.inputs], "output": [dims(t) for t in m.outputs]}
         if m.kind == "image":
-            config["dynamic_batching"] = {"max_queue_delay_microseconds": int(self.config.max_delay_ms * 1000)}
+            config["dynamic_batching"] = {"max_queue_delay_microseconds": int(self.config.max_delay_ms * 1000),
+                                          "preferred_batch_size": [m.batcher.preferred_batch]}
         return JSONResponse(config)
 
     async def repository_index(self, request: Request) -> Response:
@@ -554,7 +572,8 @@ def serve(bundles: Sequence[str | Path], config: ServeConfig, *, variant: str | 
     require_serve_extra()
     import uvicorn
 
-    engines, attached = open_models(bundles, variant=variant, indexes=indexes, threads=config.threads)
+    engines, attached = open_models(bundles, variant=variant, indexes=indexes, threads=config.threads,
+                                    spin=config.spin)
     server = ClipfoldServer(engines, config, attached)
     handler = logging.StreamHandler()
     handler.setFormatter(JsonLogFormatter())
@@ -562,7 +581,9 @@ def serve(bundles: Sequence[str | Path], config: ServeConfig, *, variant: str | 
     log.setLevel(logging.INFO)
     log.propagate = False
     progress(f"serving {', '.join(sorted(server.models))} on http://{config.host}:{config.port} "
-             f"(max batch {config.max_batch}, max delay {config.max_delay_ms:g} ms)")
+             f"(max batch {config.max_batch}, max delay {config.max_delay_ms:g} ms; a batch starts at "
+             + ", ".join(f"{m.batcher.preferred_batch} rows for {n}" for n, m in sorted(server.models.items())
+                         if m.batcher is not None) + ")")
     try:
         uvicorn.run(create_app(server), host=config.host, port=config.port, log_config=None, access_log=False,
                     timeout_graceful_shutdown=int(config.timeout_s) + 5, lifespan="on")

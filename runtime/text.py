@@ -75,7 +75,7 @@ class TextEncoder:
     causal), cache by cleaned text."""
 
     def __init__(self, bundle: Path, tower: TextTower, threads: int | None = None, cache_size: int = CACHE_SIZE,
-                 variant: str | None = None):
+                 variant: str | None = None, spin: bool = True):
         from .backend import OnnxRuntimeBackend
         from .manifest import TensorSpec
 
@@ -84,7 +84,7 @@ class TextEncoder:
         self.tokenizer = ClipTokenizer(Path(bundle) / tower.tokenizer, tower.context_length, tower.start_id,
                                        tower.end_id)
         self.graph = OnnxRuntimeBackend(Path(bundle) / file, (TensorSpec("tokens", "int64", ("batch", "tokens")),),
-                                        (TensorSpec("text_embedding", "float32", ("batch", "dim")),), threads)
+                                        (TensorSpec("text_embedding", "float32", ("batch", "dim")),), threads, spin)
         self.cache: OrderedDict[str, tuple[np.ndarray, bool]] = OrderedDict()
         self.cache_size = cache_size
 

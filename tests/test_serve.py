@@ -23,9 +23,10 @@ import pytest
 from clipfold.compile.config import CompileConfig
 from clipfold.compile.pipeline import compile_bundle
 from clipfold.compile.tiny import data
-from clipfold.errors import BatcherClosedError, QueueFullError, RequestError
+from clipfold.errors import BatcherClosedError, ConfigError, QueueFullError, RequestError
 from clipfold.runtime import Engine
-from clipfold.runtime.batcher import DynamicBatcher
+from clipfold.runtime import batcher as batcher_module
+from clipfold.runtime.batcher import DynamicBatcher, measure_preferred_batch
 from clipfold.runtime.index import Index, build_index
 from clipfold.runtime.preprocess import preprocess
 
@@ -113,7 +114,11 @@ def test_tritonclient_health_metadata_and_infer(setup, reference):
     meta = client.get_model_metadata("tiny")
     assert meta["inputs"] == [{"name": "pixels", "datatype": "UINT8", "shape": [-1, 3, 64, 64]}]
     assert [o["name"] for o in meta["outputs"]] == ["scores", "indices", "embedding"]
-    assert client.get_model_config("tiny")["max_batch_size"] == 8
+    config = client.get_model_config("tiny")
+    assert config["max_batch_size"] == 8
+    # measured at start-up (batcher.measure_preferred_batch), reported as Triton reports its own
+    assert config["dynamic_batching"]["preferred_batch_size"] == [running.server.models["tiny"].batcher.preferred_batch]
+    assert 1 <= config["dynamic_batching"]["preferred_batch_size"][0] <= 8
     assert {m["name"] for m in client.get_model_repository_index()} == {"tiny", "tiny-text"}
     assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
 
@@ -273,6 +278,48 @@ def test_batcher_in_process():
     assert seen == [[0.0], [1.0], [3.0]]  # the cancelled rows never ran
     with pytest.raises(BatcherClosedError):
         blocked.submit(np.zeros((1, 1)))
+
+
+def test_preferred_batch_starts_a_batch_without_waiting_for_the_delay():
+    calls = []
+
+    def fn(rows):
+        calls.append(len(rows))
+        return {"x": rows}
+
+    # A 10 s delay: only reaching the preferred batch can start these batches within the test.
+    with DynamicBatcher(fn, max_batch=8, max_delay_ms=10_000, preferred_batch=2) as b:
+        first = b.submit(np.zeros((1, 1)))
+        time.sleep(0.2)
+        assert not first.done()  # one row is below the preferred 2: it waits for company ...
+        second = b.submit(np.ones((1, 1)))
+        assert second.result(5)["x"][0, 0] == 1.0 and first.result(5)["x"][0, 0] == 0.0  # ... and goes with it
+        assert calls == [2]
+    for bad in (0, 9, True, 2.5):
+        with pytest.raises(ConfigError, match="preferred_batch"):
+            DynamicBatcher(fn, max_batch=8, preferred_batch=bad)
+        with pytest.raises(ConfigError, match="preferred_batch"):
+            ServeConfig(max_batch=8, preferred_batch=bad)
+
+
+@pytest.mark.parametrize("fixed_ms, per_row_ms, expected", [
+    (0.2, 1.0, 2),  # compute-bound (a CPU engine): 1.2, 1.1, 1.05, ... ms per row; 2 is within 10 % of the best
+    (0.0, 1.0, 1),  # no fixed cost: batching gains nothing, so nothing waits
+    (8.0, 0.1, 32),  # launch-bound (a GPU engine): per-row time falls all the way to the maximum
+])
+def test_measure_preferred_batch_picks_the_smallest_batch_near_the_best(monkeypatch, fixed_ms, per_row_ms, expected):
+    clock = [0.0]
+
+    def fn(rows):  # advances a fake clock by a cost model instead of sleeping
+        clock[0] += (fixed_ms + per_row_ms * len(rows)) / 1e3
+        return {"x": rows}
+
+    monkeypatch.setattr(batcher_module.time, "perf_counter", lambda: clock[0])
+    preferred, per_row = measure_preferred_batch(fn, np.zeros(3, np.float32), 32)
+    assert preferred == expected
+    assert sorted(per_row) == [1, 2, 4, 8, 16, 32]
+    assert per_row[1] == pytest.approx((fixed_ms + per_row_ms) / 1e3)
+    assert measure_preferred_batch(fn, np.zeros(3, np.float32), 6)[1].keys() == {1, 2, 4, 6}
 
 
 def test_full_queue_answers_503_with_retry_after(setup, reference):
@@ -534,3 +581,30 @@ def test_sigterm_drains_in_flight_requests(setup):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+
+def _spinning(session) -> str:
+    """ONNX Runtime's ``allow_spinning`` entry of a session, or "default" when unset."""
+    try:
+        return session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    except RuntimeError:  # ONNX Runtime has no "has entry" query; a missing key raises
+        return "default"
+
+
+def test_served_engines_do_not_spin_and_answer_the_same(setup, reference):
+    """The server opens its graphs with ONNX Runtime's busy-waiting off (the event loop needs
+    the cores); a plain Engine keeps ONNX Runtime's default. The answers are the same."""
+    _, bundle, _ = setup
+    assert ServeConfig().spin is False
+    served = open_models([bundle])[0]["tiny"]
+    assert _spinning(served.backend.session) == "0"
+    assert _spinning(reference.backend.session) == "default"
+    assert _spinning(open_models([bundle], spin=True)[0]["tiny"].backend.session) == "default"
+    pixels = preprocess(_samples(3, 31), reference.manifest.preprocess)
+    got, want = served.run_pixels(pixels), reference.run_pixels(pixels)
+    np.testing.assert_array_equal(got["indices"], want["indices"])
+    np.testing.assert_allclose(got["scores"], want["scores"], rtol=1e-6)
+    np.testing.assert_allclose(served.embed_text(["a red circle"]).embeddings,
+                               reference.embed_text(["a red circle"]).embeddings, rtol=1e-6)
+    assert _spinning(served._text.graph.session) == "0"  # the text graph too
