@@ -22,20 +22,42 @@ from pathlib import Path
 
 import numpy as np
 
-# op -> index of the weight input (a constant [K, N] matrix, or a conv kernel)
-WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "FusedMatMul": 1, "Attention": 1, "Conv": 1}
+WEIGHT_OPS = ("MatMul", "FusedMatMul", "Gemm", "Attention", "Conv")
+
+
+def _activation(listed: list[list[int]], weight: list[int]) -> list[int]:
+    """The activation among a node's profiled input shapes (pre-packed weights are not listed;
+    a weight ONNX Runtime did not pre-pack is, and is told apart by its shape)."""
+    candidates = [shape for shape in listed[:2] if shape != weight]
+    if not candidates:
+        raise ValueError(f"cannot tell the activation from the weight {weight} among inputs {listed}")
+    return candidates[0]
 
 
 def gemm_shapes(model: Path, feeds: dict[str, np.ndarray], threads: int | None = None) -> list[tuple[int, int, int]]:
-    """``(M, K, N)`` of every weight multiplication of ``model`` when run on ``feeds``."""
+    """``(M, K, N)`` of every weight multiplication of ``model`` when run on ``feeds``.
+
+    Raises ``ValueError`` rather than leave out a multiplication it cannot size (a missed GEMM
+    would lower the floor): weight nodes need unique names to be found in the profile, and every
+    profiled node of the kinds above must be either sized here or an activation x activation MatMul.
+    """
     import onnx
     import onnxruntime as ort
 
     graph = onnx.load(str(model), load_external_data=False).graph
     dims = {init.name: list(init.dims) for init in graph.initializer}
-    weight_of = {node.name: dims[node.input[WEIGHT_INPUT[node.op_type]]] for node in graph.node
-                 if node.op_type in WEIGHT_INPUT and len(node.input) > WEIGHT_INPUT[node.op_type]
-                 and node.input[WEIGHT_INPUT[node.op_type]] in dims}
+    weights: dict[str, tuple[int, list[int], onnx.NodeProto]] = {}  # node name -> (weight input, dims, node)
+    for node in graph.node:
+        if node.op_type not in WEIGHT_OPS:
+            continue
+        slots = [i for i in ((1, 0) if node.op_type in ("MatMul", "FusedMatMul") else (1,))
+                 if i < len(node.input) and node.input[i] in dims]
+        if not slots:
+            continue
+        if not node.name or node.name in weights:
+            raise ValueError(f"{model}: a {node.op_type} node has an empty or repeated name ({node.name!r}); "
+                             "the profile could not be matched to it")
+        weights[node.name] = (slots[0], dims[node.input[slots[0]]], node)
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()
         options.enable_profiling = True
@@ -46,23 +68,34 @@ def gemm_shapes(model: Path, feeds: dict[str, np.ndarray], threads: int | None =
         session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
         session.run(None, feeds)
         events = json.loads(Path(session.end_profiling()).read_text())
-    shapes = []
-    for event in events:  # the profile lists activation shapes (constant inputs are pre-packed, not listed)
-        name = event.get("name", "")
-        if event.get("cat") != "Node" or not name.endswith("_kernel_time"):
+    shapes, seen = [], set()
+    for event in events:
+        name = event.get("name", "").removesuffix("_kernel_time")
+        args = event.get("args", {})
+        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time") \
+                or args.get("op_name") not in WEIGHT_OPS:
             continue
-        w = weight_of.get(name.removesuffix("_kernel_time"))
-        if w is None:
-            continue
-        args = event["args"]
-        x = next(iter(args["input_type_shape"][0].values()))
-        if args["op_name"] == "Conv":  # im2col: one row per output position, K = C_in * kernel area
+        if name not in weights:
+            if args["op_name"] in ("MatMul", "FusedMatMul"):
+                continue  # activation x activation (attention scores): not a weight GEMM
+            raise ValueError(f"{model}: {args['op_name']} node {name!r} has no constant weight this floor can size")
+        slot, w, node = weights[name]
+        seen.add(name)
+        listed = [next(iter(shape.values())) for shape in args["input_type_shape"]]
+        x = _activation(listed, w)
+        if args["op_name"] == "Conv":  # im2col: one row per output position, K = C_in/groups * kernel area
             out = next(iter(args["output_type_shape"][0].values()))
             shapes.append((math.prod(out[:1] + out[2:]), math.prod(w[1:]), w[0]))
-        else:  # MatMul/FusedMatMul [K, N]; Gemm (transB or not: the same cost); Attention's packed [D, 3D]
+        elif args["op_name"] == "Gemm":
+            trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0)
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            shapes.append((x[1] if trans_a else x[0], *((w[1], w[0]) if trans_b else (w[0], w[1]))))
+        elif slot == 0:  # W @ x: W [M, K], x [..., K, N]
+            shapes.append((w[-2], w[-1], math.prod(x[:-2]) * x[-1]))
+        else:  # x @ W with W [K, N]; Attention's packed QKV weight [D, 3D]
             shapes.append((math.prod(x[:-1]), w[-2], w[-1]))
-    if not shapes:
-        raise ValueError(f"{model} has no weight multiplication that this floor recognizes")
+    if missed := set(weights) - seen:
+        raise ValueError(f"{model}: weight nodes {sorted(missed)[:5]} did not appear in the profiled run")
     return shapes
 
 

@@ -111,8 +111,11 @@ class OnnxRuntimeCudaBackend(Backend):
                 f"backend 'onnxruntime-cuda' needs onnxruntime-gpu and an NVIDIA GPU; this onnxruntime "
                 f"{ort.__version__} offers {ort.get_available_providers()}: install clipfold[gpu]")
         self.ort, self.device = ort, device
-        options = ort.SessionOptions()
+        options = ort.SessionOptions()  # CPU threads run the nodes that stay on the CPU
+        options.intra_op_num_threads = threads or default_threads()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=[
             ("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"])
         if self.session.get_providers()[0] != "CUDAExecutionProvider":  # e.g. cuDNN missing: never a silent CPU run

@@ -80,8 +80,9 @@ class ServeConfig:
     max_items: int = 64  # images or texts in one classify/embed request
     timeout_s: float = 30.0
     threads: int | None = None  # ONNX Runtime threads per graph
-    # ONNX Runtime threads busy-wait between calls: off, as the event loop needs the same cores
-    # (tiny model, C=16, 2 cores: +5 % requests/s and -25 % server CPU per request; bench_serve).
+    # ONNX Runtime threads busy-wait between calls: off, as the event loop needs the same cores.
+    # bench_serve measures both: off costs less server CPU per request and serves more requests/s
+    # from 16 clients up; spinning answers a few clients faster (README, Serving).
     spin: bool = False
 
     def __post_init__(self) -> None:
@@ -190,7 +191,7 @@ class ClipfoldServer:
         indexes = dict(indexes or {})
         for name, engine in engines.items():
             spec = engine.variant
-            preferred = config.preferred_batch
+            preferred = 1 if config.max_batch == 1 else config.preferred_batch
             if preferred is None:
                 preferred, per_image = engine.preferred_batch(config.max_batch)
                 log.info("preferred batch", extra={"fields": {"model": name, "preferred_batch": preferred,

@@ -25,7 +25,6 @@ from clipfold.compile.pipeline import compile_bundle
 from clipfold.compile.tiny import data
 from clipfold.errors import BatcherClosedError, ConfigError, QueueFullError, RequestError
 from clipfold.runtime import Engine
-from clipfold.runtime import batcher as batcher_module
 from clipfold.runtime.batcher import DynamicBatcher, measure_preferred_batch
 from clipfold.runtime.index import Index, build_index
 from clipfold.runtime.preprocess import preprocess
@@ -118,7 +117,6 @@ def test_tritonclient_health_metadata_and_infer(setup, reference):
     assert config["max_batch_size"] == 8
     # measured at start-up (batcher.measure_preferred_batch), reported as Triton reports its own
     assert config["dynamic_batching"]["preferred_batch_size"] == [running.server.models["tiny"].batcher.preferred_batch]
-    assert 1 <= config["dynamic_batching"]["preferred_batch_size"][0] <= 8
     assert {m["name"] for m in client.get_model_repository_index()} == {"tiny", "tiny-text"}
     assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
 
@@ -307,19 +305,51 @@ def test_preferred_batch_starts_a_batch_without_waiting_for_the_delay():
     (0.0, 1.0, 1),  # no fixed cost: batching gains nothing, so nothing waits
     (8.0, 0.1, 32),  # launch-bound (a GPU engine): per-row time falls all the way to the maximum
 ])
-def test_measure_preferred_batch_picks_the_smallest_batch_near_the_best(monkeypatch, fixed_ms, per_row_ms, expected):
-    clock = [0.0]
+def test_measure_preferred_batch_picks_the_smallest_batch_near_the_best(fixed_ms, per_row_ms, expected):
+    now = [0.0]
 
     def fn(rows):  # advances a fake clock by a cost model instead of sleeping
-        clock[0] += (fixed_ms + per_row_ms * len(rows)) / 1e3
+        now[0] += (fixed_ms + per_row_ms * len(rows)) / 1e3
         return {"x": rows}
 
-    monkeypatch.setattr(batcher_module.time, "perf_counter", lambda: clock[0])
-    preferred, per_row = measure_preferred_batch(fn, np.zeros(3, np.float32), 32)
+    preferred, per_row = measure_preferred_batch(fn, np.zeros(3, np.float32), 32, clock=lambda: now[0])
     assert preferred == expected
     assert sorted(per_row) == [1, 2, 4, 8, 16, 32]
     assert per_row[1] == pytest.approx((fixed_ms + per_row_ms) / 1e3)
-    assert measure_preferred_batch(fn, np.zeros(3, np.float32), 6)[1].keys() == {1, 2, 4, 6}
+    assert measure_preferred_batch(fn, np.zeros(3, np.float32), 6, clock=lambda: now[0])[1].keys() == {1, 2, 4, 6}
+
+
+def test_measure_preferred_batch_stays_within_its_time_budget():
+    """A slow engine (1 s per row on the fake clock) is timed once per size, and no size is
+    started after the total budget: the server's start-up stays bounded."""
+    now, calls = [0.0], []
+
+    def fn(rows):
+        calls.append(len(rows))
+        now[0] += 1.0 * len(rows)
+        return {"x": rows}
+
+    preferred, per_row = measure_preferred_batch(fn, np.zeros(3, np.float32), 256, total_budget_s=10.0,
+                                                 clock=lambda: now[0])
+    assert sorted(per_row) == [1, 2, 4]  # 2 + 4 s before size 4 (under 10), 14 s before size 8 (over)
+    assert calls == [1, 1, 2, 2, 4, 4]  # one warm-up and one timed call per size
+    assert preferred == 1  # no fixed cost: nothing is gained by waiting
+    for bad in ({"max_batch": 0}, {"max_batch": True}, {"repeats": 0}, {"tolerance": 1.0}):
+        with pytest.raises(ConfigError):
+            measure_preferred_batch(fn, np.zeros(3, np.float32), **{"max_batch": 4, **bad})
+
+
+def test_engine_batcher_auto_measures_the_preferred_batch(setup, reference):
+    _, bundle, _ = setup
+    engine = Engine.open(bundle, spin=False)
+    pixels = preprocess(_samples(5, 41), reference.manifest.preprocess)
+    with engine.batcher(max_batch=4, max_delay_ms=10_000, preferred_batch="auto") as b:
+        assert 1 <= b.preferred_batch <= 4
+        futures = [b.submit(pixels[i:i + 1]) for i in range(b.preferred_batch)]  # exactly enough to start
+        got = np.concatenate([f.result(5)["embedding"] for f in futures])  # never waits out the 10 s
+    np.testing.assert_allclose(got, reference.run_pixels(pixels[:len(futures)])["embedding"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="max_batch"):
+        engine.batcher(max_batch=0, preferred_batch="auto")
 
 
 def test_full_queue_answers_503_with_retry_after(setup, reference):
