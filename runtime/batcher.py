@@ -16,8 +16,8 @@ alone, so only the job that fails gets the error. A cancelled job leaves the que
 
 Why a preferred batch below the maximum: waiting only pays while a bigger batch is cheaper per
 row. A CPU engine is often compute-bound from a few rows on (the tiny model on 2 cores: 0.74 ms
-per image alone, 0.40 in batches of 8, 0.37 of 32), and a batcher that holds 16 waiting rows for a 32nd while
-the engine idles loses throughput to batch-1 serving. :func:`measure_preferred_batch` times the
+per image alone, 0.40 in batches of 8, 0.37 of 32), and a batcher that holds 16 waiting rows for
+a 32nd while the engine idles loses throughput to batch-1 serving. :func:`measure_preferred_batch` times the
 engine at start-up and picks the smallest batch whose per-row time is within 10 % of the best;
 a GPU engine, whose per-row time keeps falling, gets its maximum.
 """

@@ -120,9 +120,7 @@ class Engine:
         ``max_batch``); ``"auto"`` times this engine first (:meth:`preferred_batch`)."""
         from .batcher import DynamicBatcher
 
-        if preferred_batch == "auto":
-            if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-                raise ConfigError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if preferred_batch == "auto":  # (the measurement checks max_batch before it runs anything)
             preferred_batch = self.preferred_batch(max_batch)[0]
         spec = self.variant.inputs[0]
         return DynamicBatcher(self.run_pixels, max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
