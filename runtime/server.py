@@ -89,15 +89,13 @@ class ServeConfig:
         ints = {"port": (self.port, 0, 65535), "max_batch": (self.max_batch, 1, 4096),
                 "max_queue": (self.max_queue, self.max_batch, 1 << 20), "max_body_bytes": (self.max_body_bytes, 1, 1 << 34),
                 "max_image_pixels": (self.max_image_pixels, 1, 1 << 34), "max_items": (self.max_items, 1, 1 << 16)}
+        if self.preferred_batch is not None:  # None: measured at start-up
+            ints["preferred_batch"] = (self.preferred_batch, 1, self.max_batch)
         for name, (value, lo, hi) in ints.items():
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 raise ConfigError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
         if not 0 <= self.max_delay_ms <= 10_000:
             raise ConfigError(f"max_delay_ms must be between 0 and 10000, got {self.max_delay_ms!r}")
-        if self.preferred_batch is not None and (isinstance(self.preferred_batch, bool) or not isinstance(
-                self.preferred_batch, int) or not 1 <= self.preferred_batch <= self.max_batch):
-            raise ConfigError(f"preferred_batch must be an integer in [1, max_batch={self.max_batch}], "
-                              f"got {self.preferred_batch!r}")
         if not 0 < self.timeout_s <= 3600:
             raise ConfigError(f"timeout_s must be in (0, 3600], got {self.timeout_s!r}")
 
