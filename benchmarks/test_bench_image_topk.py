@@ -7,9 +7,9 @@ medians (reference / candidate, > 1 means the candidate is faster):
 * ``vitb32_{variant}_vs_fp32_b{1,8}``: the fp32 engine vs each variant (target >= 1.3x at b8 for
   the best int8 variant);
 * ``vitb32_eager_vs_gemm_floor_b1`` and ``vitb32_fp32_vs_gemm_floor_b1``: the roofline. The fp32
-  engine's weight multiplications alone, as plain MatMuls (:mod:`benchmarks.gemm_floor`), are the
-  least time any fp32 engine doing that arithmetic needs here; eager over floor is the most any
-  fp32 engine can gain over eager on this machine, fp32 over floor how far the engine is from it.
+  engine's weight multiplications alone, as plain ONNX Runtime MatMuls (:mod:`benchmarks.gemm_floor`),
+  are the least time an engine doing that arithmetic on ONNX Runtime's MatMul needs here; eager over
+  floor is the most such an engine can gain over eager, fp32 over floor how far it is from it.
 
 Accuracy of the same recipes: the embedded tiny model, compiled with the same precisions and the
 default gate (min cosine 0.99, top-1 agreement 99 %) on held-out images; its gate figures are
