@@ -20,16 +20,21 @@ ALWAYS_FP32 = ("ReduceL2", "ReduceMean", "ReduceSum", "Softmax", "TopK", "Sigmoi
                "Attention", "MultiHeadAttention")
 
 
-def convert(src: Path, dst: Path, exclude: list[str], cfg: QuantConfig) -> dict:
+def convert(src: Path, dst: Path, exclude: list[str], cfg: QuantConfig, residual_fp32: bool = False) -> dict:
+    """``residual_fp32``: the residual stream stays fp32 too (every ``Add`` a LayerNormalization
+    reads, and the ``Add`` s those read: bias and residual), as ONNX Runtime's fused
+    ``SkipLayerNormalization`` keeps it; the ONNX Runtime fp16 variant asks for it."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     from .quantize import quiet
 
     blocked = sorted(set(cfg.keep_float) | set(ALWAYS_FP32))
+    model = onnx.load(str(src))
+    residual = _residual_adds(model) if residual_fp32 else []
+    exclude = sorted(set(exclude) | set(residual))
     with quiet():
-        model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, op_block_list=blocked,
-                                         node_block_list=exclude)
+        model = convert_float_to_float16(model, keep_io_types=True, op_block_list=blocked, node_block_list=exclude)
     del model.graph.value_info[:]  # partly wrong after conversion; optional, ORT infers what it needs
     kept = {n.name for n in model.graph.node if n.op_type in blocked or n.name in set(exclude)}
     round_trips = _drop_round_trips(model, kept)
@@ -38,7 +43,20 @@ def convert(src: Path, dst: Path, exclude: list[str], cfg: QuantConfig) -> dict:
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(dst))
     return {"method": "mixed fp16", "kept_fp32_op_types": blocked, "fp32_round_trips_removed": round_trips,
-            "noop_casts_removed": noops}
+            "noop_casts_removed": noops, **({"residual_adds_kept_fp32": len(residual)} if residual_fp32 else {})}
+
+
+def _residual_adds(model) -> list[str]:
+    """Names of the ``Add`` nodes whose output a LayerNormalization reads, and of the ``Add`` nodes
+    those read (the bias add before a residual add)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    consumers = _consumers(model)
+    stream = [n for n in model.graph.node if n.op_type == "Add"
+              and any(c.op_type == "LayerNormalization" for c in consumers.get(n.output[0], []))]
+    feeding = [producers[i] for n in stream for i in n.input if i in producers and producers[i].op_type == "Add"]
+    if any(not n.name for n in stream + feeding):
+        raise ValueError("residual adds need node names to be kept in fp32")
+    return sorted({n.name for n in stream + feeding})
 
 
 def _cast_to(node) -> int | None:
@@ -83,21 +101,22 @@ def _bypass(model, cast, source: str, outputs: set[str], consumers) -> None:
 
 def _drop_round_trips(model, kept: set[str]) -> int:
     """fp32 -> fp16 -> fp32 Cast pairs between fp32 nodes; only pairs whose source is known fp32
-    (a uint8 input cast to fp16 is a real conversion and stays)."""
+    (a uint8 input cast to fp16 is a real conversion and stays). The fp32 readers of such a Cast
+    read its source directly; the Cast to fp16 stays only for its fp16 readers."""
     from onnx import TensorProto
 
     floats, outputs, consumers = _float_tensors(model, kept), {o.name for o in model.graph.output}, _consumers(model)
     dropped = 0
     for first in list(model.graph.node):
-        if _cast_to(first) != TensorProto.FLOAT16 or first.input[0] not in floats or first.output[0] in outputs:
+        if _cast_to(first) != TensorProto.FLOAT16 or first.input[0] not in floats:
             continue
         users = consumers.get(first.output[0], [])
-        if not users or any(_cast_to(u) != TensorProto.FLOAT for u in users):
-            continue
-        for second in users:
+        backs = [u for u in users if _cast_to(u) == TensorProto.FLOAT]
+        for second in backs:
             _bypass(model, second, first.input[0], outputs, consumers)
-        model.graph.node.remove(first)
-        dropped += 1
+        dropped += len(backs)
+        if backs and len(backs) == len(users) and first.output[0] not in outputs:
+            model.graph.node.remove(first)
     return dropped
 
 

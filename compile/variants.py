@@ -165,7 +165,7 @@ class _Builder:
         if p in ("int8-weight", "int4-weight"):
             return quantize.weight_only(self.src, self.out, exclude, q, bits=8 if p == "int8-weight" else 4)
         if p in ("fp16", "tensorrt-fp16"):
-            return float16.convert(self.src, self.out, exclude, q)
+            return float16.convert(self.src, self.out, exclude, q, residual_fp32=p == "fp16")
         raise AssertionError(p)
 
     def build_and_gate(self, run, measure, cfg: GateConfig, say) -> tuple[dict, Gate, list[str]]:

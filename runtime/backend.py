@@ -63,6 +63,10 @@ class OnnxRuntimeBackend(Backend):
     else, but the spinning threads take the cores from any other work of the process; a server,
     whose event loop decodes requests on the same cores, opens its graphs with ``spin=False``
     (``benchmarks/bench_serve.py`` measures both).
+
+    ONNX Runtime's own ``SkipLayerNormFusion`` is turned off: its CPU kernel is about 4x slower
+    than the ``Add`` + ``LayerNormalization`` that clipfold's graphs carry instead (see
+    ``clipfold.compile.optimize.split_skip_layer_norm``), and would otherwise re-fuse some of them.
     """
 
     name = "onnxruntime"
@@ -75,19 +79,28 @@ class OnnxRuntimeBackend(Backend):
         except ImportError:
             raise BackendUnavailableError(
                 "backend 'onnxruntime' is not installed; install clipfold (its base install includes it)") from None
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or default_threads()
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if not spin:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), cpu_session_options(threads, spin),
+                                            providers=["CPUExecutionProvider"])
         self.output_names = [o.name for o in self.outputs]
 
     def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {spec.name: inputs[spec.name] for spec in self.inputs}
         values = self.session.run(self.output_names, feeds)
         return dict(zip(self.output_names, values))
+
+
+def cpu_session_options(threads: int | None = None, spin: bool = True):
+    """The ``onnxruntime.SessionOptions`` every CPU session of the runtime opens with."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or default_threads()
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("optimization.disable_specified_optimizers", "SkipLayerNormFusion")
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
 
 class OnnxRuntimeCudaBackend(Backend):

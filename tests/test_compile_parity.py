@@ -165,3 +165,58 @@ def test_last_block_for_the_class_token_only(pool_type, output_tokens, applies):
         want, got = visual(x), pruned(x)
     want, got = (want[0], got[0]) if output_tokens else (want, got)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_runtime_sessions_keep_the_split_layernorms(tiny_bundle, tmp_path):
+    """The fp32 graph carries Add + LayerNormalization (no SkipLayerNormalization, whose ORT CPU
+    kernel is ~4x slower), and the runtime's session options stop ONNX Runtime from re-fusing them,
+    which its defaults do for some of them."""
+    import onnxruntime as ort
+
+    from clipfold.compile.optimize import op_counts
+    from clipfold.runtime.backend import cpu_session_options
+
+    graph = tiny_bundle.path / tiny_bundle.manifest.variant("fp32").file
+    assert "SkipLayerNormalization" not in op_counts(graph)
+
+    def skip_layer_norms_after_optimization(options, name):
+        options.optimized_model_filepath = str(tmp_path / name)
+        ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        return op_counts(tmp_path / name).get("SkipLayerNormalization", 0)
+
+    assert skip_layer_norms_after_optimization(ort.SessionOptions(), "default.onnx") >= 1
+    assert skip_layer_norms_after_optimization(cpu_session_options(), "runtime.onnx") == 0
+
+
+def test_split_skip_layer_norm_is_exact_and_refuses_when_its_statistics_are_read():
+    import onnx_ir as ir
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from clipfold.compile.optimize import split_skip_layer_norm
+    from clipfold.errors import ExportError
+
+    def model(read_mean: bool):
+        tensors = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 4]) for n in ("x", "skip", "y")]
+        params = [helper.make_tensor(n, TensorProto.FLOAT, [4], [v * k for v in (1.0, -2.0, 3.0, 0.5)])
+                  for k, n in enumerate(("gamma", "beta", "bias"), 1)]  # distinct, so a swapped input shows
+        node = helper.make_node("SkipLayerNormalization", ["x", "skip", "gamma", "beta", "bias"], ["y", "mean", "", "sum"],
+                                domain="com.microsoft", epsilon=1e-5, name="sln")
+        outputs = [tensors[2]] + ([helper.make_tensor_value_info("mean", TensorProto.FLOAT, None)] if read_mean else [])
+        graph = helper.make_graph([node], "g", tensors[:2], outputs, params)
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+        return proto
+
+    fused = model(read_mean=False)
+    fused.graph.output.append(helper.make_tensor_value_info("sum", TensorProto.FLOAT, [2, 4]))
+    split = ir.serde.deserialize_model(fused)
+    assert split_skip_layer_norm(split) == 1
+    assert [n.op_type for n in split.graph] == ["Add", "Add", "LayerNormalization"]
+    feeds = {"x": np.random.default_rng(0).normal(size=(2, 4)).astype(np.float32),
+             "skip": np.random.default_rng(1).normal(size=(2, 4)).astype(np.float32)}
+    want, got = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(["y", "sum"], feeds)
+                 for m in (fused, ir.serde.serialize_model(split)))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)  # the normalized output
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-7)  # the residual sum the next layer reads
+    with pytest.raises(ExportError, match="sln: a SkipLayerNormalization whose mean"):
+        split_skip_layer_norm(ir.serde.deserialize_model(model(read_mean=True)))
