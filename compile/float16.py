@@ -21,9 +21,9 @@ ALWAYS_FP32 = ("ReduceL2", "ReduceMean", "ReduceSum", "Softmax", "TopK", "Sigmoi
 
 
 def convert(src: Path, dst: Path, exclude: list[str], cfg: QuantConfig, residual_fp32: bool = False) -> dict:
-    """``residual_fp32``: the residual stream stays fp32 too (every ``Add`` a LayerNormalization
-    reads, and the ``Add`` s those read: bias and residual), as ONNX Runtime's fused
-    ``SkipLayerNormalization`` keeps it; the ONNX Runtime fp16 variant asks for it."""
+    """``residual_fp32``: the residual stream stays fp32 too (:func:`_residual_stream`: the
+    residual and bias adds LayerNorms read, and the slices between), as ONNX Runtime's fused
+    ``SkipLayerNormalization`` kept it; the ONNX Runtime fp16 variant asks for it."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -31,7 +31,7 @@ def convert(src: Path, dst: Path, exclude: list[str], cfg: QuantConfig, residual
 
     blocked = sorted(set(cfg.keep_float) | set(ALWAYS_FP32))
     model = onnx.load(str(src))
-    residual = _residual_adds(model) if residual_fp32 else []
+    residual = _residual_stream(model) if residual_fp32 else []
     exclude = sorted(set(exclude) | set(residual))
     with quiet():
         model = convert_float_to_float16(model, keep_io_types=True, op_block_list=blocked, node_block_list=exclude)
@@ -43,20 +43,36 @@ def convert(src: Path, dst: Path, exclude: list[str], cfg: QuantConfig, residual
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(dst))
     return {"method": "mixed fp16", "kept_fp32_op_types": blocked, "fp32_round_trips_removed": round_trips,
-            "noop_casts_removed": noops, **({"residual_adds_kept_fp32": len(residual)} if residual_fp32 else {})}
+            "noop_casts_removed": noops, **({"residual_nodes_kept_fp32": len(residual)} if residual_fp32 else {})}
 
 
-def _residual_adds(model) -> list[str]:
-    """Names of the ``Add`` nodes whose output a LayerNormalization reads, and of the ``Add`` nodes
-    those read (the bias add before a residual add)."""
+# Operators that only move or select elements: the residual stream passes through them unchanged
+# (the class-token slice before a last block that runs for the class token only, pooling gathers).
+_MOVES = ("Slice", "Gather", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Flatten")
+
+
+def _residual_stream(model) -> list[str]:
+    """Names of the nodes of the residual stream: walking back from every LayerNormalization's
+    input through element-moving operators (``_MOVES``), each ``Add`` reached and everything
+    between; from an ``Add``, on through both its inputs (the previous residual, a bias add)."""
     producers = {out: node for node in model.graph.node for out in node.output}
-    consumers = _consumers(model)
-    stream = [n for n in model.graph.node if n.op_type == "Add"
-              and any(c.op_type == "LayerNormalization" for c in consumers.get(n.output[0], []))]
-    feeding = [producers[i] for n in stream for i in n.input if i in producers and producers[i].op_type == "Add"]
-    if any(not n.name for n in stream + feeding):
-        raise ValueError("residual adds need node names to be kept in fp32")
-    return sorted({n.name for n in stream + feeding})
+    stream: dict[int, object] = {}
+    pending = [n.input[0] for n in model.graph.node if n.op_type == "LayerNormalization"]
+    while pending:
+        node, moved = producers.get(pending.pop()), []
+        while node is not None and node.op_type in _MOVES:
+            moved.append(node)
+            node = producers.get(node.input[0])
+        if node is None or node.op_type != "Add":
+            continue
+        seen = id(node) in stream
+        for n in (*moved, node):
+            stream[id(n)] = n
+        if not seen:
+            pending.extend(node.input)
+    if any(not n.name for n in stream.values()):
+        raise ValueError("the residual stream's nodes need names to be kept in fp32")
+    return sorted({n.name for n in stream.values()})
 
 
 def _cast_to(node) -> int | None:

@@ -36,8 +36,8 @@ from clipfold.errors import ExportError
 log = logging.getLogger(__name__)
 
 # The operators a fused clipfold graph should contain, one family per fusion.
-FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "LayerNormalization", "BiasGelu", "Gelu",
-             "FastGelu", "QuickGelu")
+FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "BiasGelu", "Gelu", "FastGelu",
+             "QuickGelu")
 
 
 class SdpaAttention(nn.Module):
@@ -169,15 +169,23 @@ def fuse_for_onnxruntime(src: Path, dst: Path) -> dict[str, int]:
     return applied
 
 
+def _derived(node, suffix: str) -> str | None:
+    return f"{node.name}_{suffix}" if node.name else None
+
+
 def split_skip_layer_norm(model) -> int:
     """Replace, in place, every ``com.microsoft.SkipLayerNormalization`` of the ``onnx_ir`` model
     ``model`` by its bias ``Add``, residual ``Add`` and a standard ``LayerNormalization``; return how many.
 
     ONNX Runtime's CPU kernel for the fused operator is about 4x slower than the three it replaces
     (ORT 1.32, 2 threads, [B, 50, 768]: 123 vs 48 us at B = 1, 899 vs 188 at 8, 3.6 vs 0.9 ms at
-    32), which cost ViT-B-32 ~1.8 ms of its ~60 at batch 1. The sum is formed as eager does,
-    ``residual + (projection + bias)``, so the graph is exact. The fusion's mean and inverse
-    standard deviation outputs are training outputs; a graph that reads them is refused.
+    32), which cost ViT-B-32 ~1.8 ms of its ~60 at batch 1. The sum is formed as
+    ``skip + (input + bias)``: for the pattern open_clip's blocks export (the rewriter's "bias
+    before the residual add"), that is eager's ``residual + (projection + bias)`` exactly; the
+    fused operator itself adds ``(input + skip) + bias``, equal up to one rounding. The fusion's
+    mean and inverse standard deviation outputs are training outputs; a graph that reads them is
+    refused. A missing ``epsilon`` is the fused operator's default, 1e-12, written out (the
+    standard LayerNormalization's default differs).
     """
     import onnx_ir as ir
 
@@ -191,20 +199,22 @@ def split_skip_layer_norm(model) -> int:
             raise ExportError(f"{node.name}: a SkipLayerNormalization whose mean or inverse standard deviation "
                               "output is read cannot be split into standard operators")
         epsilon = node.attributes.get("epsilon")
-        new_nodes = []
+        new_nodes, new_sums = [], []
         if bias is not None:
-            new_nodes.append(ir.Node("", "Add", [x, bias], name=f"{node.name}_bias"))
+            new_nodes.append(ir.Node("", "Add", [x, bias], name=_derived(node, "bias")))
             x = new_nodes[-1].outputs[0]
-            x.name = f"{node.name}_biased"
-        new_nodes.append(ir.Node("", "Add", [skip, x], name=f"{node.name}_residual"))
+            new_sums.append(x)
+        new_nodes.append(ir.Node("", "Add", [skip, x], name=_derived(node, "residual")))
         added = new_nodes[-1].outputs[0]
-        attributes = [ir.AttrInt64("axis", -1)]
-        if epsilon is not None:
-            attributes.append(ir.AttrFloat32("epsilon", epsilon.as_float()))
+        new_sums.append(added)
+        attributes = [ir.AttrInt64("axis", -1),
+                      ir.AttrFloat32("epsilon", epsilon.as_float() if epsilon is not None else 1e-12)]
         new_nodes.append(ir.Node("", "LayerNormalization", [added, gamma, *([beta] if beta is not None else [])],
-                                 attributes, name=f"{node.name}_ln"))
-        for value in (x, added):
-            value.shape, value.dtype = out.shape, out.dtype
+                                 attributes, name=_derived(node, "ln")))
+        for value in new_sums:  # the new values only: the node's own inputs keep what they declare
+            value.shape = out.shape
+            if out.type is not None:
+                value.type = out.type
         old_values, new_values = [out], [new_nodes[-1].outputs[0]]
         if total is not None:
             old_values.append(total)

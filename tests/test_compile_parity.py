@@ -188,35 +188,55 @@ def test_runtime_sessions_keep_the_split_layernorms(tiny_bundle, tmp_path):
     assert skip_layer_norms_after_optimization(cpu_session_options(), "runtime.onnx") == 0
 
 
-def test_split_skip_layer_norm_is_exact_and_refuses_when_its_statistics_are_read():
+def _skip_layer_norm_chain(bias: bool, epsilon: float | None, names: bool, read_mean: bool = False):
+    """Two chained SkipLayerNormalization nodes over [2, 4] inputs; the second reads the first's
+    output and residual sum, and the graph outputs the second's."""
+    from onnx import TensorProto, helper
+
+    params = [helper.make_tensor(n, TensorProto.FLOAT, [4], [v * k for v in (1.0, -2.0, 3.0, 0.5)])
+              for k, n in enumerate(("gamma", "beta", "bias"), 1)]  # distinct, so a swapped input shows
+    inputs = ["gamma", "beta", *(["bias"] if bias else [])]
+    attributes = {"epsilon": epsilon} if epsilon is not None else {}
+    nodes = [helper.make_node("SkipLayerNormalization", [a, b, *inputs], [y, mean, "", total], domain="com.microsoft",
+                              name=name if names else "", **attributes)
+             for a, b, y, mean, total, name in (("x", "skip", "y1", "mean1", "sum1", "first"),
+                                                ("y1", "sum1", "y", "mean", "sum", "second"))]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 4]) for n in ("y", "sum")]
+    outputs += [helper.make_tensor_value_info("mean", TensorProto.FLOAT, None)] if read_mean else []
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 4]) for n in ("x", "skip")],
+                              outputs, params)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+
+
+@pytest.mark.parametrize("bias, epsilon, names", [(True, 1e-3, True), (False, None, False), (True, None, False)])
+def test_split_skip_layer_norm_computes_what_the_fused_operator_does(bias, epsilon, names):
+    """Small-variance rows make epsilon matter: a dropped epsilon, or the standard LayerNorm's
+    default in place of the fused operator's 1e-12, would show. Unnamed nodes get unique values."""
+    import onnx
     import onnx_ir as ir
     import onnxruntime as ort
-    from onnx import TensorProto, helper
+
+    from clipfold.compile.optimize import split_skip_layer_norm
+
+    fused = _skip_layer_norm_chain(bias, epsilon, names)
+    split = ir.serde.deserialize_model(fused)
+    assert split_skip_layer_norm(split) == 2
+    assert [n.op_type for n in split.graph] == (["Add"] * (2 if bias else 1) + ["LayerNormalization"]) * 2
+    proto = ir.serde.serialize_model(split)
+    onnx.checker.check_model(proto, full_check=True)  # unique names, typed, ordered
+    rng = np.random.default_rng(0)
+    feeds = {name: (0.01 * rng.normal(size=(2, 4))).astype(np.float32) for name in ("x", "skip")}
+    want, got = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(["y", "sum"], feeds)
+                 for m in (fused, proto))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-5)  # the normalized output
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-9)  # the residual sum the next layer reads
+
+
+def test_split_skip_layer_norm_refuses_when_its_statistics_are_read():
+    import onnx_ir as ir
 
     from clipfold.compile.optimize import split_skip_layer_norm
     from clipfold.errors import ExportError
 
-    def model(read_mean: bool):
-        tensors = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 4]) for n in ("x", "skip", "y")]
-        params = [helper.make_tensor(n, TensorProto.FLOAT, [4], [v * k for v in (1.0, -2.0, 3.0, 0.5)])
-                  for k, n in enumerate(("gamma", "beta", "bias"), 1)]  # distinct, so a swapped input shows
-        node = helper.make_node("SkipLayerNormalization", ["x", "skip", "gamma", "beta", "bias"], ["y", "mean", "", "sum"],
-                                domain="com.microsoft", epsilon=1e-5, name="sln")
-        outputs = [tensors[2]] + ([helper.make_tensor_value_info("mean", TensorProto.FLOAT, None)] if read_mean else [])
-        graph = helper.make_graph([node], "g", tensors[:2], outputs, params)
-        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
-        return proto
-
-    fused = model(read_mean=False)
-    fused.graph.output.append(helper.make_tensor_value_info("sum", TensorProto.FLOAT, [2, 4]))
-    split = ir.serde.deserialize_model(fused)
-    assert split_skip_layer_norm(split) == 1
-    assert [n.op_type for n in split.graph] == ["Add", "Add", "LayerNormalization"]
-    feeds = {"x": np.random.default_rng(0).normal(size=(2, 4)).astype(np.float32),
-             "skip": np.random.default_rng(1).normal(size=(2, 4)).astype(np.float32)}
-    want, got = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(["y", "sum"], feeds)
-                 for m in (fused, ir.serde.serialize_model(split)))
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)  # the normalized output
-    np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-7)  # the residual sum the next layer reads
-    with pytest.raises(ExportError, match="sln: a SkipLayerNormalization whose mean"):
-        split_skip_layer_norm(ir.serde.deserialize_model(model(read_mean=True)))
+    with pytest.raises(ExportError, match="second: a SkipLayerNormalization whose mean"):
+        split_skip_layer_norm(ir.serde.deserialize_model(_skip_layer_norm_chain(True, 1e-5, True, read_mean=True)))
