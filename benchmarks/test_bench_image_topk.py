@@ -35,8 +35,8 @@ from clipfold.compile.pipeline import compile_bundle
 from clipfold.compile.precision import GateConfig, QuantConfig
 from clipfold.compile.tiny import data
 from clipfold.compile.tiny.samples import write_background_folder
-from clipfold.kernels.cpu import default_threads
 from clipfold.runtime import Engine
+from clipfold.runtime.backend import cpu_session_options
 from clipfold.runtime.preprocess import preprocess
 
 from benchmarks.gemm_floor import floor_model, gemm_shapes, gflop
@@ -73,10 +73,9 @@ def setup(tmp_path_factory):
     fp32 = vit.path / vit.manifest.variant("fp32").file
     shapes = gemm_shapes(fp32, {"pixels": preprocess(images[:1], vit.manifest.preprocess)})
     feeds = floor_model(shapes, tmp / "gemm_floor.onnx")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = default_threads()  # as the engines have it
-    floor = (ort.InferenceSession(str(tmp / "gemm_floor.onnx"), options, providers=["CPUExecutionProvider"]), feeds,
-             gflop(shapes))
+    # The engines' own session options (threads, thread-pool blocks), so the floor bounds them.
+    floor = (ort.InferenceSession(str(tmp / "gemm_floor.onnx"), cpu_session_options(), providers=["CPUExecutionProvider"]),
+             feeds, gflop(shapes))
     return engines, loaded.model, head, transform, images, gates, floor
 
 

@@ -90,7 +90,13 @@ class OnnxRuntimeBackend(Backend):
 
 
 def cpu_session_options(threads: int | None = None, spin: bool = True):
-    """The ``onnxruntime.SessionOptions`` every CPU session of the runtime opens with."""
+    """The ``onnxruntime.SessionOptions`` every CPU session of the runtime opens with.
+
+    ``session.dynamic_block_base=4`` makes the thread pool hand out each parallel loop in smaller,
+    shrinking blocks, which balances the two threads better on the small per-layer loops of batch
+    1: ViT-B-32 fp32 measured 1.2-2.5 ms faster at batch 1 (of ~58) and 5 ms at batch 8 (of ~390)
+    in interleaved comparisons on the 2-core machine.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -98,6 +104,7 @@ def cpu_session_options(threads: int | None = None, spin: bool = True):
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("optimization.disable_specified_optimizers", "SkipLayerNormFusion")
+    options.add_session_config_entry("session.dynamic_block_base", "4")
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
