@@ -97,14 +97,21 @@ def cpu_session_options(threads: int | None = None, spin: bool = True):
     1: ViT-B-32 fp32 measured 1.2-2.5 ms faster at batch 1 (of ~58) and 5 ms at batch 8 (of ~390)
     in interleaved comparisons on the 2-core machine.
     """
+    options = session_options(threads, spin)
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("optimization.disable_specified_optimizers", "SkipLayerNormFusion")
+    options.add_session_config_entry("session.dynamic_block_base", "4")
+    return options
+
+
+def session_options(threads: int | None = None, spin: bool = True):
+    """What every ONNX Runtime session of the runtime shares: intra-op threads, all graph
+    optimizations, and whether the threads spin (see :class:`OnnxRuntimeBackend`)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or default_threads()
-    options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("optimization.disable_specified_optimizers", "SkipLayerNormFusion")
-    options.add_session_config_entry("session.dynamic_block_base", "4")
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
@@ -131,11 +138,7 @@ class OnnxRuntimeCudaBackend(Backend):
                 f"backend 'onnxruntime-cuda' needs onnxruntime-gpu and an NVIDIA GPU; this onnxruntime "
                 f"{ort.__version__} offers {ort.get_available_providers()}: install clipfold[gpu]")
         self.ort, self.device = ort, device
-        options = ort.SessionOptions()  # CPU threads run the nodes that stay on the CPU
-        options.intra_op_num_threads = threads or default_threads()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if not spin:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = session_options(threads, spin)  # CPU threads run the nodes that stay on the CPU
         self.session = ort.InferenceSession(str(path), options, providers=[
             ("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"])
         if self.session.get_providers()[0] != "CUDAExecutionProvider":  # e.g. cuDNN missing: never a silent CPU run
