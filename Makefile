@@ -8,7 +8,7 @@ DEMO   ?= out/demo
 
 .PHONY: install demo test test-all bench bench-kernels bench-serve bench-ray fewshot train-tiny clean
 
-$(STAMP): pyproject.toml kernels/_topk.c
+$(STAMP): pyproject.toml kernels/_topk.c kernels/_vit.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
@@ -24,9 +24,10 @@ demo: $(STAMP)
 	# Few-shot: fit GDA on 12 shots of a task whose names the model rarely saw in training, compare.
 	$(CLI) fit gda --support $(DEMO)/fewshot/support --templates $(DEMO)/fewshot/templates.txt --out $(DEMO)/gda.safetensors
 	$(CLI) compile --labels $(DEMO)/fewshot/labels.txt --templates $(DEMO)/fewshot/templates.txt --out $(DEMO)/zero-shot.bundle --overwrite
-	# The adapted bundle with int8 variants, each gated against fp32 on the labelled test images.
+	# The adapted bundle with int8 variants, each gated against fp32 on the labelled test images,
+	# and the fp32 tower for clipfold's own CPU kernel (checked against open_clip eager).
 	$(CLI) compile --adapter $(DEMO)/gda.safetensors --out $(DEMO)/gda.bundle --overwrite \
-		--precision int8-dynamic,int8-static,int4-weight --calib $(DEMO)/fewshot/support --gate-data $(DEMO)/fewshot/test
+		--precision fp32-native,int8-dynamic,int8-static,int4-weight --calib $(DEMO)/fewshot/support --gate-data $(DEMO)/fewshot/test
 	$(CLI) evaluate $(DEMO)/zero-shot.bundle $(DEMO)/fewshot/test
 	$(CLI) evaluate $(DEMO)/gda.bundle $(DEMO)/fewshot/test
 	# Swappable heads: the same adapter as a second head of the first bundle, no image tower re-exported.

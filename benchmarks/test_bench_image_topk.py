@@ -3,7 +3,10 @@
 Speed: random-weight ViT-B-32 (latency does not depend on the weights). Pairs, as ratios of
 medians (reference / candidate, > 1 means the candidate is faster):
 
-* ``vitb32_image_to_top5_b{1,8}``: open_clip eager vs the fused fp32 engine (target >= 2.0x at b1);
+* ``vitb32_image_to_top5_b{1,8}``: open_clip eager vs the fused fp32 ONNX Runtime engine;
+* ``vitb32_native_image_to_top5_b{1,8}``: open_clip eager vs the fp32-native engine (the same fp32
+  tower run by clipfold's own kernel, :mod:`clipfold.kernels.vit`; target >= 2.0x at b1), and
+  ``vitb32_fp32_vs_native_b{1,8}``: the ONNX Runtime fp32 engine vs it;
 * ``vitb32_{variant}_vs_fp32_b{1,8}``: the fp32 engine vs each variant (target >= 1.3x at b8 for
   the best int8 variant);
 * ``vitb32_eager_vs_gemm_floor_b1`` and ``vitb32_fp32_vs_gemm_floor_b1``: the roofline. The fp32
@@ -60,7 +63,8 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     torch.manual_seed(0)
     vit = compile_bundle(CompileConfig(labels=LABELS, out=tmp / "vitb32.bundle", model=MODEL, templates="label", top_k=5,
-                                       precisions=("fp32", *VARIANTS), quant=QuantConfig(search=False), gate=RELAXED))
+                                       precisions=("fp32", "fp32-native", *VARIANTS), quant=QuantConfig(search=False),
+                                       gate=RELAXED))
     engines = {v.name: Engine.open(vit.path, variant=v.name) for v in vit.manifest.variants}
     torch.manual_seed(0)
     loaded = load_model(MODEL)
@@ -103,8 +107,8 @@ def _eager_topk(model, head, transform, images, k=5):
 @pytest.mark.parametrize("batch", [1, 8])
 def test_eager(benchmark, setup, batch):
     engines, model, head, transform, images, gates, floor = setup
-    roles = {f"vitb32_image_to_top5_b{batch}": "reference", **({"vitb32_eager_vs_gemm_floor_b1": "reference"}
-                                                               if batch == 1 else {})}
+    roles = {f"vitb32_image_to_top5_b{batch}": "reference", f"vitb32_native_image_to_top5_b{batch}": "reference",
+             **({"vitb32_eager_vs_gemm_floor_b1": "reference"} if batch == 1 else {})}
     benchmark.extra_info.update(pairs=roles, gates=gates)
     benchmark.pedantic(_eager_topk, args=(model, head, transform, images[:batch]), rounds=15, warmup_rounds=2)
 
@@ -114,13 +118,23 @@ def test_eager(benchmark, setup, batch):
 def test_clipfold_onnxruntime(benchmark, setup, batch, variant):
     engines, model, head, transform, images, gates, floor = setup
     if variant == "fp32":
-        roles = {f"vitb32_image_to_top5_b{batch}": "candidate",
+        roles = {f"vitb32_image_to_top5_b{batch}": "candidate", f"vitb32_fp32_vs_native_b{batch}": "reference",
                  **{f"vitb32_{v}_vs_fp32_b{batch}": "reference" for v in VARIANTS},
                  **({"vitb32_fp32_vs_gemm_floor_b1": "reference"} if batch == 1 else {})}
     else:
         roles = {f"vitb32_{variant}_vs_fp32_b{batch}": "candidate"}
     benchmark.extra_info.update(pairs=roles, variant=variant)
     result = benchmark.pedantic(engines[variant].classify, args=(images[:batch],), kwargs={"k": 5}, rounds=15,
+                                warmup_rounds=2)
+    assert len(result) == batch
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_clipfold_native(benchmark, setup, batch):
+    engines, *_, images, gates, floor = setup
+    benchmark.extra_info.update(pairs={f"vitb32_native_image_to_top5_b{batch}": "candidate",
+                                       f"vitb32_fp32_vs_native_b{batch}": "candidate"}, variant="fp32-native")
+    result = benchmark.pedantic(engines["fp32-native"].classify, args=(images[:batch],), kwargs={"k": 5}, rounds=15,
                                 warmup_rounds=2)
     assert len(result) == batch
 

@@ -71,6 +71,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
           f"max |score diff| {p.max_abs_score_diff:.2e}")
     for v in result.manifest.variants[1:]:
         g = v.gate
+        if g is None:  # fp32-native: checked against open_clip eager like fp32, not gated against it
+            q = v.parity
+            print(f"{v.name} parity vs open_clip eager ({q.images} images): cosine min {q.embedding_cosine_min:.7f}, "
+                  f"top-{v.top_k} agreement {q.topk_agreement:.0%}, max |score diff| {q.max_abs_score_diff:.2e}")
+            continue
         accuracy = f", accuracy {g.accuracy:.1%} (fp32 {g.reference_accuracy:.1%})" if g.accuracy is not None else ""
         print(f"{v.name} vs fp32 ({g.images} held-out images): cosine min {g.embedding_cosine_min:.5f} mean "
               f"{g.embedding_cosine_mean:.5f}, top-1 agreement {g.top1_agreement:.1%}, top-5 overlap "
@@ -450,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--head", default=None, help="an extra head by name (default: the fused head)")
     p.add_argument("--variant", default=None)
-    p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default), onnxruntime-cuda or tensorrt")
+    p.add_argument("--backend", default=None, help="onnxruntime, onnxruntime-cuda, tensorrt or native "
+                   "(default: the variant's own, onnxruntime for ONNX variants)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_classify)
@@ -468,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundles", nargs="+", type=Path)
     p.add_argument("--data", type=Path, default=None, help="labelled folder (class sub-folders) for accuracy")
     p.add_argument("--batch", default="1,8", help="comma list of batch sizes (default 1,8)")
-    p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default), onnxruntime-cuda or tensorrt")
+    p.add_argument("--backend", default=None, help="onnxruntime, onnxruntime-cuda, tensorrt or native "
+                   "(default: the variant's own, onnxruntime for ONNX variants)")
     p.add_argument("--eager", default="cpu", help="open_clip eager references: comma list of cpu, cuda-fp16, "
                    "cuda-bf16, cuda-fp16-compile (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="threads per engine (default: all usable cores)")

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from clipfold.errors import LabelError
+from clipfold.errors import ExportError, LabelError
 from clipfold.kernels import Gallery
 from clipfold.runtime.kernel_head import KERNEL_HEAD_DIR, KernelHead, row_width
 from clipfold.runtime.manifest import HeadInfo, Manifest, Variant, sha256_file
@@ -24,7 +24,8 @@ from .adapters import registry
 from .adapters.base import ImportRequest
 from .adapters.store import load_adapter
 from .config import CompileConfig, VerifyConfig
-from .precision import QuantConfig
+from .native import build_native_variant
+from .precision import PRECISIONS, QuantConfig
 from .fold import fold_input_normalization
 from .graph import ClassifierGraph, EmbeddingGraph, export_onnx, io_specs
 from .head import build_zero_shot_head, resolve_templates
@@ -38,6 +39,7 @@ from .verify import eager_reference, verification_pixels, verify_onnx
 __all__ = ["CompileConfig", "VerifyConfig", "CompileResult", "compile_bundle"]
 
 ONNX_FILE = "model.onnx"
+NATIVE = "fp32-native"
 PORTABLE_FILE = "model.portable.onnx"  # standard operators only; fp8 starts from it, then it is removed
 
 
@@ -143,6 +145,9 @@ def compile_bundle(config: CompileConfig, progress: Callable[[str], None] | None
         loaded = load_model(config.model, config.pretrained)
         adaptation = _adapt(config, loaded, labels, templates, adapter_file, progress)
 
+        if NATIVE in config.precisions and adaptation.logits_module is not None:
+            raise ExportError(f"{NATIVE} needs a folded head; the {config.method} head is image-conditioned and "
+                              "runs only inside the ONNX graph (build fp32 and the other precisions)")
         top_k = min(config.top_k, len(labels))
         spec = loaded.preprocess
         visual = fold_input_normalization(adaptation.visual, spec.mean, spec.std)
@@ -176,9 +181,17 @@ def compile_bundle(config: CompileConfig, progress: Callable[[str], None] | None
 
         variant = Variant(name="fp32", file=ONNX_FILE, format="onnx", precision="fp32",
                           inputs=inputs, outputs=outputs, parity=parity, top_k=top_k, fused_ops=fused)
+        native = []
+        if NATIVE in config.precisions:
+            _say(progress, f"building {NATIVE}: {PRECISIONS[NATIVE][0]}")
+            native = [build_native_variant(visual, adaptation.head if adaptation.logits_module is None else None, stage,
+                                           inputs, outputs, top_k, kernel_head, reference, config.verify,
+                                           config.opset)]
+            parity_min = native[0].parity.embedding_cosine_min
+            _say(progress, f"  {NATIVE}: parity vs open_clip eager: cosine min {parity_min:.7f}")
         sources = Sources(onnx_path, portable_path if config.fuse else onnx_path, inputs, outputs, top_k, kernel_head)
-        extra = build_variants(config.precisions, stage, sources, spec, labels, reference, config.verify,
-                               _calibration_default(config, adapter_file), config.gate, progress)
+        extra = build_variants([p for p in config.precisions if p != NATIVE], stage, sources, spec, labels, reference,
+                               config.verify, _calibration_default(config, adapter_file), config.gate, progress)
         if config.fuse:
             portable_path.unlink()
         text = None
@@ -192,7 +205,7 @@ def compile_bundle(config: CompileConfig, progress: Callable[[str], None] | None
             labels=labels,
             head=adaptation.info,
             preprocess=spec,
-            variants=(variant, *extra),
+            variants=(variant, *native, *extra),
             default_variant="fp32",
             files=bundle.checksum_tree(stage),
             producer=producer_versions(),

@@ -14,6 +14,8 @@ from clipfold.errors import ConfigError
 # name -> (what it is, the backends that run it)
 PRECISIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "fp32": ("float32 reference, ONNX Runtime fused graph", ("onnxruntime",)),
+    "fp32-native": ("float32 image tower run by clipfold's own CPU kernel (AVX2 + FMA; open_clip class-token ViTs), "
+                    "head in ONNX Runtime", ("native",)),
     "fp16": ("mixed fp16 for GPU backends: LayerNorm, softmax, reductions and the head stay fp32", ("onnxruntime",)),
     "bf16": ("mixed bf16 for GPU backends", ("tensorrt",)),
     "int8-dynamic": ("int8 weights, activations quantized per batch at run time", ("onnxruntime",)),

@@ -31,7 +31,7 @@ class ProfileConfig:
     bundles: tuple[Path, ...]
     data: Path | None = None
     batches: tuple[int, ...] = (1, 8)
-    backend: str = "onnxruntime"
+    backend: str | None = None  # None: each variant's own first backend
     threads: int | None = None
     rounds: int = 10
     warmup: int = 2
@@ -88,7 +88,8 @@ def profile(cfg: ProfileConfig, progress: Callable[[str], None] | None = None) -
     from clipfold.runtime.manifest import Manifest
 
     say = progress or (lambda message: None)
-    check_backend(cfg.backend)
+    if cfg.backend is not None:
+        check_backend(cfg.backend)
     jobs: list[tuple[str, dict]] = []
     for bundle in cfg.bundles:
         manifest = Manifest.read(bundle)
@@ -103,7 +104,8 @@ def profile(cfg: ProfileConfig, progress: Callable[[str], None] | None = None) -
         if cfg.eager:
             jobs.extend(("eager", {"bundle": str(bundle), "mode": mode}) for mode in cfg.eager_modes)
         for variant in manifest.variants:
-            jobs.append(("engine", {"bundle": str(bundle), "variant": variant.name}))
+            jobs.append(("engine", {"bundle": str(bundle), "variant": variant.name,
+                                    "backend": cfg.backend or variant.backends[0]}))
     raw = []
     for i, (kind, job) in enumerate(jobs, 1):
         name = eager_name(job["mode"]) if kind == "eager" else job["variant"]
@@ -130,7 +132,7 @@ def _in_worker(kind: str, job: dict, cfg: ProfileConfig) -> dict:
     from concurrent.futures.process import BrokenProcessPool
 
     base = {"bundle": Path(job["bundle"]).name, "variant": eager_name(job["mode"]) if kind == "eager" else job["variant"],
-            "precision": "fp32" if kind == "eager" else "", "backend": "torch" if kind == "eager" else cfg.backend}
+            "precision": "fp32" if kind == "eager" else "", "backend": "torch" if kind == "eager" else job["backend"]}
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:
             return pool.submit(_measure, kind, job, _plain(cfg)).result()

@@ -62,8 +62,10 @@ def measure_engine(job: dict, cfg: dict) -> dict:
 
     bundle = Path(job["bundle"])
     variant = Manifest.read(bundle).variant(job["variant"])
-    row = {"bundle": bundle.name, "variant": variant.name, "precision": variant.precision, "backend": cfg["backend"],
-           "file_mb": (bundle / variant.file).stat().st_size / 1e6}
+    path = bundle / variant.file
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    row = {"bundle": bundle.name, "variant": variant.name, "precision": variant.precision,
+           "backend": cfg["backend"] or variant.backends[0], "file_mb": size / 1e6}
     start = time.perf_counter()
     try:
         engine = Engine.open(bundle, variant=variant.name, backend=cfg["backend"], threads=cfg["threads"],

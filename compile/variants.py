@@ -61,6 +61,12 @@ def check_early(precisions: Sequence[str], quant: QuantConfig, gate_cfg: GateCon
         raise BackendUnavailableError(
             "bf16 needs a backend with bf16 kernels (TensorRT or CUDA: install clipfold[gpu] on an NVIDIA GPU "
             "machine); ONNX Runtime's CPU provider has none, so a bf16 variant can be neither run nor verified here")
+    if "fp32-native" in wanted:
+        from clipfold.kernels.vit import kernel_available
+
+        if not kernel_available():
+            raise BackendUnavailableError("fp32-native needs an x86-64 CPU with AVX2 and FMA to run and be verified; "
+                                          "this one lacks them (the fp32 variant runs everywhere)")
     if wanted and quant.calib is not None and set(CALIBRATED) & set(wanted):
         gating.calibration_paths(quant)
     if wanted and gate_cfg.data is not None:

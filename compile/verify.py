@@ -109,6 +109,12 @@ def verify_onnx(path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[Tens
     backend = OnnxRuntimeBackend(path, inputs, outputs)
     if head is not None:
         backend = KernelHeadBackend(backend, head)
+    return verify_backend(backend, reference, cfg, name, Path(path).name, batch_size)
+
+
+def verify_backend(backend, reference: Reference, cfg: VerifyConfig, name: str, what: str,
+                   batch_size: int = 8) -> Parity:
+    """:func:`verify_onnx` for an opened backend (``what`` names its file in the error)."""
     outs = {"scores": [], "indices": [], "embedding": []}
     bounds = [0, 1, *range(1 + batch_size, len(reference.pixels), batch_size), len(reference.pixels)]
     for lo, hi in zip(bounds, bounds[1:]):
@@ -121,6 +127,6 @@ def verify_onnx(path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[Tens
     parity, failures = compare(reference, scores, indices, embedding, cfg)
     if failures:
         raise VerificationError(
-            f"variant {name!r} ({Path(path).name}) does not match open_clip eager on "
+            f"variant {name!r} ({what}) does not match open_clip eager on "
             f"{parity.images} images:\n  - " + "\n  - ".join(failures), failures)
     return parity

@@ -157,7 +157,14 @@ class OnnxRuntimeCudaBackend(Backend):
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
 
 
-BACKENDS = {"onnxruntime": OnnxRuntimeBackend, "onnxruntime-cuda": OnnxRuntimeCudaBackend}
+def _native(path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], threads: int | None = None,
+            spin: bool = True) -> Backend:
+    from .native import NativeBackend  # imports the kernel's ctypes wrapper only when asked for
+
+    return NativeBackend(path, inputs, outputs, threads=threads, spin=spin)
+
+
+BACKENDS = {"onnxruntime": OnnxRuntimeBackend, "onnxruntime-cuda": OnnxRuntimeCudaBackend, "native": _native}
 GPU_BACKENDS = ("tensorrt", "onnxruntime-cuda")  # known names whose backends come with clipfold[gpu]
 
 

@@ -54,11 +54,15 @@ class Engine:
         self.text_variant = text_variant  # None: the text variant named like ``variant``, else fp32
 
     @classmethod
-    def open(cls, path: str | Path, *, variant: str | None = None, backend: str = "onnxruntime",
+    def open(cls, path: str | Path, *, variant: str | None = None, backend: str | None = None,
              threads: int | None = None, batch_size: int = DEFAULT_BATCH,
              verify_checksums: bool = True, head: str | None = None, text_variant: str | None = None,
              spin: bool = True) -> "Engine":
         """Read the manifest (refusing newer schemas), check every checksum, open the backend(s).
+
+        ``backend=None`` opens the variant with its own first backend (``onnxruntime`` for the ONNX
+        variants, ``native`` for ``fp32-native``); an extra head is an ONNX graph and runs in
+        ONNX Runtime beside a native variant.
 
         ``spin=False`` stops ONNX Runtime's threads busy-waiting between calls (see
         :class:`~clipfold.runtime.backend.OnnxRuntimeBackend`): for processes that share their
@@ -76,8 +80,10 @@ class Engine:
                 raise BundleError(f"bundle has no text variant {text_variant!r}; it has {names or 'no text tower'}")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        backend = chosen.backends[0] if backend is None else backend
         extra = None if head in (None, DEFAULT_HEAD) else manifest.extra_head(head)
-        head_backend = None if extra is None else open_backend(backend, extra, path / extra.file, threads, spin)
+        head_with = "onnxruntime" if backend == "native" else backend
+        head_backend = None if extra is None else open_backend(head_with, extra, path / extra.file, threads, spin)
         graph = open_backend(backend, chosen, path / chosen.file, threads, spin)
         if manifest.head.kernel is not None:  # the default head is scored by the top-k kernel
             graph = KernelHeadBackend(graph, KernelHead(path / manifest.head.kernel, manifest.head.activation,

@@ -15,6 +15,7 @@ exact after skipping them.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -49,9 +50,13 @@ class SearchResult:
 
 
 def bundle_identity(engine) -> dict[str, str]:
-    """What an index must match: the model and the sha256 of the image graph that embedded it."""
-    variant = engine.variant
-    return {"model": engine.manifest.model.name, "variant": variant.name, "sha256": engine.manifest.files[variant.file]}
+    """What an index must match: the model and the sha256 of the image graph that embedded it (of
+    an ONNX variant's file; of the sha256s of a folder variant's files, one per line)."""
+    variant, files = engine.variant, engine.manifest.files
+    stored = variant.stored_files()
+    digest = files[stored[0]] if len(stored) == 1 else \
+        hashlib.sha256("\n".join(files[name] for name in stored).encode()).hexdigest()
+    return {"model": engine.manifest.model.name, "variant": variant.name, "sha256": digest}
 
 
 def _images(folder: Path) -> list[Path]:

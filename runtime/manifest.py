@@ -16,9 +16,10 @@ from typing import Any
 
 from clipfold.errors import BundleError, SchemaVersionError
 
-SCHEMA_VERSION = 6  # 2: optional extra heads; 3: variants carry backends, quantization and an accuracy gate;
+SCHEMA_VERSION = 7  # 2: optional extra heads; 3: variants carry backends, quantization and an accuracy gate;
 # 4: a large head may live outside the graph (HeadInfo.kernel); an optional text tower (Manifest.text);
-# 5: gated reduced-precision text graphs (TextTower.variants); 6: TensorRT engines of a variant (Variant.engines)
+# 5: gated reduced-precision text graphs (TextTower.variants); 6: TensorRT engines of a variant (Variant.engines);
+# 7: a variant may be a clipfold-vit folder (fp32-native)
 DEFAULT_HEAD = "default"  # the head fused into the variants
 MANIFEST_NAME = "manifest.json"
 
@@ -139,6 +140,9 @@ class EngineRecord:
                <= self.profile["max"], f"engine {self.file!r} has an invalid batch profile {self.profile}")
 
 
+VARIANT_FORMATS = ("onnx", "clipfold-vit")
+
+
 @dataclass(frozen=True)
 class Variant:
     """One engine file in the bundle, e.g. the fp32 ONNX graph or an int8 one.
@@ -151,7 +155,7 @@ class Variant:
 
     name: str
     file: str
-    format: str  # "onnx"
+    format: str  # "onnx", or "clipfold-vit" (a folder for the package's own ViT kernel, backend "native")
     precision: str  # "fp32", "fp16", "int8-dynamic", ...
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -172,8 +176,16 @@ class Variant:
         if self.gate is not None:
             object.__setattr__(self, "gate", _coerce(Gate, self.gate))
         _check(len(self.backends) > 0, f"variant {self.name!r} names no backend")
-        _check(self.format == "onnx", f"variant {self.name!r} has unknown format {self.format!r}")
+        _check(self.format in VARIANT_FORMATS, f"variant {self.name!r} has unknown format {self.format!r}; "
+                                              f"expected one of {VARIANT_FORMATS}")
         _check(self.top_k >= 1, f"variant {self.name!r} has top_k {self.top_k} < 1")
+
+    def stored_files(self) -> tuple[str, ...]:
+        """The bundle files the variant cannot run without (a clipfold-vit folder's weights)."""
+        if self.format == "clipfold-vit":  # the head graph too, when the head is not the top-k kernel's
+            head = (f"{self.file}/head.onnx",) if any(o.name == "scores" for o in self.outputs) else ()
+            return (f"{self.file}/vit.json", f"{self.file}/vit.bin", *head)
+        return (self.file,)
 
 
 @dataclass(frozen=True)
@@ -340,7 +352,8 @@ class Manifest:
         _check(self.default_variant in names,
                f"default_variant {self.default_variant!r} is not one of {names}")
         for v in self.variants:
-            _check(v.file in self.files, f"variant file {v.file!r} has no checksum in files")
+            for name in v.stored_files():
+                _check(name in self.files, f"variant file {name!r} has no checksum in files")
             for e in v.engines:
                 for name in (e.file, e.timing_cache):
                     _check(name in self.files, f"engine file {name!r} of variant {v.name!r} has no checksum in files")

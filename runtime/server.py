@@ -122,6 +122,11 @@ class ServedModel:
     lock: threading.Lock | None = None  # the text encoder's cache is not thread-safe
 
 
+def _platform(m: ServedModel) -> str:
+    """The protocol's platform string: the image model of an fp32-native variant is clipfold's own kernel."""
+    return "clipfold_native" if m.kind == "image" and m.engine.variant.format == "clipfold-vit" else "onnxruntime_onnx"
+
+
 def _meta(spec) -> TensorMeta:
     return TensorMeta(spec.name, datatype_of(spec.dtype), tuple(d if isinstance(d, int) else -1 for d in spec.shape))
 
@@ -298,7 +303,7 @@ class ClipfoldServer:
 
     async def model_metadata(self, request: Request) -> Response:
         m = self.model(request)
-        return JSONResponse({"name": m.name, "versions": [VERSION], "platform": "onnxruntime_onnx",
+        return JSONResponse({"name": m.name, "versions": [VERSION], "platform": _platform(m),
                              "inputs": [t.to_json() for t in m.inputs], "outputs": [t.to_json() for t in m.outputs]})
 
     async def model_ready(self, request: Request) -> Response:
@@ -311,7 +316,7 @@ class ClipfoldServer:
         def dims(t: TensorMeta) -> dict:
             return {"name": t.name, "data_type": f"TYPE_{'STRING' if t.datatype == 'BYTES' else t.datatype}",
                     "dims": list(t.shape[1:]) or [1]}
-        config: dict[str, Any] = {"name": m.name, "platform": "onnxruntime_onnx", "max_batch_size": self.config.max_batch,
+        config: dict[str, Any] = {"name": m.name, "platform": _platform(m), "max_batch_size": self.config.max_batch,
                                   "input": [dims(t) for t in m.inputs], "output": [dims(t) for t in m.outputs]}
         if m.kind == "image":
             config["dynamic_batching"] = {"max_queue_delay_microseconds": int(self.config.max_delay_ms * 1000),
