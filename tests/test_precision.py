@@ -86,6 +86,9 @@ def test_variants_run_in_the_engine_and_agree_with_fp32(variants_bundle, gda_tas
     for name in ("int8-dynamic", "int8-static", "int4-weight", "fp16"):
         assert [p[0].index for p in Engine.open(variants_bundle.path, variant=name).classify(images, k=1)] == fp32, name
     with pytest.raises(errors.BackendUnavailableError, match=r"runs on \['tensorrt'\].*clipfold\[gpu\]"):
+        Engine.open(variants_bundle.path, variant="fp8", backend="onnxruntime")
+    # by default a variant opens with its own backend: here TensorRT, which is not installed
+    with pytest.raises(errors.BackendUnavailableError, match=r"backend 'tensorrt' needs TensorRT: install clipfold\[gpu\]"):
         Engine.open(variants_bundle.path, variant="fp8")
     with pytest.raises(errors.BundleError, match=r"no variant 'int2'.*'int8-dynamic'"):
         Engine.open(variants_bundle.path, variant="int2")
