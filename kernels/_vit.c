@@ -32,6 +32,7 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define CLIPFOLD_X86 1
+#include "_exp8.h"
 #endif
 
 enum { NR = 24, MR = 4 };
@@ -84,23 +85,6 @@ static inline void split(int64_t n, int t, int nt, int64_t *lo, int64_t *hi) {
 }
 
 /* --- vector math -------------------------------------------------------------------------------- */
-
-AVX2 static inline __m256 exp8(__m256 x) {  /* Cephes-style expf: range reduction + degree-5 polynomial */
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
 
 /* erf by Abramowitz & Stegun 7.1.26: 1 - t (a1 + a2 t + ... + a5 t^4) exp(-x^2), t = 1 / (1 + p|x|),
  * absolute error below 1.5e-7 (2e-7 in float), odd-extended. In GELU, x (1 + erf(x / sqrt 2)) / 2,
@@ -472,11 +456,30 @@ AVX2 static void run_stage_gemm(forward_t *f, int t, const float *a, int64_t wsl
     gemm_part(&g, t, f->threads);
 }
 
+/* A block after its attention, for `rows` rows: x += attention output . Wout + b; then
+ * x += GELU(LN2(x) . Wfc1 + b) . Wfc2 + b. `ln` and `hidden` receive the packed LN2 output and
+ * GELU output (`ln` may be the attention's own buffer: a barrier separates the reads and writes). */
+AVX2 static void block_tail(forward_t *f, int t, int64_t base, const float *attention, int64_t rows, float *x,
+                            float *ln, float *hidden) {
+    const float *W = f->wts;
+    const int64_t *lay = f->off + base;
+    int64_t w = f->cfg[C_WIDTH], mlp = f->cfg[C_MLP], lo, hi;
+    run_stage_gemm(f, t, attention, base + L_OUT_W, base + L_OUT_B, rows, w, w, OUT_ADD, x, w);
+    barrier_wait(&f->bar);
+    split(rows, t, f->threads, &lo, &hi);
+    layer_norm(x, w, lo, hi, w, W + lay[L_LN2_W], W + lay[L_LN2_B], f->eps, ln, 1);
+    barrier_wait(&f->bar);
+    run_stage_gemm(f, t, ln, base + L_FC1_W, base + L_FC1_B, rows, w, mlp, OUT_PACKED_ACT, hidden, 0);
+    barrier_wait(&f->bar);
+    run_stage_gemm(f, t, hidden, base + L_FC2_W, base + L_FC2_B, rows, mlp, w, OUT_ADD, x, w);
+    barrier_wait(&f->bar);
+}
+
 AVX2 static void forward_worker(forward_t *f, int t) {
     const int64_t *cfg = f->cfg, *off = f->off;
     const float *W = f->wts;
     int nt = f->threads;
-    int64_t L = cfg[C_LAYERS], w = cfg[C_WIDTH], heads = cfg[C_HEADS], d = w / heads, mlp = cfg[C_MLP];
+    int64_t L = cfg[C_LAYERS], w = cfg[C_WIDTH], heads = cfg[C_HEADS], d = w / heads;
     int64_t gh = cfg[C_GRID_H], gw = cfg[C_GRID_W], ps = cfg[C_PATCH], g = gh * gw, T = g + 1, B = f->batch, M = B * T;
     int64_t kp = 3 * ps * ps, ih = gh * ps, iw = gw * ps, lo, hi;
     float scale = 1.0f / sqrtf((float)d), eps = f->eps;
@@ -533,15 +536,7 @@ AVX2 static void forward_worker(forward_t *f, int t) {
                 attend(rows, 3 * w, rows + w, rows + 2 * w, 3 * w, T, T, d, scale, b.ap, w, img * T, h * d, kt, p);
             }
             barrier_wait(&f->bar);
-            run_stage_gemm(f, t, b.ap, base + L_OUT_W, base + L_OUT_B, M, w, w, OUT_ADD, b.x, w);
-            barrier_wait(&f->bar);
-            split(M, t, nt, &lo, &hi);
-            layer_norm(b.x, w, lo, hi, w, W + lay[L_LN2_W], W + lay[L_LN2_B], eps, b.ap, 1);
-            barrier_wait(&f->bar);
-            run_stage_gemm(f, t, b.ap, base + L_FC1_W, base + L_FC1_B, M, w, mlp, OUT_PACKED_ACT, b.hp, 0);
-            barrier_wait(&f->bar);
-            run_stage_gemm(f, t, b.hp, base + L_FC2_W, base + L_FC2_B, M, mlp, w, OUT_ADD, b.x, w);
-            barrier_wait(&f->bar);
+            block_tail(f, t, base, b.ap, M, b.x, b.ap, b.hp);
             continue;
         }
         /* last block: the class token's query; its keys and values are never formed (see
@@ -557,15 +552,7 @@ AVX2 static void forward_worker(forward_t *f, int t) {
                                W + lay[L_QKV_B] + w, scale, b.cp2, img, kt, p);
         }
         barrier_wait(&f->bar);
-        run_stage_gemm(f, t, b.cp2, base + L_OUT_W, base + L_OUT_B, B, w, w, OUT_ADD, b.xc, w);
-        barrier_wait(&f->bar);
-        split(B, t, nt, &lo, &hi);
-        layer_norm(b.xc, w, lo, hi, w, W + lay[L_LN2_W], W + lay[L_LN2_B], eps, b.cp, 1);
-        barrier_wait(&f->bar);
-        run_stage_gemm(f, t, b.cp, base + L_FC1_W, base + L_FC1_B, B, w, mlp, OUT_PACKED_ACT, b.hp2, 0);
-        barrier_wait(&f->bar);
-        run_stage_gemm(f, t, b.hp2, base + L_FC2_W, base + L_FC2_B, B, mlp, w, OUT_ADD, b.xc, w);
-        barrier_wait(&f->bar);
+        block_tail(f, t, base, b.cp2, B, b.xc, b.cp, b.hp2);
     }
     split(B, t, nt, &lo, &hi);
     layer_norm(b.xc, w, lo, hi, w, W + off[O_LN_POST_W], W + off[O_LN_POST_B], eps, b.cp, 1);

@@ -109,22 +109,27 @@ class RunningTopK:
         self.indices = i[keep].reshape(q, k)
 
 
-@lru_cache(maxsize=None)
-def _library() -> ctypes.CDLL:
-    """The compiled kernel; without it there is no CPU path (and no silent slow one)."""
+def load_extension(stem: str, what: str) -> ctypes.CDLL:
+    """One of this package's C kernels (built at install, no Python API); without it there is no
+    CPU path for it (and no silent slow one). CDLL, not PyDLL: calls release the GIL."""
     here = Path(__file__).parent
     for suffix in machinery.EXTENSION_SUFFIXES:
-        path = here / f"_topk{suffix}"
+        path = here / f"{stem}{suffix}"
         if path.is_file():
-            lib = ctypes.CDLL(str(path))  # CDLL, not PyDLL: calls release the GIL
-            pointer, size = ctypes.c_void_p, ctypes.c_int64
-            lib.clipfold_topk.argtypes = [pointer, size, size, pointer, ctypes.c_int, pointer, size, size, size,
-                                          pointer, pointer, pointer, ctypes.c_int]
-            lib.clipfold_topk.restype = ctypes.c_int
-            lib.clipfold_topk_isa.restype = ctypes.c_int
-            return lib
-    raise ConfigError(f"the compiled top-k kernel (_topk{machinery.EXTENSION_SUFFIXES[0]}) is missing from {here}; "
+            return ctypes.CDLL(str(path))
+    raise ConfigError(f"the compiled {what} ({stem}{machinery.EXTENSION_SUFFIXES[0]}) is missing from {here}; "
                       "reinstall clipfold with a C compiler available (pip install clipfold, or pip install -e .)")
+
+
+@lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL:
+    lib = load_extension("_topk", "top-k kernel")
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    lib.clipfold_topk.argtypes = [pointer, size, size, pointer, ctypes.c_int, pointer, size, size, size,
+                                  pointer, pointer, pointer, ctypes.c_int]
+    lib.clipfold_topk.restype = ctypes.c_int
+    lib.clipfold_topk_isa.restype = ctypes.c_int
+    return lib
 
 
 def kernel_isa() -> str:

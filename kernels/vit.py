@@ -21,7 +21,6 @@ import json
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import machinery
 from pathlib import Path
 from typing import Mapping
 
@@ -29,7 +28,7 @@ import numpy as np
 
 from clipfold.errors import BundleError, ConfigError
 
-from .cpu import default_threads
+from .cpu import default_threads, load_extension
 
 CONFIG_KEYS = ("layers", "width", "heads", "mlp", "grid_h", "grid_w", "patch", "out_dim", "act", "ln_pre")
 ACTIVATIONS = ("gelu", "quick_gelu")
@@ -182,20 +181,14 @@ class VitWeights:
 
 @lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL:
-    here = Path(__file__).parent
-    for suffix in machinery.EXTENSION_SUFFIXES:
-        path = here / f"_vit{suffix}"
-        if path.is_file():
-            lib = ctypes.CDLL(str(path))  # CDLL: the call releases the GIL
-            p = ctypes.c_void_p
-            lib.clipfold_vit_forward.argtypes = [p, p, p, ctypes.c_float, p, ctypes.c_int64, p, p, ctypes.c_int]
-            lib.clipfold_vit_forward.restype = ctypes.c_int
-            lib.clipfold_vit_workspace.argtypes = [p, ctypes.c_int64, ctypes.c_int]
-            lib.clipfold_vit_workspace.restype = ctypes.c_int64
-            lib.clipfold_vit_isa.restype = ctypes.c_int
-            return lib
-    raise ConfigError(f"the compiled ViT kernel (_vit{machinery.EXTENSION_SUFFIXES[0]}) is missing from {here}; "
-                      "reinstall clipfold with a C compiler available (pip install -e .)")
+    lib = load_extension("_vit", "ViT kernel")
+    p = ctypes.c_void_p
+    lib.clipfold_vit_forward.argtypes = [p, p, p, ctypes.c_float, p, ctypes.c_int64, p, p, ctypes.c_int]
+    lib.clipfold_vit_forward.restype = ctypes.c_int
+    lib.clipfold_vit_workspace.argtypes = [p, ctypes.c_int64, ctypes.c_int]
+    lib.clipfold_vit_workspace.restype = ctypes.c_int64
+    lib.clipfold_vit_isa.restype = ctypes.c_int
+    return lib
 
 
 def kernel_available() -> bool:
