@@ -175,12 +175,6 @@ def tower_tensors(visual: nn.Module) -> VitWeights:
     return VitWeights.from_tensors(config, eps_seen.pop(), tensors)
 
 
-def write_native(visual: nn.Module, folder: Path) -> VitWeights:
-    weights = tower_tensors(visual)
-    weights.save(folder)
-    return weights
-
-
 def build_native_variant(visual: nn.Module, head, stage: Path, inputs, outputs, top_k: int, kernel_head,
                          reference, verify_cfg, opset: int):
     """Write ``stage/native`` (tower weights, and the head graph unless the top-k kernel scores the
@@ -197,7 +191,8 @@ def build_native_variant(visual: nn.Module, head, stage: Path, inputs, outputs, 
         raise ExportError("fp32-native needs a folded head; an image-conditioned head (CoCoOp) runs only inside "
                           "the ONNX graph (use the fp32 variant)")
     folder = stage / NATIVE_DIR
-    weights = write_native(visual, folder)
+    weights = tower_tensors(visual)
+    weights.save(folder)
     embed_dim = weights.config["out_dim"]
     if kernel_head is None:
         export_head_onnx(HeadGraph(head, top_k), folder / HEAD_FILE, embed_dim, opset)

@@ -31,7 +31,6 @@ from clipfold.errors import BundleError, ConfigError
 from .cpu import default_threads, load_extension
 
 CONFIG_KEYS = ("layers", "width", "heads", "mlp", "grid_h", "grid_w", "patch", "out_dim", "act", "ln_pre")
-ACTIVATIONS = ("gelu", "quick_gelu")
 GLOBALS = ("patch_w", "patch_b", "pos", "ln_pre_w", "ln_pre_b", "ln_post_w", "ln_post_b", "proj_w", "proj_b")
 LAYER = ("ln1_w", "ln1_b", "qkv_w", "qkv_b", "out_w", "out_b", "ln2_w", "ln2_b", "fc1_w", "fc1_b", "fc2_w", "fc2_b")
 PACKED = {"patch_w", "proj_w", "qkv_w", "out_w", "fc1_w", "fc2_w", "q_w"}  # [K, N] GEMM weights
@@ -110,7 +109,10 @@ def check_config(config: Mapping[str, int]) -> dict[str, int]:
     missing = [k for k in CONFIG_KEYS if k not in config]
     if missing:
         raise ConfigError(f"ViT kernel config lacks {missing}; expected keys {list(CONFIG_KEYS)}")
-    out = {k: int(config[k]) for k in CONFIG_KEYS}
+    try:
+        out = {k: int(config[k]) for k in CONFIG_KEYS}
+    except (TypeError, ValueError):
+        raise ConfigError(f"ViT kernel config values must be integers, got {dict(config)}") from None
     positive = ("layers", "width", "heads", "mlp", "grid_h", "grid_w", "patch", "out_dim")
     if any(out[k] < 1 for k in positive) or out["width"] % out["heads"] or out["act"] not in (0, 1) \
             or out["ln_pre"] not in (0, 1):

@@ -25,6 +25,9 @@ HEAD_FILE = "head.onnx"
 
 
 class NativeBackend(Backend):
+    """``threads``: the kernel's (default: every usable core). ``spin`` changes nothing: the
+    kernel's threads exist only during a call, so none wait between calls."""
+
     name = "native"
 
     def __init__(self, path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
