@@ -514,13 +514,14 @@ AVX2 static void forward_worker(forward_t *f, int t) {
     barrier_wait(&f->bar);
 
     for (int64_t l = 0; l < L; l++) {
-        const int64_t *lay = off + O_GLOBALS + l * LAYER_SLOTS;
         int64_t base = O_GLOBALS + l * LAYER_SLOTS;
+        const int64_t *lay = off + base;
         int last = l == L - 1;
         split(M, t, nt, &lo, &hi);
-        if (last) layer_norm(b.x, w, lo, hi, w, W + lay[L_LN1_W], W + lay[L_LN1_B], eps, b.qkv, 0);
-        else layer_norm(b.x, w, lo, hi, w, W + lay[L_LN1_W], W + lay[L_LN1_B], eps, b.ap, 1);
-        if (last) {  /* the class tokens alone go on: their normalized rows, and their residual */
+        if (!last) {
+            layer_norm(b.x, w, lo, hi, w, W + lay[L_LN1_W], W + lay[L_LN1_B], eps, b.ap, 1);
+        } else {  /* rows for the folded attention, and the class tokens: normalized (packed) and residual */
+            layer_norm(b.x, w, lo, hi, w, W + lay[L_LN1_W], W + lay[L_LN1_B], eps, b.qkv, 0);
             split(B, t, nt, &lo, &hi);
             layer_norm(b.x, T * w, lo, hi, w, W + lay[L_LN1_W], W + lay[L_LN1_B], eps, b.cp, 1);
             for (int64_t i = lo; i < hi; i++) memcpy(b.xc + i * w, b.x + i * T * w, (size_t)w * sizeof(float));
