@@ -18,7 +18,6 @@ from torch import nn
 
 from clipfold.errors import ExportError
 from clipfold.kernels.vit import VitWeights
-
 from clipfold.runtime.native import HEAD_FILE
 
 NATIVE_DIR = "native"
@@ -26,6 +25,12 @@ NATIVE_DIR = "native"
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).cpu().numpy()
+
+
+def _bias(module: nn.Module, size: int) -> np.ndarray:
+    """A module's bias, or zeros where it has none."""
+    bias = getattr(module, "bias", None)
+    return _np(bias) if bias is not None else np.zeros(size, np.float32)
 
 
 def _attention_weights(attn: nn.Module, width: int) -> tuple[np.ndarray, np.ndarray, nn.Linear, int]:
@@ -36,13 +41,12 @@ def _attention_weights(attn: nn.Module, width: int) -> tuple[np.ndarray, np.ndar
     if isinstance(attn, SdpaAttention):
         projs = (attn.q_proj, attn.k_proj, attn.v_proj)
         weight = torch.cat([p.weight for p in projs])
-        bias = torch.cat([p.bias if p.bias is not None else torch.zeros(width) for p in projs])
-        return _np(weight), _np(bias), attn.out_proj, attn.heads
+        return _np(weight), np.concatenate([_bias(p, width) for p in projs]), attn.out_proj, attn.heads
     if isinstance(attn, nn.MultiheadAttention) and attn._qkv_same_embed_dim and attn.batch_first:
-        bias = attn.in_proj_bias if attn.in_proj_bias is not None else torch.zeros(3 * width)
         if attn.bias_k is not None or attn.add_zero_attn:
             raise ExportError("fp32-native: attention with extra key/value biases or zero attention is not supported")
-        return _np(attn.in_proj_weight), _np(bias), attn.out_proj, attn.num_heads
+        bias = _np(attn.in_proj_bias) if attn.in_proj_bias is not None else np.zeros(3 * width, np.float32)
+        return _np(attn.in_proj_weight), bias, attn.out_proj, attn.num_heads
     raise ExportError(f"fp32-native: unsupported attention module {type(attn).__name__} "
                       "(expected batch-first nn.MultiheadAttention)")
 
@@ -70,8 +74,7 @@ def _activation(act: nn.Module) -> int:
 def _layer_norm(ln: nn.Module, width: int) -> tuple[np.ndarray, np.ndarray, float]:
     if not isinstance(ln, nn.LayerNorm) or tuple(ln.normalized_shape) != (width,) or not ln.elementwise_affine:
         raise ExportError(f"fp32-native: unsupported normalization {ln!r} (expected an affine LayerNorm({width}))")
-    bias = ln.bias if ln.bias is not None else torch.zeros(width)
-    return _np(ln.weight), _np(bias), float(ln.eps)
+    return _np(ln.weight), _bias(ln, width), float(ln.eps)
 
 
 def tower_tensors(visual: nn.Module) -> VitWeights:
@@ -105,8 +108,8 @@ def tower_tensors(visual: nn.Module) -> VitWeights:
     if not isinstance(conv, nn.Conv2d) or conv.kernel_size != conv.stride or conv.padding not in ((0, 0), "valid") \
             or conv.kernel_size[0] != conv.kernel_size[1] or conv.groups != 1 or conv.dilation != (1, 1):
         problems.append(f"patch embedding {conv!r} (expected a square, unpadded conv with stride = kernel)")
-    image_h, image_w = (int(s) for s in visual.image_size)
-    if conv.kernel_size[0] and (image_h % conv.kernel_size[0] or image_w % conv.kernel_size[0]):
+    elif any(int(s) % conv.kernel_size[0] for s in visual.image_size):
+        image_h, image_w = (int(s) for s in visual.image_size)
         problems.append(f"image size {image_h}x{image_w} is not a multiple of the patch {conv.kernel_size[0]}")
     if problems:
         raise ExportError("fp32-native cannot run this ViT: " + "; ".join(problems))
@@ -120,7 +123,7 @@ def tower_tensors(visual: nn.Module) -> VitWeights:
     tensors: dict[str, np.ndarray] = {}
     conv_w = _np(conv.weight)  # [W, 3, p, p]
     tensors["patch_w"] = conv_w.reshape(width, -1).T
-    tensors["patch_b"] = _np(conv.bias) if conv.bias is not None else np.zeros(width, np.float32)
+    tensors["patch_b"] = _bias(conv, width)
     pos = _np(visual.positional_embedding).copy()
     pos[0] += _np(visual.class_embedding)  # eager adds the class embedding to position 0's row
     tensors["pos"] = pos
@@ -162,12 +165,9 @@ def tower_tensors(visual: nn.Module) -> VitWeights:
             tensors[p + "qkv_w"], tensors[p + "qkv_b"] = qkv_w[width:].T, qkv_b[width:]
         else:
             tensors[p + "qkv_w"], tensors[p + "qkv_b"] = qkv_w.T, qkv_b
-        out_b = _np(out_proj.bias) if out_proj.bias is not None else np.zeros(width, np.float32)
-        tensors[p + "out_w"], tensors[p + "out_b"] = _np(out_proj.weight).T * ls1, out_b * ls1
-        tensors[p + "fc1_w"] = _np(fc1.weight).T
-        tensors[p + "fc1_b"] = _np(fc1.bias) if fc1.bias is not None else np.zeros(mlp, np.float32)
-        fc2_b = _np(fc2.bias) if fc2.bias is not None else np.zeros(width, np.float32)
-        tensors[p + "fc2_w"], tensors[p + "fc2_b"] = _np(fc2.weight).T * ls2, fc2_b * ls2
+        tensors[p + "out_w"], tensors[p + "out_b"] = _np(out_proj.weight).T * ls1, _bias(out_proj, width) * ls1
+        tensors[p + "fc1_w"], tensors[p + "fc1_b"] = _np(fc1.weight).T, _bias(fc1, mlp)
+        tensors[p + "fc2_w"], tensors[p + "fc2_b"] = _np(fc2.weight).T * ls2, _bias(fc2, width) * ls2
     if len(eps_seen) != 1:
         raise ExportError(f"fp32-native: the tower's LayerNorms use different epsilons {sorted(eps_seen)}")
     config = {"layers": len(blocks), "width": width, "heads": heads, "mlp": mlp, "grid_h": grid_h, "grid_w": grid_w,
