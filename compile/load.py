@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import open_clip
-import open_clip.factory
 import torch
 
 from clipfold.errors import CheckpointError, ModelError, UnknownModelError
@@ -135,20 +134,47 @@ def _create_with_tag(name: str, tag: str):
 
 
 def _load_local_checkpoint(model, path: Path) -> None:
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
-    try:
-        state = open_clip.factory.load_state_dict(str(path), weights_only=True)
-    except Exception as exc:  # corrupt file: pickle, zip or safetensors errors of many types
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}; expected a safetensors "
-            "file or a torch state dict loadable with weights_only=True") from None
+    """Read ``path`` with the one safe reader (no code in it runs), then fit the state dict to the
+    model as open_clip's ``load_checkpoint`` does (open_clip/factory.py: its own ``torch.load`` is
+    not used, so no file reaches a loader clipfold has not vetted)."""
+    from .checkpoint import read_checkpoint
+
+    checkpoint = read_checkpoint(path)  # CheckpointError naming the file for anything unreadable
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not state:
         raise CheckpointError(f"checkpoint {path} holds no state dict")
+    if next(iter(state)).startswith("module"):  # DataParallel's prefix, as open_clip strips it
+        state = {k[7:]: v for k, v in state.items()}
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"checkpoint {path} is not a state dict of tensors: {bad[:5]} hold other values")
     try:
-        open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+        fitted = _fit_state_dict(model, dict(state))
+        model.load_state_dict(fitted, strict=True)
     except Exception as exc:
         raise CheckpointError(_mismatch_message(model, state, path, exc)) from None
+
+
+def _fit_state_dict(model, state: dict) -> dict:
+    """open_clip's ``load_checkpoint`` steps between reading and ``load_state_dict``."""
+    from open_clip.factory import (convert_state_dict, convert_to_custom_text_state_dict, resize_pos_embed,
+                                   resize_text_pos_embed)
+
+    state = convert_state_dict(model, state)
+    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+        state = convert_to_custom_text_state_dict(state)
+    for key in ("logit_scale", "logit_bias"):
+        own = getattr(model, key, None)
+        if key in state and own is not None and own.ndim != state[key].ndim:
+            state[key] = state[key].reshape(own.shape)
+    if "logit_bias" not in state and getattr(model, "logit_bias", None) is not None:
+        state["logit_bias"] = torch.zeros_like(state["logit_scale"])
+    position_ids = "text.transformer.embeddings.position_ids"
+    if position_ids in state and not hasattr(model, position_ids):
+        del state[position_ids]
+    resize_pos_embed(state, model)
+    resize_text_pos_embed(state, model)
+    return state
 
 
 def _first_line(exc: Exception) -> str:

@@ -13,9 +13,6 @@ Methods register themselves in :data:`FITTERS` / :data:`IMPORTERS` (see ``regist
 
 from __future__ import annotations
 
-import collections
-import pickle
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -125,77 +122,11 @@ def float_option(request: ImportRequest, name: str, default: float) -> float:
         raise ConfigError(f"option {name}={raw!r} is not a number") from None
 
 
-class _Opaque:
-    """Stands in for every object of a checkpoint that is not a tensor or a dict: inert, runs nothing."""
-
-    def __new__(cls, *args, **kwargs):
-        return super().__new__(cls)
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-    def __setitem__(self, key, value):
-        pass
-
-    def append(self, value):
-        pass
-
-    def extend(self, values):
-        pass
-
-
-class _TensorsOnlyUnpickler(pickle.Unpickler):
-    """Python's "restricting globals" recipe: tensors, parameters and OrderedDicts are rebuilt; any
-    other class (Dassl pickles the optimizer, and the warmup scheduler's successor *object*, which
-    torch's weights_only loader refuses) becomes an inert :class:`_Opaque`. Nothing else is imported."""
-
-    _ALLOWED = {
-        ("collections", "OrderedDict"): collections.OrderedDict,
-        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-        ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-        ("torch", "Size"): torch.Size,
-    }
-
-    def find_class(self, module, name):
-        if (module, name) in self._ALLOWED:
-            return self._ALLOWED[(module, name)]
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        return _Opaque
-
-
-_tensors_only_pickle = types.SimpleNamespace(Unpickler=_TensorsOnlyUnpickler, load=pickle.load,
-                                             __name__="clipfold_tensors_only_pickle")
-
-
-_tensors_only_pickle = types.SimpleNamespace(Unpickler=_TensorsOnlyUnpickler, load=pickle.load,
-                                             __name__="clipfold_tensors_only_pickle")
-
-
 def load_torch_checkpoint(path: Path) -> Any:
-    """A torch checkpoint's tensors and containers; no code in it runs.
+    """A checkpoint's tensors and containers; no code in it runs (see :mod:`clipfold.compile.checkpoint`)."""
+    from ..checkpoint import read_checkpoint
 
-    ``torch.load(weights_only=True)`` first. Full training checkpoints (Dassl pickles the optimizer
-    and its warm-up scheduler's successor *object*, which weights_only refuses) are then read with a
-    restricted unpickler that rebuilds only tensors, parameters, sizes, dtypes and OrderedDicts and
-    turns every other class into an inert placeholder.
-    """
-    from clipfold.errors import CheckpointError
-
-    if not Path(path).is_file():
-        raise CheckpointError(f"checkpoint {path} not found")
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors have many types; name the file and the cause
-        if "Weights only load failed" not in str(exc):
-            raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_tensors_only_pickle)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+    return read_checkpoint(path)
 
 
 def require_keys(state: Mapping[str, Any], expected: tuple[str, ...], method: str, path: Path) -> None:
