@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from clipfold.errors import ClipfoldError, ConfigError
@@ -180,7 +181,12 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from clipfold.runtime import Engine
 
     engine = Engine.open(args.bundle, variant=args.variant, threads=args.threads, head=args.head, backend=args.backend)
-    results = engine.classify(args.images, k=args.k)
+    with warnings.catch_warnings(record=True) as clamped:  # a k above the graph's top-k: one note, not a warning
+        warnings.simplefilter("always")
+        k = engine.clamp_k(args.k)
+    for note in clamped:
+        print(f"note: {note.message}", file=sys.stderr)
+    results = engine.classify(args.images, k=k)
     if args.json:
         payload = [
             {"image": str(image), "predictions": [{"label": p.label, "score": p.score, "index": p.index} for p in preds]}
@@ -311,7 +317,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
                          max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                          max_image_pixels=args.max_image_pixels, max_items=args.max_items, timeout_s=args.timeout_s,
-                         threads=args.threads, spin=args.spin, preferred_batch=args.preferred_batch)
+                         threads=args.threads, spin=args.spin, preferred_batch=args.preferred_batch,
+                         grpc_port=args.grpc_port, ui=args.ui)
     serve(args.bundles, config, variant=args.variant, indexes=args.index,
           progress=lambda m: print(m, file=sys.stderr, flush=True))
     return 0
@@ -532,6 +539,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "start-up, the smallest batch within 10%% of the engine's best time per image)")
     p.add_argument("--spin", action="store_true",
                    help="let ONNX Runtime threads busy-wait between calls (off: they would take the event loop's cores)")
+    p.add_argument("--grpc-port", type=int, default=8001,
+                   help="port of the Open Inference Protocol over gRPC (tritonclient.grpc; default 8001, 0: off)")
+    p.add_argument("--ui", action=argparse.BooleanOptionalAction, default=None,
+                   help="the page at /ui: classify dropped images, search the index (default: on when --host is "
+                        "loopback; --no-ui turns it off)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="hand a bundle to another serving system")

@@ -8,6 +8,7 @@ head="name")`` chains the two, and ``labels`` and ``classify`` then speak for th
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
     from .batcher import DynamicBatcher
 
 DEFAULT_BATCH = 32
+
+
+class TopKClampedWarning(UserWarning):
+    """``classify`` was asked for more labels than the graph returns and returned what it has."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class Engine:
         self.threads, self.spin = threads, spin
         self._text = None  # the text encoder, opened on the first text query
         self.text_variant = text_variant  # None: the text variant named like ``variant``, else fp32
+        self._k_clamped = False  # the clamp warning is given once per engine
 
     @classmethod
     def open(cls, path: str | Path, *, variant: str | None = None, backend: str | None = None,
@@ -154,12 +160,25 @@ class Engine:
         if batch:
             yield self._run(preprocess(batch, self.manifest.preprocess), embedding_only)
 
+    def clamp_k(self, k: int) -> int:
+        """``k``, or the most labels the graph returns when ``k`` asks for more (a 3-label bundle
+        asked for the default 5): then a :class:`TopKClampedWarning` says so, once per engine."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ConfigError(f"k must be a positive integer, got {k!r}")
+        if k <= self.max_k:
+            return int(k)
+        if not self._k_clamped:
+            self._k_clamped = True
+            more = (f"it has {self.max_k} labels" if self.max_k >= len(self.labels) else
+                    f"recompile, or add the head again, with --top-k {k} for more")
+            warnings.warn(TopKClampedWarning(f"k={k} is more than this graph returns: top-{self.max_k} ({more}); "
+                                             f"giving {self.max_k}"), stacklevel=3)
+        return self.max_k
+
     def classify(self, images: Sequence[ImageSource], k: int = 5) -> list[list[Prediction]]:
-        """Top-``k`` labels and scores per image (softmax probabilities, or sigmoid for SigLIP)."""
-        if not 1 <= k <= self.max_k:
-            raise ConfigError(
-                f"k={k} is out of range: this bundle's graph returns at most top-{self.max_k} "
-                f"(recompile, or add the head again, with --top-k {k} for more)")
+        """Top-``k`` labels and scores per image (softmax probabilities, or sigmoid for SigLIP);
+        ``k`` above what the graph returns is clamped to it (:meth:`clamp_k`)."""
+        k = self.clamp_k(k)
         results = []
         for out in self._run_images(_as_list(images)):
             for scores, indices in zip(out["scores"], out["indices"]):
@@ -174,6 +193,10 @@ class Engine:
         the context length; needs a bundle compiled with ``--text``. The text graph is
         ``Engine.open(text_variant=...)``, else the gated text variant named like this engine's
         variant (``--text-precision``), else fp32."""
+        return self.text_encoder().embed(texts)
+
+    def text_encoder(self):
+        """The bundle's :class:`~.text.TextEncoder`, opened on first use (its ``embed`` is thread-safe)."""
         if self.manifest.text is None:
             raise BundleError(f"bundle {self.path} has no text tower; compile it with --text to embed text queries")
         if self._text is None:
@@ -181,7 +204,7 @@ class Engine:
 
             self._text = TextEncoder(self.path, self.manifest.text, self.threads,
                                      variant=self.text_variant or self.variant.name, spin=self.spin)
-        return self._text.embed(texts)
+        return self._text
 
     def embed(self, images: Sequence[ImageSource]) -> np.ndarray:
         """L2-normalized image embeddings, (N, D) float32."""

@@ -146,8 +146,13 @@ def test_unknown_variant_and_bad_k(tiny_bundle):
     with pytest.raises(errors.BundleError, match=r"no variant 'int4'; it has \['fp32'\]"):
         Engine.open(tiny_bundle.path, variant="int4")
     engine = Engine.open(tiny_bundle.path)
-    with pytest.raises(errors.ConfigError, match=r"at most top-5.*--top-k 6"):
-        engine.classify([], k=6)
+    with pytest.raises(errors.ConfigError, match=r"k must be a positive integer, got 0"):
+        engine.classify([], k=0)
+    # More than the graph returns is clamped to it (issue 20, item 13), saying how to get more.
+    from clipfold.runtime.engine import TopKClampedWarning
+
+    with pytest.warns(TopKClampedWarning, match=r"top-5 \(recompile.*--top-k 6 for more\); giving 5"):
+        assert engine.classify([], k=6) == []
 
 
 # --- CLI: one error line, non-zero exit, no traceback ------------------------------------------
