@@ -36,7 +36,20 @@ DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 # before these.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageSource", "load_image"]
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageSource", "load_image", "open_image"]
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Identify encoded bytes and check their pixel count from the header, decoding no pixel.
+
+    The caller learns what decoding will hold (``image.size``) before it happens; ``load_image``
+    on the result decodes it with the same checks. Raises as :func:`load_image` does.
+    """
+    data = bytes(data)
+    name = f"<bytes, {len(data)} bytes>"
+    if not data:
+        raise ImageError(f"image {name} is empty: zero bytes were given")
+    return _identify(io.BytesIO(data), name, max_pixels)
 
 
 def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -84,6 +97,12 @@ def _open_path(source: str | os.PathLike, max_pixels: int) -> Image.Image:
 
 def _open(fh: BinaryIO, name: str, max_pixels: int) -> Image.Image:
     """Identify from the header, check the pixel count, then decode every pixel."""
+    image = _identify(fh, name, max_pixels)
+    _decode(image, name)
+    return image
+
+
+def _identify(fh: BinaryIO, name: str, max_pixels: int) -> Image.Image:
     try:
         # Pillow warns between 1x and 2x its global limit; our own check below decides instead.
         with warnings.catch_warnings():
@@ -100,7 +119,6 @@ def _open(fh: BinaryIO, name: str, max_pixels: int) -> Image.Image:
     except _DECODE_ERRORS as exc:
         raise ImageError(f"cannot decode image {name}: {_describe(exc)}") from None
     _check_pixels(image.size, max_pixels, name)
-    _decode(image, name)
     return image
 
 

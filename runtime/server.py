@@ -42,17 +42,19 @@ from clipfold.errors import (BackendUnavailableError, BatcherClosedError, Bundle
 
 from .batcher import DynamicBatcher
 from .engine import Engine
-from .images import load_image
+from .images import load_image, open_image
+from .limits import (HttpLimits, PayloadTooLarge, PixelBudget, RequestTimeout, UnsupportedEncoding, compress_response,
+                     decode_body, limited_http_protocol, pick_encoding)
 from .index import Index, bundle_identity
 from .oip import HEADER_LENGTH, TensorMeta, datatype_of, encode_infer_response, load_json, parse_infer_request
-from .preprocess import preprocess
+from .preprocess import preprocess_one
 
 try:  # the serve extra: pip install clipfold[serve]
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
     _MISSING: ImportError | None = None
@@ -78,6 +80,12 @@ class ServeConfig:
     max_body_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_items: int = 64  # images or texts in one classify/embed request
+    max_text_bytes: int = 16 * 1024  # UTF-8 bytes per text query (only the first context-length tokens count)
+    # decoded pixels held at once across all requests; None: twice max_image_pixels
+    max_pixels_in_flight: int | None = None
+    max_header_bytes: int = 64 * 1024  # request line + headers of one request
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this time
+    max_connections: int = 512  # open HTTP connections; at the cap the oldest one without a request is closed
     timeout_s: float = 30.0
     threads: int | None = None  # ONNX Runtime threads per graph
     # ONNX Runtime threads busy-wait between calls: off, as the event loop needs the same cores.
@@ -88,7 +96,11 @@ class ServeConfig:
     def __post_init__(self) -> None:
         ints = {"port": (self.port, 0, 65535), "max_batch": (self.max_batch, 1, 4096),
                 "max_queue": (self.max_queue, self.max_batch, 1 << 20), "max_body_bytes": (self.max_body_bytes, 1, 1 << 34),
-                "max_image_pixels": (self.max_image_pixels, 1, 1 << 34), "max_items": (self.max_items, 1, 1 << 16)}
+                "max_image_pixels": (self.max_image_pixels, 1, 1 << 34), "max_items": (self.max_items, 1, 1 << 16),
+                "max_text_bytes": (self.max_text_bytes, 1, 1 << 30), "max_header_bytes": (self.max_header_bytes, 1024, 1 << 30),
+                "max_connections": (self.max_connections, 1, 1 << 20)}
+        if self.max_pixels_in_flight is not None:  # an image must fit the budget alone
+            ints["max_pixels_in_flight"] = (self.max_pixels_in_flight, self.max_image_pixels, 1 << 40)
         if self.preferred_batch is not None:  # None: measured at start-up
             ints["preferred_batch"] = (self.preferred_batch, 1, self.max_batch)
         for name, (value, lo, hi) in ints.items():
@@ -98,10 +110,12 @@ class ServeConfig:
             raise ConfigError(f"max_delay_ms must be between 0 and 10000, got {self.max_delay_ms!r}")
         if not 0 < self.timeout_s <= 3600:
             raise ConfigError(f"timeout_s must be in (0, 3600], got {self.timeout_s!r}")
+        if not 0 < self.header_timeout_s <= 3600:
+            raise ConfigError(f"header_timeout_s must be in (0, 3600], got {self.header_timeout_s!r}")
 
-
-class PayloadTooLarge(RequestError):
-    """The body, or an image's pixel count, exceeds the server's limit (HTTP 413)."""
+    @property
+    def pixels_in_flight(self) -> int:
+        return self.max_pixels_in_flight or 2 * self.max_image_pixels
 
 
 class UnknownModel(RequestError):
@@ -173,6 +187,11 @@ class _Metrics:
         self.engine = Histogram("clipfold_batch_duration_seconds", "engine time per batch", ["model"],
                                 buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5), registry=r)
         self.queue = Gauge("clipfold_queue_depth", "rows waiting for a batch", ["model"], registry=r)
+        self.aborts = Counter("clipfold_client_aborts", "requests whose client disconnected before the answer",
+                              ["endpoint"], registry=r)
+        self.refused = Counter("clipfold_connections_refused", "connections closed by a limit, by HTTP status "
+                               "(408 header time, 431 header size, 503 connection cap)", ["code"], registry=r)
+        self.pixels = Gauge("clipfold_pixels_in_flight", "decoded image pixels held by requests", registry=r)
 
     def on_batch(self, model: str):
         batch, engine = self.batch.labels(model=model), self.engine.labels(model=model)
@@ -191,6 +210,8 @@ class ClipfoldServer:
         self.metrics = _Metrics()
         self.models: dict[str, ServedModel] = {}
         self.ready = False
+        self.pixel_budget = PixelBudget(config.pixels_in_flight)
+        self.metrics.pixels.set_function(lambda: self.pixel_budget.used)
         indexes = dict(indexes or {})
         for name, engine in engines.items():
             spec = engine.variant
@@ -228,14 +249,21 @@ class ClipfoldServer:
         """Wrap a handler: time limit, error -> JSON status, metrics and one structured log line."""
         async def wrapped(request: Request) -> Response:
             start = time.perf_counter()
+            # work in threads checks this between images, so a timed-out request stops there
+            request.state.deadline = time.monotonic() + self.config.timeout_s
             try:
                 response = await asyncio.wait_for(handler(request), self.config.timeout_s)
-            except asyncio.TimeoutError:
+            except (asyncio.TimeoutError, RequestTimeout):
                 response = _error(504, f"the request took longer than the server's {self.config.timeout_s:g} s limit")
+            except ClientDisconnect:  # the client's fault, not the server's: no traceback, no 5xx
+                response = _error(499, "the client closed the connection before the request was read")
+                self.metrics.aborts.labels(endpoint=name).inc()
             except Exception as exc:  # noqa: BLE001 - one request's failure must not reach the server
                 response = self._error_response(exc)
             model = request.path_params.get("model", "")
             model = model if model in self.models else ("" if not model else "<unknown>")
+            if response.status_code < 300:
+                response = await _encoded(response, request.headers.get("accept-encoding"))
             seconds = time.perf_counter() - start
             self.metrics.requests.labels(endpoint=name, model=model, code=str(response.status_code)).inc()
             self.metrics.latency.labels(endpoint=name).observe(seconds)
@@ -249,6 +277,8 @@ class ClipfoldServer:
             return _error(404, str(exc))
         if isinstance(exc, (PayloadTooLarge, DecompressionBombError)):
             return _error(413, str(exc))
+        if isinstance(exc, UnsupportedEncoding):
+            return _error(415, str(exc))
         if isinstance(exc, QueueFullError):
             return _error(503, str(exc), {"Retry-After": "1"})
         if isinstance(exc, BatcherClosedError):
@@ -284,7 +314,12 @@ class ClipfoldServer:
             if size > limit:
                 raise PayloadTooLarge(f"the body exceeds this server's limit of {limit:,} bytes")
             chunks.append(chunk)
-        return b"".join(chunks)
+        raw, encoding = b"".join(chunks), request.headers.get("content-encoding")
+        if encoding is None:
+            return raw
+        # gzip/deflate (tritonclient's request_compression_algorithm), refused once the output passes the limit
+        return decode_body(raw, encoding, limit) if len(raw) <= INLINE_PARSE_BYTES else \
+            await run_in_threadpool(decode_body, raw, encoding, limit)
 
     async def rows(self, model: ServedModel, pixels: np.ndarray) -> dict[str, np.ndarray]:
         return await asyncio.wrap_future(model.batcher.submit(pixels))
@@ -335,11 +370,13 @@ class ClipfoldServer:
         req = parse_infer_request(*args) if len(body) <= INLINE_PARSE_BYTES else \
             await run_in_threadpool(parse_infer_request, *args)
         rows = len(next(iter(req.inputs.values())))
-        if rows > self.config.max_queue:
-            raise RequestError(f"{rows} rows in one request; this server takes at most {self.config.max_queue}")
+        if rows > self.config.max_batch:  # what the model config advertises, as Triton enforces it
+            raise RequestError(f"{rows} rows in one request; model {m.name!r} takes at most {self.config.max_batch} "
+                               "(its max_batch_size)")
         if m.kind == "image":
             out = await self.rows(m, req.inputs["pixels"])
         else:
+            self._check_texts(req.inputs["text"])
             try:
                 texts = [t.decode("utf-8") for t in req.inputs["text"]]
             except UnicodeDecodeError as exc:
@@ -361,7 +398,7 @@ class ClipfoldServer:
         m = self.model(request, "image")
         images, params = await self._images_and_params(request)
         k = _int_param(params, "k", min(5, m.engine.max_k), 1, m.engine.max_k)
-        pixels = await run_in_threadpool(self._pixels, m, images)
+        pixels = await run_in_threadpool(self._pixels, m, images, request.state.deadline)
         out = await self.rows(m, pixels)
         labels = m.engine.labels
         return JSONResponse({"model": m.name, "predictions": [
@@ -375,7 +412,7 @@ class ClipfoldServer:
             embedded = await run_in_threadpool(self._embed_text, m, texts)
             return JSONResponse({"model": m.name, "embeddings": embedded.embeddings.tolist(),
                                  "truncated": embedded.truncated.tolist()})
-        pixels = await run_in_threadpool(self._pixels, m, images)
+        pixels = await run_in_threadpool(self._pixels, m, images, request.state.deadline)
         out = await self.rows(m, pixels)
         return JSONResponse({"model": m.name, "embeddings": out["embedding"].tolist()})
 
@@ -388,8 +425,7 @@ class ClipfoldServer:
         if texts is not None:
             result = await run_in_threadpool(self._search_text, m, texts[0], k)
         else:
-            image = await run_in_threadpool(load_image, images[0], self.config.max_image_pixels)
-            result = await run_in_threadpool(m.index.search, m.engine, image=image, k=k)
+            result = await run_in_threadpool(self._search_image, m, images[0], k, request.state.deadline)
         return JSONResponse({"model": m.name, "hits": [{"id": h.path, "score": h.score} for h in result.hits],
                              "query_truncated": result.query_truncated})
 
@@ -397,24 +433,61 @@ class ClipfoldServer:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # --- helpers ----------------------------------------------------------------------------
-    def _embed_text(self, m: ServedModel, texts: list[str]):
+    def _text_ready(self, m: ServedModel) -> None:
+        """Open the text tower once (under the model's lock); embedding is thread-safe after that,
+        so a long text request holds no lock while its texts are cleaned."""
         _require_text(m)
         with m.lock:
-            return m.engine.embed_text(texts)
+            m.engine.text_encoder()
+
+    def _check_texts(self, texts) -> None:
+        limit = self.config.max_text_bytes
+        for i, text in enumerate(texts):
+            size = len(text) if isinstance(text, bytes) else len(text.encode("utf-8", "surrogatepass"))
+            if size > limit:
+                raise PayloadTooLarge(f"text {i} is {size:,} bytes; this server takes at most {limit:,} per text "
+                                      "(only the first context-length tokens of a text count)")
+
+    def _embed_text(self, m: ServedModel, texts: list[str]):
+        self._check_texts(texts)
+        self._text_ready(m)
+        return m.engine.embed_text(texts)
 
     def _search_text(self, m: ServedModel, text: str, k: int):
-        _require_text(m)
-        with m.lock:
-            return m.index.search(m.engine, text=text, k=k)
+        self._check_texts([text])
+        self._text_ready(m)
+        return m.index.search(m.engine, text=text, k=k)
 
-    def _pixels(self, m: ServedModel, images: list[bytes]) -> np.ndarray:
-        decoded = []
+    @contextlib.contextmanager
+    def _decoded(self, data: bytes, deadline: float | None):
+        """One decoded image, holding its pixels in the server-wide budget until the block ends."""
+        if deadline is not None and time.monotonic() > deadline:
+            raise RequestTimeout("the request passed its time limit; its remaining images were not decoded")
+        image = open_image(data, self.config.max_image_pixels)  # the header only: size checked, no pixel yet
+        try:
+            with self.pixel_budget.hold(image.width * image.height, deadline):
+                yield load_image(image, self.config.max_image_pixels)
+        finally:
+            image.close()  # frees the pixels now, not when the garbage collector gets to it
+
+    def _pixels(self, m: ServedModel, images: list[bytes], deadline: float | None = None) -> np.ndarray:
+        """Decode and preprocess one image at a time: a request holds one decoded image, not all of them."""
+        spec = m.engine.manifest.preprocess
+        out = np.empty((len(images), 3, *spec.image_size), np.uint8)
         for i, data in enumerate(images):
             try:
-                decoded.append(load_image(data, self.config.max_image_pixels))
+                with self._decoded(data, deadline) as image:
+                    out[i] = preprocess_one(image, spec)
             except ImageError as exc:
                 raise type(exc)(f"image {i}: {exc}") from None
-        return preprocess(decoded, m.engine.manifest.preprocess)
+        return out
+
+    def _search_image(self, m: ServedModel, data: bytes, k: int, deadline: float | None):
+        try:
+            with self._decoded(data, deadline) as image:
+                return m.index.search(m.engine, image=image, k=k)
+        except ImageError as exc:
+            raise type(exc)(f"image 0: {exc}") from None
 
     async def _images_and_params(self, request: Request) -> tuple[list[bytes], dict]:
         texts, images, params = await self._query(request, allow_many=True, allow_text=False)
@@ -438,8 +511,8 @@ class ClipfoldServer:
                         params[key] = value
             finally:
                 await form.close()  # spooled upload files
-        elif ctype == "application/json":
-            obj = load_json(body)
+        elif ctype == "application/json":  # a large body is parsed off the event loop
+            obj = load_json(body) if len(body) <= INLINE_PARSE_BYTES else await run_in_threadpool(load_json, body)
             if not isinstance(obj, dict):
                 raise RequestError(f"the request must be a JSON object, got {type(obj).__name__}")
             for key in ("image", "images"):
@@ -512,8 +585,31 @@ async def _form(request: Request, body: bytes, max_files: int):
         raise RequestError(f"the multipart form cannot be parsed: {exc}") from None
 
 
-# Above this many bytes an infer body is parsed in the thread pool, not on the event loop.
+# Above this many bytes a body is parsed, decompressed or compressed in the thread pool, not on the event loop.
 INLINE_PARSE_BYTES = 64 * 1024
+COMPRESS_MIN_BYTES = 1024  # smaller answers go uncompressed whatever Accept-Encoding allows
+
+
+async def _encoded(response: Response, accept: str | None) -> Response:
+    """The response compressed as the client's ``Accept-Encoding`` allows (gzip or deflate), as Triton does."""
+    encoding = pick_encoding(accept)
+    body = getattr(response, "body", None)
+    if encoding is None or not isinstance(body, bytes) or len(body) < COMPRESS_MIN_BYTES \
+            or "content-encoding" in response.headers:
+        return response
+    data = compress_response(body, encoding) if len(body) <= INLINE_PARSE_BYTES else \
+        await run_in_threadpool(compress_response, body, encoding)
+    headers = {k: v for k, v in response.headers.items() if k != "content-length"}
+    headers.update({"content-encoding": encoding, "vary": "Accept-Encoding"})
+    return Response(data, status_code=response.status_code, headers=headers)
+
+
+def uvicorn_options(server: "ClipfoldServer") -> dict[str, Any]:
+    """uvicorn settings for ``server``: its HTTP limits (header bytes and time, connections) and logging."""
+    c = server.config
+    protocol = limited_http_protocol(HttpLimits(c.max_header_bytes, c.header_timeout_s, c.max_connections),
+                                     lambda code: server.metrics.refused.labels(code=str(code)).inc())
+    return {"http": protocol, "timeout_keep_alive": 5, "log_config": None, "access_log": False, "lifespan": "on"}
 
 
 def require_serve_extra() -> None:
@@ -589,7 +685,7 @@ def serve(bundles: Sequence[str | Path], config: ServeConfig, *, variant: str | 
              + ", ".join(f"{m.batcher.preferred_batch} rows for {n}" for n, m in sorted(server.models.items())
                          if m.batcher is not None) + ")")
     try:
-        uvicorn.run(create_app(server), host=config.host, port=config.port, log_config=None, access_log=False,
-                    timeout_graceful_shutdown=int(config.timeout_s) + 5, lifespan="on")
+        uvicorn.run(create_app(server), host=config.host, port=config.port, **uvicorn_options(server),
+                    timeout_graceful_shutdown=int(config.timeout_s) + 5)
     finally:
         server.close()

@@ -31,7 +31,7 @@ from clipfold.runtime.preprocess import preprocess
 
 uvicorn = pytest.importorskip("uvicorn")
 httpclient = pytest.importorskip("tritonclient.http")
-from clipfold.runtime.server import ClipfoldServer, ServeConfig, create_app, open_models  # noqa: E402
+from clipfold.runtime.server import ClipfoldServer, ServeConfig, create_app, open_models, uvicorn_options  # noqa: E402
 
 
 def _free_port() -> int:
@@ -46,7 +46,7 @@ class Running:
     def __init__(self, server: ClipfoldServer):
         self.server, self.port = server, _free_port()
         self.uvicorn = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=self.port,
-                                                     log_config=None, access_log=False, lifespan="on"))
+                                                     **uvicorn_options(server)))
         self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20
@@ -579,7 +579,7 @@ def test_sigterm_drains_in_flight_requests(setup):
     port = _free_port()
     # A 1.5 s batching delay keeps the request in the queue when SIGTERM arrives.
     proc = subprocess.Popen([sys.executable, "-m", "clipfold", "serve", str(bundle), "--port", str(port),
-                             "--max-delay-ms", "1500"], stderr=subprocess.PIPE, text=True)
+                             "--max-delay-ms", "1500", "--grpc-port", "0"], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         while True:
