@@ -13,7 +13,8 @@ from clipfold import errors
 from clipfold.compile.adapters.base import ImportRequest
 from clipfold.compile.adapters.cocoop import import_cocoop
 
-from .test_coop import LABELS, real_features, random_unit, rel_diff, word_embeddings, write_dassl_checkpoint
+from .test_coop import (LABELS, real_features, random_unit, rel_diff, word_embeddings, write_dassl_checkpoint,
+                        write_dassl_log)
 
 
 def cocoop_state(tiny, seed=3):
@@ -33,12 +34,15 @@ def cocoop_state(tiny, seed=3):
 
 
 @torch.no_grad()
-def official_cocoop_logits(tiny, classnames, state, image_features):
+def official_cocoop_logits(tiny, classnames, state, image_features, ctx_init=""):
     """trainers/cocoop.py transcribed in float64: PromptLearner.forward, TextEncoder, CustomCLIP.forward."""
     clip = copy.deepcopy(tiny.model).double().eval()
     n_ctx = state["ctx"].shape[0]
+    # PromptLearner.__init__: with CTX_INIT, n_ctx = its word count and the prompt prefix is the init text
+    prompt_prefix = ctx_init.replace("_", " ") if ctx_init else " ".join(["X"] * n_ctx)
+    assert not ctx_init or len(prompt_prefix.split(" ")) == n_ctx
     classnames = [name.replace("_", " ") for name in classnames]
-    tokenized = tiny.tokenizer([" ".join(["X"] * n_ctx) + " " + name + "." for name in classnames])
+    tokenized = tiny.tokenizer([prompt_prefix + " " + name + "." for name in classnames])
     embedding = clip.token_embedding(tokenized)
     prefix, suffix = embedding[:, :1, :], embedding[:, 1 + n_ctx:, :]
     w1, b1 = state["meta_net.linear1.weight"].double(), state["meta_net.linear1.bias"].double()
@@ -64,6 +68,20 @@ def official_cocoop_logits(tiny, classnames, state, image_features):
 def _import(tiny, tmp_path, state, labels=LABELS):
     write_dassl_checkpoint(tmp_path, "prompt_learner", state)
     return import_cocoop(ImportRequest(tmp_path, tiny, labels, (), {}))
+
+
+def test_init_words_of_several_tokens_stay_in_the_prompt(tiny, tmp_path):
+    """CTX_INIT "a clipfold photo of": 4 words (n_ctx 4), 5 tokens; the official prompt keeps "of"."""
+    state = cocoop_state(tiny)
+    write_dassl_checkpoint(tmp_path, "prompt_learner", state)
+    write_dassl_log(tmp_path, "COCOOP", {"N_CTX": 4, "CTX_INIT": "a clipfold photo of", "PREC": "fp16"})
+    imported = import_cocoop(ImportRequest(tmp_path, tiny, LABELS, (), {}))
+    assert imported.hyperparameters["ctx_init"] == "a clipfold photo of"
+    f = real_features(tiny)[:4]
+    reference = official_cocoop_logits(tiny, LABELS, state, f, ctx_init="a clipfold photo of")
+    with torch.no_grad():
+        assert rel_diff(imported.logits_module(f), reference) <= 1e-5
+    assert rel_diff(official_cocoop_logits(tiny, LABELS, state, f), reference) > 1e-3
 
 
 def test_matches_the_official_formula(tiny, tmp_path):

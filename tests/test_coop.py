@@ -53,6 +53,19 @@ def random_unit(n, dim, seed=0):
     return F.normalize(torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
+def write_dassl_log(folder, trainer, fields, name="log.txt"):
+    """``<output>/log.txt`` as Dassl's train.py writes it: ``print_args`` prints the arguments, a
+    ``** Config **`` banner and ``print(cfg)``; yacs' ``CfgNode.__str__`` writes ``KEY: value`` (strings
+    unquoted, an empty string as ``KEY: ``) sorted, nested nodes as ``KEY:`` indented two spaces."""
+    body = ["DATASET:", "  NAME: Caltech101", "  NUM_SHOTS: 16", "OPTIM:", "  LR: 0.0035", "TRAINER:",
+            f"  {trainer}:"] + [f"    {k}: {v}" for k, v in sorted(fields.items())] + ["  NAME: " + trainer]
+    text = ["***************", "** Arguments **", "***************", "config_file: configs/trainers/x.yaml",
+            "************", "** Config **", "************", *body, "Collecting env info ...",
+            "** System info **", "PyTorch version: 1.9.0"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text("\n".join(text) + "\n")
+
+
 def word_embeddings(loaded, words):
     """The token embeddings of ``words`` (each one BPE token), as CoOp's ctx_init does."""
     tokens = loaded.tokenizer([words])[0]
@@ -62,13 +75,19 @@ def word_embeddings(loaded, words):
 
 # --- the official formula, transcribed from trainers/coop.py in float64 ----------------------------
 class OfficialCoOp:
-    def __init__(self, loaded, classnames, ctx, position):
+    def __init__(self, loaded, classnames, ctx, position, ctx_init=""):
         self.clip = copy.deepcopy(loaded.model).double().eval()
         tokenizer = open_clip.tokenizer._tokenizer
         n_ctx = ctx.shape[-2]
+        if ctx_init:  # PromptLearner: n_ctx = len(ctx_init.split(" ")), prompt_prefix = ctx_init
+            ctx_init = ctx_init.replace("_", " ")
+            assert n_ctx == len(ctx_init.split(" "))
+            prompt_prefix = ctx_init
+        else:
+            prompt_prefix = " ".join(["X"] * n_ctx)
         classnames = [name.replace("_", " ") for name in classnames]
         self.name_lens = [len(tokenizer.encode(name)) for name in classnames]
-        prompts = [" ".join(["X"] * n_ctx) + " " + name + "." for name in classnames]
+        prompts = [prompt_prefix + " " + name + "." for name in classnames]
         self.tokenized = loaded.tokenizer(prompts)
         with torch.no_grad():
             embedding = self.clip.token_embedding(self.tokenized)
@@ -169,6 +188,30 @@ def test_matches_the_official_formula(tiny, tmp_path, position, csc):
         for logits in (imported.head.logits(f), imported.head.fold().logits(f)):
             assert rel_diff(logits, reference) <= 1e-5
             assert torch.equal(logits.topk(2).indices, reference.topk(2).indices)
+
+
+@pytest.mark.parametrize("source", ["log", "option"])
+def test_init_words_of_several_tokens_stay_in_the_prompt(tiny, tmp_path, source):
+    """CTX_INIT "a clipfold photo of" is 4 words (n_ctx 4) but 5 BPE tokens: the official prompt is
+    "a clipfold photo of {name}." with tokens 1..4 replaced, so the token "of" stays before the name."""
+    init = "a clipfold photo of"
+    g = torch.Generator().manual_seed(4)
+    ctx = word_embeddings(tiny, "a photo of a") + 0.05 * torch.randn(4, 64, generator=g)
+    write_dassl_checkpoint(tmp_path, "prompt_learner", {"ctx": ctx})
+    options = {"ctx_init": init.replace(" ", "_")} if source == "option" else {}
+    if source == "log":
+        write_dassl_log(tmp_path, "COOP", {"N_CTX": 16, "CTX_INIT": init, "CSC": False,
+                                           "CLASS_TOKEN_POSITION": "middle"})
+    imported = import_coop(ImportRequest(tmp_path, tiny, LABELS, (), options))
+    position = "middle" if source == "log" else "end"  # the run's CLASS_TOKEN_POSITION when logged
+    assert imported.hyperparameters["ctx_init"] == init
+    assert imported.hyperparameters["class_token_position"] == position
+    f = real_features(tiny)
+    reference = OfficialCoOp(tiny, LABELS, ctx, position, ctx_init=init).logits(f)
+    assert rel_diff(imported.head.logits(f), reference) <= 1e-5
+    assert rel_diff(OfficialCoOp(tiny, LABELS, ctx, position).logits(f), reference) > 1e-3  # the words matter
+    with pytest.raises(errors.CheckpointError, match=r"ctx has 4 context vectors, but CTX_INIT 'a photo' .* has 2 words"):
+        import_coop(ImportRequest(tmp_path, tiny, LABELS, (), {"ctx_init": "a photo"}))
 
 
 def test_positions_differ_and_the_best_checkpoint_is_preferred(tiny, tmp_path):

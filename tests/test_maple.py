@@ -17,7 +17,7 @@ from clipfold.compile.fold import find_input_conv, fold_input_normalization
 from clipfold.compile.tiny import data
 from clipfold.runtime.preprocess import preprocess
 
-from .test_coop import LABELS, rel_diff, word_embeddings, write_dassl_checkpoint
+from .test_coop import LABELS, rel_diff, word_embeddings, write_dassl_checkpoint, write_dassl_log
 
 P = "prompt_learner."
 
@@ -46,7 +46,7 @@ def maple_state(tiny, depth, seed=5, n_ctx=2):
 class OfficialMaPLe:
     """trainers/maple.py and clip/model.py transcribed in float64 (open_clip's blocks are batch-first)."""
 
-    def __init__(self, tiny, classnames, state):
+    def __init__(self, tiny, classnames, state, ctx_init="a photo of a"):
         self.clip = copy.deepcopy(tiny.model).double().eval()
         s = {k[len(P):]: v.double() for k, v in state.items() if k.startswith(P)}
         self.n_ctx = s["ctx"].shape[0]
@@ -56,7 +56,12 @@ class OfficialMaPLe:
                                + s[f"compound_prompt_projections.{i}.bias"] for i in range(depth - 1)]
         self.shared_ctx = s["ctx"] @ s["proj.weight"].T + s["proj.bias"]
         classnames = [name.replace("_", " ") for name in classnames]
-        self.tokenized = tiny.tokenizer([" ".join(["X"] * self.n_ctx) + " " + name + "." for name in classnames])
+        # MultiModalPromptLearner: `if ctx_init and (n_ctx) <= 4: prompt_prefix = ctx_init`, else "X X ..."
+        if ctx_init and self.n_ctx <= 4:
+            prompt_prefix = ctx_init.replace("_", " ")
+        else:
+            prompt_prefix = " ".join(["X"] * self.n_ctx)
+        self.tokenized = tiny.tokenizer([prompt_prefix + " " + name + "." for name in classnames])
         with torch.no_grad():
             embedding = self.clip.token_embedding(self.tokenized)
         ctx = s["ctx"].unsqueeze(0).expand(len(classnames), -1, -1)
@@ -115,9 +120,14 @@ def normalized_pixels(tiny, n=6, seed=9):
     return raw, (raw / 255.0 - mean) / std
 
 
-def _import(tiny, tmp_path, state, labels=LABELS):
+OFFICIAL_CONFIG = {"N_CTX": 2, "CTX_INIT": "a photo of a", "PREC": "fp16", "PROMPT_DEPTH": 9}  # vit_b16_c2_ep5_batch4_2ctx.yaml
+
+
+def _import(tiny, tmp_path, state, labels=LABELS, options=None, config=OFFICIAL_CONFIG):
     write_dassl_checkpoint(tmp_path, "MultiModalPromptLearner", state, epoch=5)
-    return import_maple(ImportRequest(tmp_path, tiny, labels, (), {}))
+    if config is not None:
+        write_dassl_log(tmp_path, "MAPLE", config)
+    return import_maple(ImportRequest(tmp_path, tiny, labels, (), options or {}))
 
 
 def _logits(imported, pixels):
@@ -142,6 +152,41 @@ def test_matches_the_official_formula(tiny, tmp_path, depth):
         with torch.no_grad():
             plain = F.normalize(tiny.model.encode_image(pixels), dim=-1)
             assert float((F.normalize(imported.visual(pixels), dim=-1) - plain).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("source", ["log", "log-dated", "option", "file-with-log"])
+def test_the_init_words_past_n_ctx_stay_in_the_prompt(tiny, tmp_path, source):
+    """The official configs (N_CTX 2, CTX_INIT "a photo of a") prompt [SOS, ctx, ctx, "of", "a", name, ".", EOT]."""
+    state = maple_state(tiny, 2)
+    write_dassl_checkpoint(tmp_path, "MultiModalPromptLearner", state, epoch=5)
+    options, checkpoint = {}, tmp_path
+    if source == "option":
+        options = {"ctx_init": "a_photo_of_a"}
+    else:
+        write_dassl_log(tmp_path, "MAPLE", OFFICIAL_CONFIG, name="log.txt-2024-01-02-03-04-05" if source == "log-dated" else "log.txt")
+    if source == "file-with-log":
+        checkpoint = tmp_path / "MultiModalPromptLearner" / "model.pth.tar-5"
+    imported = import_maple(ImportRequest(checkpoint, tiny, LABELS, (), options))
+    assert imported.hyperparameters["ctx_init"] == "a photo of a"
+    assert imported.hyperparameters["prompt_prefix"] == "a photo of a"
+    _, pixels = normalized_pixels(tiny)
+    reference = OfficialMaPLe(tiny, LABELS, state, ctx_init="a photo of a").logits(pixels)
+    logits = _logits(imported, pixels)
+    assert rel_diff(logits, reference) <= 1e-5
+    assert torch.equal(logits.argmax(1), reference.argmax(1))
+    without_words = OfficialMaPLe(tiny, LABELS, state, ctx_init="").logits(pixels)
+    assert rel_diff(without_words, reference) > 1e-2  # the words matter: a "X X name." prompt is caught
+
+
+def test_random_init_and_unknown_init(tiny, tmp_path):
+    state = maple_state(tiny, 2)
+    imported = _import(tiny, tmp_path, state, config=dict(OFFICIAL_CONFIG, CTX_INIT=""))
+    assert imported.hyperparameters["prompt_prefix"] == "X X"
+    _, pixels = normalized_pixels(tiny, n=3)
+    reference = OfficialMaPLe(tiny, LABELS, state, ctx_init="").logits(pixels)
+    assert rel_diff(_logits(imported, pixels), reference) <= 1e-5
+    with pytest.raises(errors.ConfigError, match=r"CTX_INIT cannot be known .* --set ctx_init='a photo of a'"):
+        _import(tiny, tmp_path / "bare", state, config=None)
 
 
 def test_visual_folds_its_input_normalization_and_exports(tiny, tmp_path):

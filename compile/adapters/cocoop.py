@@ -10,6 +10,9 @@ the image embedding width and ``W`` the text width. For each image
     t_k    = n(TextEncoder([SOS, ctx_f, name_k, ".", EOT, ...]))
     logits = exp(logit_scale) * f @ t.T
 
+The prompt prefix is the run's ``CTX_INIT`` text when there was one (as CoOp: read from Dassl's
+``log.txt`` or ``--set ctx_init=``), else ``"X" * n_ctx``.
+
 The official ``CustomCLIP.forward`` normalizes the image features *before* the prompt learner
 reads them, so ``f`` here is exactly the unit image embedding the compiled graph already has: the
 whole formula is a module over ``f`` (B, D). It runs the text tower once per image and class
@@ -25,7 +28,7 @@ from torch import nn
 from clipfold.errors import CheckpointError
 
 from .base import Imported, ImportRequest, require_keys
-from .dassl import check_width, load_dassl_state, require_labels, tensor
+from .dassl import check_width, load_dassl_state, require_labels, tensor, word_init_prefix
 from .text import PromptTextTower, build_prompts
 
 KEYS = ("ctx", "meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight", "meta_net.linear2.bias")
@@ -94,9 +97,10 @@ def import_cocoop(request: ImportRequest) -> Imported:
                                   f"for image embeddings of width {embed_dim} and text width {tower.width}; "
                                   "the checkpoint was trained on another backbone")
     n_ctx = int(ctx.shape[0])
-    prompts = build_prompts(tower, request.loaded.tokenizer, labels, n_ctx)
+    prefix, init = word_init_prefix(request, file, "COCOOP", n_ctx)
+    prompts = build_prompts(tower, request.loaded.tokenizer, labels, n_ctx, prefix)
     module = CoCoOpLogits(tower, prompts.embeddings, prompts.pool_index, ctx, meta,
                           float(model.logit_scale.exp())).eval()
     return Imported(labels=labels, head=None, logits_module=module, slow=True,
-                    hyperparameters={"n_ctx": n_ctx, "meta_hidden": int(hidden), "epoch": epoch,
+                    hyperparameters={"n_ctx": n_ctx, "meta_hidden": int(hidden), **init, "epoch": epoch,
                                      "checkpoint": file.name}, source=file)

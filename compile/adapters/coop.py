@@ -12,6 +12,11 @@ rebuilt from the current class names. Per class ``k`` with name tokens ``c_k``, 
     middle: [SOS, ctx_k[:n//2], c_k, ctx_k[n//2:],   ".", EOT, ...]
     front:  [SOS, c_k, ctx_k,                       ".", EOT, ...]
 
+With ``CTX_INIT`` set the official ``PromptLearner`` uses the init text instead of the ``X``s and
+``n_ctx = len(ctx_init.split(" "))``; an init word of several BPE tokens leaves its last tokens in
+the prompt. ``CTX_INIT`` and ``CLASS_TOKEN_POSITION`` are read from the run's Dassl ``log.txt``
+when there is one (``--set`` wins); an unknown init is taken as one token per word.
+
 ``t_k = n(TextEncoder(prompt_k))`` pooled at the EOT position of the "end" tokenization (the
 official uses that one for every position), and ``logits = exp(logit_scale) * f @ t.T``: one
 linear branch, computed once at import.
@@ -27,7 +32,7 @@ from clipfold.errors import CheckpointError
 
 from ..heads import Head, Linear
 from .base import Imported, ImportRequest, option, require_keys
-from .dassl import check_width, load_dassl_state, require_labels, tensor
+from .dassl import check_width, load_dassl_state, require_labels, run_config, tensor, word_init_prefix
 from .text import Prompts, PromptTextTower, build_prompts
 
 CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
@@ -57,8 +62,9 @@ def coop_prompt_embeddings(prompts: Prompts, ctx: torch.Tensor, position: str) -
 @torch.no_grad()
 def import_coop(request: ImportRequest) -> Imported:
     labels = require_labels(request, "CoOp")
-    position = option(request, "class_token_position", "end", CLASS_TOKEN_POSITIONS)
     state, file, epoch = load_dassl_state(request.checkpoint, "prompt_learner", request.options.get("epoch"))
+    logged = (run_config(file) or {}).get("TRAINER.COOP.CLASS_TOKEN_POSITION", "end")  # the run's own, when logged
+    position = option(request, "class_token_position", logged, CLASS_TOKEN_POSITIONS)
     require_keys(state, ("ctx",), "CoOp", file)
     ctx = tensor(state, "ctx", file)
     model = request.loaded.model
@@ -72,11 +78,12 @@ def import_coop(request: ImportRequest) -> Imported:
                               "(n_cls, n_ctx, width) for class-specific context")
     check_width("ctx", int(ctx.shape[-1]), tower.width, "text width", file)
     n_ctx = int(ctx.shape[-2])
-    prompts = build_prompts(tower, request.loaded.tokenizer, labels, n_ctx)
+    prefix, init = (None, {}) if ctx.ndim == 3 else word_init_prefix(request, file, "COOP", n_ctx)
+    prompts = build_prompts(tower, request.loaded.tokenizer, labels, n_ctx, prefix)
     embedded = coop_prompt_embeddings(prompts, ctx, position)
     text = F.normalize(tower(embedded, prompts.pool_index).float(), dim=-1)
     scale = float(model.logit_scale.exp())
     head = Head(linears=(Linear(scale * text),), method="coop")
     return Imported(labels=labels, head=head, hyperparameters={
-        "n_ctx": n_ctx, "csc": ctx.ndim == 3, "class_token_position": position,
+        "n_ctx": n_ctx, "csc": ctx.ndim == 3, "class_token_position": position, **init,
         "epoch": epoch, "checkpoint": file.name}, source=file)

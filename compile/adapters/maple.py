@@ -14,8 +14,13 @@ the checkpoint (number of compound prompts + 1). With ``v_0 = proj(ctx)`` and
   patch tokens, without positional embedding); before layer ``i`` (1 <= i < depth) the last n tokens
   are replaced by ``v_i`` (raw: no positions, no ln_pre); the output is
   ``ln_post(x[:, 0]) @ proj``, the unnormalized embedding open_clip's visual returns;
-* text: the CoOp "end" prompt ``[SOS, ctx, name, ".", EOT]`` + positions; before layer ``i`` tokens
-  ``1..n`` are replaced by ``text_{i-1}``; pooled at EOT and projected (see ``text.py``).
+* text: the prompt ``CTX_INIT + " " + name + "."`` tokenized, its tokens ``1..n`` replaced by ``ctx``
+  (``MultiModalPromptLearner``: with ``CTX_INIT`` set and ``n <= 4`` the prompt prefix is the init
+  text, so the official configs' ``N_CTX: 2``, ``CTX_INIT: "a photo of a"`` give
+  ``[SOS, ctx, ctx, "of", "a", name, ".", EOT]``; otherwise ``"X" * n``), + positions; before layer
+  ``i`` tokens ``1..n`` are replaced by ``text_{i-1}``; pooled at EOT and projected (see ``text.py``).
+  ``CTX_INIT`` is not in the checkpoint: it is read from the run's Dassl ``log.txt`` (the printed
+  config), or given as ``--set ctx_init=...``; an import where it cannot be known is refused.
 
 ``logits = exp(logit_scale) * n(image) @ n(text).T``: the text side is one linear branch computed
 at import, the image side a replacement tower. The official code runs in fp16; this runs in fp32.
@@ -34,7 +39,7 @@ from clipfold.errors import CheckpointError, ConfigError
 from ..heads import Head, Linear
 from .base import Imported, ImportRequest, require_keys
 from .coop import coop_prompt_embeddings
-from .dassl import load_dassl_state, require_labels, tensor
+from .dassl import context_init, load_dassl_state, require_labels, tensor
 from .text import PromptTextTower, build_prompts
 
 PREFIX = "prompt_learner."
@@ -146,10 +151,19 @@ def import_maple(request: ImportRequest) -> Imported:
         deep_text.append(prompt)
         deep_visual.append(prompt @ w.T + b)
 
-    prompts = build_prompts(tower, request.loaded.tokenizer, labels, n_ctx)
+    init, init_source = context_init(request, file, "MAPLE")
+    if init is None:
+        raise ConfigError(f"{file}: MaPLe keeps the CTX_INIT words past N_CTX in its prompt, and this run's "
+                          "CTX_INIT cannot be known (no ctx_init option, no Dassl log.txt beside the checkpoint "
+                          "folder); pass --set ctx_init='a photo of a' (both official configs and train.py's "
+                          "default) or --set ctx_init= for a randomly initialised context")
+    prefix = init if init and n_ctx <= 4 else None  # MultiModalPromptLearner: `if ctx_init and (n_ctx) <= 4`
+    prompts = build_prompts(tower, request.loaded.tokenizer, labels, n_ctx, prefix)
     embedded = coop_prompt_embeddings(prompts, ctx, "end")
     text = F.normalize(tower(embedded, prompts.pool_index, deep_text, n_ctx).float(), dim=-1)
     head = Head(linears=(Linear(float(model.logit_scale.exp()) * text),), method="maple")
     visual = MapleVisual(model.visual, shallow, deep_visual).eval()
     return Imported(labels=labels, head=head, visual=visual, hyperparameters={
-        "n_ctx": n_ctx, "prompt_depth": count + 1, "epoch": epoch, "checkpoint": file.name}, source=file)
+        "n_ctx": n_ctx, "prompt_depth": count + 1, "ctx_init": init, "ctx_init_source": init_source,
+        "prompt_prefix": prefix if prefix is not None else " ".join(["X"] * n_ctx),
+        "epoch": epoch, "checkpoint": file.name}, source=file)

@@ -138,12 +138,19 @@ def class_names(labels: Sequence[str]) -> tuple[str, ...]:
 
 
 @torch.no_grad()
-def build_prompts(tower: PromptTextTower, tokenizer, labels: Sequence[str], n_ctx: int) -> Prompts:
-    """Tokenize ``"X" * n_ctx + " " + name + "."`` per class and embed it, as the official PromptLearner."""
+def build_prompts(tower: PromptTextTower, tokenizer, labels: Sequence[str], n_ctx: int,
+                  prefix: str | None = None) -> Prompts:
+    """Tokenize ``prefix + " " + name + "."`` per class and embed it, as the official PromptLearner.
+
+    ``prefix`` is the run's ``CTX_INIT`` words when they initialised the context (the official
+    ``prompt_prefix``), else ``"X" * n_ctx``. Positions ``1..n_ctx`` are replaced by the learned
+    context; init tokens past ``n_ctx`` stay in the prompt as words (MaPLe's 2 context vectors from
+    "a photo of a" leave "of a" before the class name).
+    """
     if not labels:
         raise ConfigError("prompt learning needs at least one class name")
     names = class_names(labels)
-    prefix = " ".join(["X"] * n_ctx)
+    prefix = " ".join(["X"] * n_ctx) if prefix is None else prefix
     tokens = tokenizer([f"{prefix} {name}." for name in names])
     encode = getattr(tokenizer, "encode", None)
     if encode is None:
@@ -152,7 +159,8 @@ def build_prompts(tower: PromptTextTower, tokenizer, labels: Sequence[str], n_ct
     name_lens = tuple(len(encode(name)) for name in names)
     pool_index = tower.pool_index(tokens)
     # SOS + context + name + "." + EOT must fit, or the tokenizer has cut the end-of-text token off.
-    needed = [n_ctx + k + 3 for k in name_lens]
+    prefix_len = max(n_ctx, len(encode(prefix)))
+    needed = [prefix_len + k + 3 for k in name_lens]
     too_long = [name for name, k in zip(names, needed) if k > tokens.shape[1]]
     if too_long:
         raise ConfigError(f"prompts with {n_ctx} context tokens do not fit the text context of {tokens.shape[1]} "
