@@ -92,9 +92,13 @@ class ServeConfig:
     # bench_serve measures both: off costs less server CPU per request and serves more requests/s
     # from 16 clients up; spinning answers a few clients faster (README, Serving).
     spin: bool = False
+    # the Open Inference Protocol over gRPC on its own port (grpc_service.py); 0: off (the CLI's default is 8001)
+    grpc_port: int = 0
+    # the page at /ui (webui.py); None: on when the server listens on loopback only
+    ui: bool | None = None
 
     def __post_init__(self) -> None:
-        ints = {"port": (self.port, 0, 65535), "max_batch": (self.max_batch, 1, 4096),
+        ints = {"port": (self.port, 0, 65535), "grpc_port": (self.grpc_port, 0, 65535), "max_batch": (self.max_batch, 1, 4096),
                 "max_queue": (self.max_queue, self.max_batch, 1 << 20), "max_body_bytes": (self.max_body_bytes, 1, 1 << 34),
                 "max_image_pixels": (self.max_image_pixels, 1, 1 << 34), "max_items": (self.max_items, 1, 1 << 16),
                 "max_text_bytes": (self.max_text_bytes, 1, 1 << 30), "max_header_bytes": (self.max_header_bytes, 1024, 1 << 30),
@@ -612,6 +616,11 @@ def uvicorn_options(server: "ClipfoldServer") -> dict[str, Any]:
     return {"http": protocol, "timeout_keep_alive": 5, "log_config": None, "access_log": False, "lifespan": "on"}
 
 
+def ui_enabled(config: ServeConfig) -> bool:
+    """The page is on unless turned off; by default only when listening on loopback (it shows the index's images)."""
+    return config.ui if config.ui is not None else config.host in ("127.0.0.1", "localhost", "::1")
+
+
 def require_serve_extra() -> None:
     if _MISSING is not None:
         raise BackendUnavailableError(f"serving needs the serve extra ({_MISSING.name} is missing): "
@@ -639,15 +648,29 @@ def create_app(server: ClipfoldServer):
                    route(prefix + "/ready", "model_ready", s.model_ready),
                    route(prefix + "/config", "model_config", s.model_config),
                    route(prefix + "/infer", "infer", s.infer, ("POST",))]
+    if ui_enabled(s.config):
+        from .webui import ui_routes
+
+        routes += ui_routes(s, route)
 
     async def http_error(request: Request, exc: HTTPException) -> Response:  # unknown path, wrong method
         return _error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        grpc_server = None
+        if s.config.grpc_port:  # same event loop, models, batchers, limits and metrics as HTTP
+            from .grpc_service import start_grpc
+
+            grpc_server = await start_grpc(s, s.config.grpc_port)
         s.ready = True
-        log.info("ready", extra={"fields": {"models": sorted(s.models)}})
+        log.info("ready", extra={"fields": {"models": sorted(s.models), "grpc_port": s.config.grpc_port or None}})
         yield
+        if grpc_server is not None:  # refuse new calls, finish those in flight, then drain the batchers
+            from .grpc_service import stop_grpc
+
+            s.ready = False
+            await stop_grpc(grpc_server, s.config.timeout_s)
         log.info("draining", extra={"fields": {"queued": {n: m.batcher.queue_depth for n, m in s.models.items()
                                                           if m.batcher is not None}}})
         await run_in_threadpool(s.close)
@@ -672,6 +695,10 @@ def serve(bundles: Sequence[str | Path], config: ServeConfig, *, variant: str | 
     require_serve_extra()
     import uvicorn
 
+    if config.grpc_port:
+        from .grpc_service import check_port
+
+        check_port(config.host, config.grpc_port)
     engines, attached = open_models(bundles, variant=variant, indexes=indexes, threads=config.threads,
                                     spin=config.spin)
     server = ClipfoldServer(engines, config, attached)
@@ -683,7 +710,9 @@ def serve(bundles: Sequence[str | Path], config: ServeConfig, *, variant: str | 
     progress(f"serving {', '.join(sorted(server.models))} on http://{config.host}:{config.port} "
              f"(max batch {config.max_batch}, max delay {config.max_delay_ms:g} ms; a batch starts at "
              + ", ".join(f"{m.batcher.preferred_batch} rows for {n}" for n, m in sorted(server.models.items())
-                         if m.batcher is not None) + ")")
+                         if m.batcher is not None) + ")"
+             + (f"; gRPC on {config.host}:{config.grpc_port}" if config.grpc_port else "")
+             + (f"; the page: http://{config.host}:{config.port}/ui" if ui_enabled(config) else ""))
     try:
         uvicorn.run(create_app(server), host=config.host, port=config.port, **uvicorn_options(server),
                     timeout_graceful_shutdown=int(config.timeout_s) + 5)
