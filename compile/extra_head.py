@@ -98,7 +98,7 @@ def _build(config: HeadAddConfig, manifest: Manifest, progress) -> tuple[Head, t
     if loaded.info.checkpoint_sha256 != model_info.checkpoint_sha256:
         raise CheckpointError(f"the weights of {model_info.name} found now ({model_info.pretrained}) differ from "
                               "those the bundle was compiled with (checksum mismatch); recompile the bundle")
-    templates = resolve_templates(config.templates, model_info.name)
+    templates = registry.import_templates(config.method, config.templates, model_info.name)
     if config.method is not None:
         imported = registry.importer(config.method)(
             ImportRequest(Path(config.adapter), loaded, config.labels, templates, dict(config.method_options)))

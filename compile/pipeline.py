@@ -138,7 +138,8 @@ def compile_bundle(config: CompileConfig, progress: Callable[[str], None] | None
         raise LabelError(f"the labels differ from the adapter's {len(adapter_file.labels)} labels "
                          f"({', '.join(adapter_file.labels[:5])}{', ...' if len(adapter_file.labels) > 5 else ''}); "
                          "omit --labels to use the adapter's")
-    templates = () if adapter_file is not None else resolve_templates(config.templates, config.model)
+    templates = () if adapter_file is not None else registry.import_templates(config.method, config.templates,
+                                                                               config.model)
     check_early(config.precisions, config.quant, config.gate)
     with bundle.staging_dir(config.out, config.overwrite) as stage:
         _say(progress, f"loading {config.model} ({config.pretrained or 'default weights'})")

@@ -32,12 +32,13 @@ class OfficialAdapter(torch.nn.Module):
         return self.fc(x)
 
 
-def official_logits(model, tokenizer, adapter, image):
-    """CustomCLIP.forward on normalized pixels: the adapter reads the *unnormalized* feature."""
+def official_logits(model, tokenizer, adapter, image, template=TEMPLATE):
+    """CustomCLIP.forward on normalized pixels: the adapter reads the *unnormalized* feature; TextEncoder
+    formats CUSTOM_TEMPLATES[cfg.DATASET.NAME] ('a photo of a {}.' for ImageNet, Caltech101, SUN397, Cars)."""
     image_features = model.encode_image(image)
     x = adapter(image_features)
     image_features = 0.2 * x + 0.8 * image_features
-    prompts = [TEMPLATE.format(c.replace("_", " ")) for c in LABELS]
+    prompts = [template.format(c.replace("_", " ")) for c in LABELS]
     text_features = model.encode_text(tokenizer(prompts))
     image_features = image_features / image_features.norm(dim=-1, keepdim=True)
     text_features = text_features / text_features.norm(dim=-1, keepdim=True)
@@ -64,6 +65,22 @@ def test_imported_checkpoint_compiles_to_the_official_formula(tiny, checkpoint, 
     assert head.method == "clip-adapter" and head.adapter["imported"] and head.adapter["hyperparameters"]["ratio"] == 0.2
     assert_engine_matches(result.path, tiny.preprocess,
                           lambda x: official_logits(tiny.model, tiny.tokenizer, adapter, x))
+
+
+def test_dassl_folder_and_the_official_template_by_default(tiny, checkpoint, tmp_path):
+    """Dassl's output folder (``<out>/clip_adapter/model.pth.tar-200``) is accepted, and without --templates
+    the head uses the official single template, not the model's default ensemble."""
+    adapter, path = checkpoint
+    folder = tmp_path / "output" / "seed1"
+    (folder / "clip_adapter").mkdir(parents=True)
+    (folder / "clip_adapter" / "model.pth.tar-200").write_bytes(path.read_bytes())
+    result = compile_bundle(CompileConfig(labels=LABELS, adapter=folder, method="clip-adapter", out=tmp_path / "b",
+                                          top_k=3))
+    head = result.manifest.head
+    assert tuple(head.templates) == ("a photo of a {}.",)
+    assert head.adapter["hyperparameters"]["epoch"] == 200 and head.adapter["file"] == "model.pth.tar-200"
+    assert_engine_matches(result.path, tiny.preprocess,
+                          lambda x: official_logits(tiny.model, tiny.tokenizer, adapter, x, "a photo of a {}."))
 
 
 def test_unknown_layout_and_width_mismatch_are_refused(tiny, tmp_path):

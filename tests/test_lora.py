@@ -197,3 +197,28 @@ def test_vision_table_follows_the_backbone(tiny, tmp_path):
     torch.save({"weights": {}, "metadata": {"r": 2, "alpha": 1, "encoder": "vision", "params": ["q"], "position": "top3"}}, path)
     with pytest.raises(errors.CheckpointError, match=r"no vision blocks for ViT-B/32"):
         import_lora(_request(tiny, copy.deepcopy(tiny.model), path, backbone="ViT-B/32"))
+
+
+def test_compile_defaults_to_the_single_template_evaluate_lora_uses(tiny, tmp_path):
+    """lora.py evaluate_lora encodes ``dataset.template[0]`` per class ('a photo of a {}.' for Caltech101,
+    SUN397, StanfordCars), not an ensemble: without --templates the bundle's head does the same."""
+    from clipfold.compile.config import CompileConfig
+    from clipfold.compile.pipeline import compile_bundle
+
+    from .engine_parity import assert_engine_matches
+
+    path = tmp_path / "lora_weights.pt"
+    weights, _ = _lora_file(path, copy.deepcopy(tiny.model), "text", "qv", r=2, alpha=1)
+    reference = _reference_model(tiny.model, weights, lambda m: [("text", b) for b in m.transformer.resblocks],
+                                 scaling=1 / math.sqrt(2))
+    result = compile_bundle(CompileConfig(labels=LABELS, adapter=path, method="clip-lora", out=tmp_path / "b", top_k=2))
+    assert tuple(result.manifest.head.templates) == ("a photo of a {}.",)
+
+    def official(image):
+        with torch.no_grad():
+            texts = tiny.tokenizer(["a photo of a {}.".format(c.replace("_", " ")) for c in LABELS])
+            text = F.normalize(reference.encode_text(texts), dim=-1)
+            image_features = F.normalize(reference.encode_image(image.double()), dim=-1)
+            return (reference.logit_scale.exp() * image_features @ text.T).float()
+
+    assert_engine_matches(result.path, tiny.preprocess, official)

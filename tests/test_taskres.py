@@ -15,6 +15,7 @@ from clipfold.compile.adapters.taskres import fit_taskres, import_taskres, train
 from clipfold.compile.tiny import data
 
 from .fewshot_helpers import background_task, rel_diff
+from .test_coop import write_dassl_log
 from .test_gda import _features
 
 LABELS = ("cat", "dog", "car", "tree", "boat")
@@ -64,13 +65,18 @@ def _request(tiny, path, labels=LABELS, **options):
     return ImportRequest(checkpoint=path, loaded=tiny, labels=labels, templates=("{}",), options=options)
 
 
-@pytest.mark.parametrize("alpha", [None, "0.5"])
-def test_import_matches_the_official_formula(tiny, tmp_path, alpha):
+@pytest.mark.parametrize("alpha, source", [(None, "file"), ("1.0", "file"), (None, "folder"), (None, "log")])
+def test_import_matches_the_official_formula(tiny, tmp_path, alpha, source):
     base, residuals = _checkpoint_tensors()
     path = _write_dassl(tmp_path, base, residuals)
-    imported = import_taskres(_request(tiny, path, **({"alpha": alpha} if alpha else {})))
-    a = float(alpha) if alpha else 1.0  # train.py's RESIDUAL_SCALE default
+    if source == "log":  # scripts/taskres/main.sh passes TRAINER.TaskRes.RESIDUAL_SCALE ${SCALE}; Flowers: 1.0
+        write_dassl_log(tmp_path, "TaskRes", {"ENHANCED_BASE": "none", "RESIDUAL_SCALE": 1.0})
+    checkpoint = tmp_path if source in ("folder", "log") else path  # Dassl's output folder is accepted
+    imported = import_taskres(_request(tiny, checkpoint, **({"alpha": alpha} if alpha else {})))
+    # the scripts' 0.5 without an option or a logged RESIDUAL_SCALE (scripts/taskres/*.sh)
+    a = float(alpha) if alpha else (1.0 if source == "log" else 0.5)
     assert imported.hyperparameters["alpha"] == a and imported.hyperparameters["epoch"] == 100
+    assert imported.source == path
     scale = float(tiny.model.logit_scale.detach().exp())
     g = torch.Generator().manual_seed(1)
     random_f = F.normalize(torch.randn(64, 64, generator=g), dim=-1)

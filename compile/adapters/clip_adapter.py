@@ -11,8 +11,10 @@ with ``T`` the unit class text embeddings. The official code feeds the unnormali
 :class:`~clipfold.compile.heads.ResidualMLP`).
 
 * import: the Dassl checkpoint ``clip_adapter/model.pth.tar-<epoch>`` (``{'state_dict':
-  {'fc.0.weight', 'fc.2.weight'}, 'epoch', ...}``) plus class names; the text rows are built
-  from ``--templates`` (the official code uses one template per dataset, e.g. ``a photo of a {}.``).
+  {'fc.0.weight', 'fc.2.weight'}, 'epoch', ...}``; the file or Dassl's output folder) plus class
+  names; the text rows are built from ``--templates``, by default the single template the official
+  ``TextEncoder`` uses (``CUSTOM_TEMPLATES``: ``a photo of a {}.`` for ImageNet, Caltech101, SUN397,
+  StanfordCars; see ``registry.IMPORT_TEMPLATES``).
 * fit: the MLP is trained on cached (augmented) features with cross-entropy, as the official
   trainer does on images; SGD with momentum and a cosine schedule, Dassl's defaults.
 """
@@ -26,7 +28,8 @@ from clipfold.errors import CheckpointError, ConfigError
 
 from ..head import build_zero_shot_head
 from ..heads import Head, Linear, ResidualMLP
-from .base import Fitted, Imported, ImportRequest, Support, load_torch_checkpoint, require_keys
+from .base import Fitted, Imported, ImportRequest, Support, require_keys
+from .dassl import load_dassl_state
 
 RATIO = 0.2
 REDUCTION = 4
@@ -41,27 +44,24 @@ def clip_adapter_head(text: torch.Tensor, logit_scale: float, down: torch.Tensor
 
 
 def import_clip_adapter(request: ImportRequest) -> Imported:
-    state = load_torch_checkpoint(request.checkpoint)
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{request.checkpoint} holds a {type(state).__name__}; expected a CLIP-Adapter "
-                              f"state dict with {list(KEYS)}")
-    require_keys(state, KEYS, "CLIP-Adapter", request.checkpoint)
+    state, file, epoch = load_dassl_state(request.checkpoint, "clip_adapter", request.options.get("epoch"))
+    require_keys(state, KEYS, "CLIP-Adapter", file)
     if request.labels is None:
         raise ConfigError("importing CLIP-Adapter needs the class names (--labels), in the training order")
     model = request.loaded.model
     dim = request.loaded.info.embed_dim
     down, up = state["fc.0.weight"].float(), state["fc.2.weight"].float()
     if down.shape[1] != dim:
-        raise CheckpointError(f"the CLIP-Adapter in {request.checkpoint} works on {down.shape[1]}-dim features, "
+        raise CheckpointError(f"the CLIP-Adapter in {file} works on {down.shape[1]}-dim features, "
                               f"but {request.loaded.info.name} has {dim}-dim embeddings")
     names = [label.replace("_", " ") for label in request.labels]  # as the official TextEncoder
     text = build_zero_shot_head(model, request.loaded.tokenizer, names, request.templates).class_embeddings
     scale = float(model.logit_scale.detach().exp())
     head = clip_adapter_head(text, scale, down, up)
-    return Imported(labels=tuple(request.labels), head=head,
+    return Imported(labels=tuple(request.labels), head=head, source=file,
                     hyperparameters={"ratio": RATIO, "reduction": dim // down.shape[0], "logit_scale": scale,
-                                     "templates": list(request.templates)})
+                                     "templates": list(request.templates), "epoch": epoch,
+                                     "checkpoint": file.name})
 
 
 def fit_clip_adapter(support: Support, epochs: int = EPOCHS) -> Fitted:

@@ -40,6 +40,25 @@ IMPORTERS: dict[str, str] = {
 }
 
 
+# The template set each importer's official evaluation scores with, used when --templates is not given:
+# CLIP-LoRA's evaluate_lora (lora.py) encodes dataset.template[0], CLIP-Adapter's TextEncoder
+# (clip_adapter.py) CUSTOM_TEMPLATES[dataset]; both are "a photo of a {}." for Caltech101, SUN397,
+# StanfordCars (and CLIP-Adapter's ImageNet). Other datasets: pass their template with --templates.
+IMPORT_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "clip-lora": ("a photo of a {}.",),
+    "clip-adapter": ("a photo of a {}.",),
+}
+
+
+def import_templates(method: str | None, spec, model_name: str) -> tuple[str, ...]:
+    """``--templates`` when given; else the imported method's official template set, else the model's default."""
+    from ..head import resolve_templates
+
+    if spec is None and method in IMPORT_TEMPLATES:
+        return IMPORT_TEMPLATES[method]
+    return resolve_templates(spec, model_name)
+
+
 def _resolve(table: dict[str, str], name: str, what: str) -> Callable:
     if name not in table:
         raise ConfigError(f"unknown method {name!r} for {what}; expected one of {', '.join(sorted(table))}")

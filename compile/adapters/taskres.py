@@ -11,8 +11,9 @@ The classifier is the base text embedding ``t`` plus a learned residual ``x`` of
 one linear branch after folding. The official base is the mean of the *unnormalised* prompt
 embeddings; a checkpoint carries it (``base_text_features``) beside ``text_feature_residuals``,
 in Dassl's ``prompt_learner/model.pth.tar-<epoch>`` ``{'state_dict': ..., 'epoch', 'optimizer',
-'scheduler'}``. ``alpha`` is not saved: ``--set alpha=`` (default ``RESIDUAL_SCALE`` of
-``train.py``'s config, 1.0; the official scripts pass 0.5 for most datasets, 1.0 for Flowers).
+'scheduler'}`` (the file, or Dassl's output folder). ``alpha`` is not in the checkpoint: ``--set
+alpha=``, else ``TRAINER.TaskRes.RESIDUAL_SCALE`` from the run's Dassl ``log.txt``, else 0.5, the
+value ``scripts/taskres/main.sh`` is run with for 10 of the 11 datasets (1.0 for Flowers).
 
 Fitting trains ``x`` with the official recipe on cached features: Adam (lr 2e-3, Dassl's weight
 decay 5e-4), batch 256, 100 epochs, one constant warm-up epoch at 1e-5 then cosine per epoch.
@@ -26,7 +27,7 @@ other), so the residual's relative size differs from the official run by the bas
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +35,10 @@ import torch.nn.functional as F
 from clipfold.errors import CheckpointError, ConfigError
 
 from ..heads import Head, Linear
-from .base import Fitted, Imported, ImportRequest, Support, float_option, load_torch_checkpoint, require_keys
+from .base import Fitted, Imported, ImportRequest, Support, float_option, require_keys
+from .dassl import load_dassl_state, run_config
 
-RESIDUAL_SCALE = 1.0  # train.py: cfg.TRAINER.TaskRes.RESIDUAL_SCALE
+IMPORT_ALPHA = 0.5  # scripts/taskres/main.sh's SCALE for 10 of the 11 datasets (train.py's default is 1.0)
 ALPHA_GRID = (0.5, 1.0)  # the values scripts/taskres/main.sh is run with
 DEFAULT_FIT_ALPHA = 0.5  # the scripts' value for 10 of the 11 datasets
 LR, EPOCHS, BATCH = 2e-3, 100, 256  # adam_lr2e-3_B256_ep100.yaml
@@ -111,40 +113,44 @@ def fit_taskres(support: Support, alpha_grid: Sequence[float] = ALPHA_GRID, epoc
     return Fitted(head, hyper)
 
 
-def _state_dict(obj: Any, path) -> Mapping[str, Any]:
-    state = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}; expected Dassl's {{'state_dict': ...}} dict")
-    require_keys(state, KEYS, "TaskRes", path)
-    return state
+def _alpha(request: ImportRequest, file) -> tuple[float, str]:
+    if "alpha" in request.options:
+        return float_option(request, "alpha", IMPORT_ALPHA), "option"
+    logged = (run_config(file) or {}).get("TRAINER.TaskRes.RESIDUAL_SCALE")
+    if logged:
+        try:
+            return float(logged), "TRAINER.TaskRes.RESIDUAL_SCALE of the run's log.txt"
+        except ValueError:
+            raise CheckpointError(f"the Dassl log beside {file} has RESIDUAL_SCALE {logged!r}, not a number") from None
+    return IMPORT_ALPHA, "default: the official scripts' 0.5 (not saved in the checkpoint)"
 
 
 def import_taskres(request: ImportRequest) -> Imported:
-    obj = load_torch_checkpoint(request.checkpoint)
-    state = _state_dict(obj, request.checkpoint)
+    state, file, epoch = load_dassl_state(request.checkpoint, "prompt_learner", request.options.get("epoch"))
+    require_keys(state, KEYS, "TaskRes", file)
     base, residuals = state["base_text_features"], state["text_feature_residuals"]
     dim = int(request.loaded.info.embed_dim)
     for name, t in (("base_text_features", base), ("text_feature_residuals", residuals)):
         if not isinstance(t, torch.Tensor) or t.ndim != 2:
-            raise CheckpointError(f"{request.checkpoint}: {name} is not a (classes, dim) tensor")
+            raise CheckpointError(f"{file}: {name} is not a (classes, dim) tensor")
         if t.shape[1] != dim:
-            raise CheckpointError(f"{request.checkpoint}: {name} has shape {tuple(t.shape)}, but "
+            raise CheckpointError(f"{file}: {name} has shape {tuple(t.shape)}, but "
                                   f"{request.loaded.info.name} embeds in {dim} dims; "
                                   "was it trained on another backbone?")
         if not torch.isfinite(t).all():
-            raise CheckpointError(f"{request.checkpoint}: {name} holds NaN or inf values")
+            raise CheckpointError(f"{file}: {name} holds NaN or inf values")
     if base.shape != residuals.shape:
-        raise CheckpointError(f"{request.checkpoint}: base_text_features {tuple(base.shape)} and "
+        raise CheckpointError(f"{file}: base_text_features {tuple(base.shape)} and "
                               f"text_feature_residuals {tuple(residuals.shape)} differ; expected the same shape")
     if not request.labels:
         raise ConfigError(f"TaskRes checkpoints hold no class names; pass --labels with {base.shape[0]} classes")
     if len(request.labels) != base.shape[0]:
         raise ConfigError(f"{len(request.labels)} labels given, but the checkpoint has {base.shape[0]} classes")
-    alpha = float_option(request, "alpha", RESIDUAL_SCALE)
+    alpha, source = _alpha(request, file)
     logit_scale = float(request.loaded.model.logit_scale.exp().item())
-    hyper: dict[str, Any] = {"alpha": alpha, "alpha_source": "option" if "alpha" in request.options else
-                             "default RESIDUAL_SCALE (not saved in the checkpoint)", "logit_scale": logit_scale}
-    if isinstance(obj, Mapping) and isinstance(obj.get("epoch"), int):
-        hyper["epoch"] = obj["epoch"]
-    return Imported(labels=tuple(request.labels), head=taskres_head(base, residuals, alpha, logit_scale),
-                    hyperparameters=hyper)
+    hyper: dict[str, Any] = {"alpha": alpha, "alpha_source": source, "logit_scale": logit_scale,
+                             "checkpoint": file.name}
+    if isinstance(epoch, int):
+        hyper["epoch"] = epoch
+    return Imported(labels=tuple(request.labels), head=taskres_head(base.float(), residuals.float(), alpha, logit_scale),
+                    hyperparameters=hyper, source=file)
