@@ -239,13 +239,22 @@ def cmd_index(args: argparse.Namespace) -> int:
         from clipfold.runtime.ray_index import build_index_ray
 
         index = build_index_ray(args.bundle, args.folder, args.out, storage=args.storage, address=args.address,
-                                actors=args.actors, threads_per_actor=args.threads or 1, progress=progress)
+                                actors=args.actors, threads_per_actor=args.threads or 1, progress=progress,
+                                strict=args.strict)
     else:
         if args.address is not None:
             raise ConfigError("--address joins a Ray cluster: it needs --ray")
         engine = Engine.open(args.bundle, threads=args.threads)
-        index = build_index(engine, args.folder, args.out, storage=args.storage, progress=progress)
+        index = build_index(engine, args.folder, args.out, storage=args.storage, progress=progress,
+                            strict=args.strict)
     print(f"{args.out}: {len(index):,} images, {index.meta['storage']}, built with {index.meta['bundle']['model']}")
+    failed = index.failed
+    if failed:  # the rest is indexed; exit 1 says some images were not
+        print(f"{len(failed):,} image(s) could not be indexed (recorded in {args.out / 'index.json'}; the next run "
+              "tries them again):", file=sys.stderr)
+        for rel, reason in sorted(failed.items()):
+            print(f"  {rel}: {reason}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -506,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "instance unless --address)")
     p.add_argument("--address", default=None, help="with --ray: the cluster to join ('auto', 'ray://host:10001')")
     p.add_argument("--actors", type=int, default=2, help="with --ray: Engine actors (default 2)")
+    p.add_argument("--strict", action="store_true", help="stop at the first image that cannot be read (default: "
+                   "index the rest, record it, exit 1, try it again next run)")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("search", help="search an index by text (bundle compiled with --text) or by image")

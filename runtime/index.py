@@ -8,6 +8,10 @@ atomically after every batch, so a crash loses at most the batch in flight, and 
 only files that are new or changed (path, size, mtime). A changed file's old row stays in its
 shard but is no longer the file's row: searches skip it.
 
+An image that cannot be read (corrupt, truncated, too many pixels) does not stop the build: every
+other image is indexed, the failure is recorded with its reason under ``failed`` in ``index.json``
+(``Index.failed``), and the next run tries it again. ``strict=True`` stops at the first one instead.
+
 Search embeds the query with the same bundle (``Engine.embed_text`` or ``Engine.embed``) and
 asks the fused top-k kernel for ``k`` plus the number of superseded rows, so the answer stays
 exact after skipping them.
@@ -24,7 +28,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from clipfold.errors import BundleError, ChecksumError, ConfigError
+from clipfold.errors import BundleError, ChecksumError, ConfigError, ImageError
 from clipfold.kernels import STORAGES, Gallery, topk_similarity
 from clipfold.kernels.gallery import read_json, write_json
 
@@ -66,16 +70,45 @@ def _images(folder: Path) -> list[Path]:
 
 
 def build_index(engine, folder: str | Path, out: str | Path, storage: str = "fp32",
-                progress: Callable[[str], None] | None = None) -> "Index":
-    """Embed every image under ``folder`` not yet in the index ``out`` (created if missing)."""
+                progress: Callable[[str], None] | None = None, strict: bool = False) -> "Index":
+    """Embed every image under ``folder`` not yet in the index ``out`` (created if missing).
+
+    An image that cannot be read is recorded in the index (``Index.failed``) and tried again on the
+    next run; the others are indexed. ``strict``: raise its :class:`ImageError` instead (the batches
+    committed before it stay)."""
     writer = IndexWriter(engine, folder, out, storage)
     todo = writer.pending()
     for start in range(0, len(todo), BATCH_FILES):
         batch = todo[start:start + BATCH_FILES]
-        writer.commit([rel for rel, _ in batch], engine.embed([path for _, path in batch]))
+        paths = [path for _, path in batch]
+        if strict:
+            embeddings, errors = engine.embed(paths), [None] * len(batch)
+        else:
+            embeddings, errors = embed_files(engine, paths)
+        writer.commit([rel for rel, _ in batch], embeddings, errors)
         if progress is not None:
             progress(f"indexed {start + len(batch):,}/{len(todo):,} new or changed images")
     return writer.finish(progress)
+
+
+def embed_files(engine, paths: Sequence[Path | str]) -> tuple[np.ndarray, list[ImageError | None]]:
+    """Embeddings of ``paths`` (a zero row where an image cannot be read) and, per path, the
+    :class:`ImageError` that stopped it (None if it was embedded). Images are embedded a batch at a
+    time, as ``Engine.embed`` does; only a batch holding a broken image is embedded again one by one."""
+    embeddings = np.zeros((len(paths), engine.manifest.model.embed_dim), np.float32)
+    errors: list[ImageError | None] = [None] * len(paths)
+    step = engine.batch_size
+    for start in range(0, len(paths), step):
+        chunk = list(paths[start:start + step])
+        try:
+            embeddings[start:start + len(chunk)] = engine.embed(chunk)
+        except ImageError:
+            for i, path in enumerate(chunk, start):
+                try:
+                    embeddings[i] = engine.embed([path])[0]
+                except ImageError as exc:
+                    errors[i] = exc
+    return embeddings, errors
 
 
 class IndexWriter:
@@ -102,11 +135,19 @@ class IndexWriter:
                          "folder": str(self.folder.resolve()), "dim": engine.manifest.model.embed_dim,
                          "storage": storage, "shards": [], "files": {}}
         self._stats: dict[str, os.stat_result] = {}
+        self._dirty = False  # meta changed since index.json was written (a forgotten failure)
 
     def pending(self) -> list[tuple[str, Path]]:
-        """(relative path, path) of every image that is new or changed since it was indexed."""
+        """(relative path, path) of every image that is new or changed since it was indexed, and of
+        every image that failed before (tried again). A failure whose file is gone is forgotten."""
         todo = []
-        for path in _images(self.folder):
+        images = _images(self.folder)
+        present = {path.relative_to(self.folder).as_posix() for path in images}
+        failed = self.meta.get("failed", {})
+        for rel in [rel for rel in failed if rel not in present]:
+            del failed[rel]
+            self._dirty = True
+        for path in images:
             rel, stat = path.relative_to(self.folder).as_posix(), path.stat()
             known = self.meta["files"].get(rel)
             if known is None or known[:2] != [stat.st_size, stat.st_mtime_ns]:
@@ -114,25 +155,42 @@ class IndexWriter:
                 self._stats[rel] = stat  # as listed: a file changed after this is re-embedded next run
         return todo
 
-    def commit(self, rels: Sequence[str], embeddings: np.ndarray) -> None:
-        """Write one shard for these files' embeddings, then rewrite index.json: the batch is committed."""
-        if len(rels) != len(embeddings):
-            raise ConfigError(f"{len(rels)} files but {len(embeddings)} embeddings")
-        shard = len(self.meta["shards"])
-        name = f"shards/{shard:06d}"
-        shutil.rmtree(self.out / name, ignore_errors=True)  # left by a crash before its commit: not in index.json
-        Gallery.from_array(embeddings, storage=self.meta["storage"], ids=list(rels)).save(self.out / name)
-        files = {p.relative_to(self.out).as_posix(): sha256_file(p) for p in sorted((self.out / name).iterdir())}
-        self.meta["shards"].append({"dir": name, "count": len(rels), "files": files})
-        for row, rel in enumerate(rels):
-            stat = self._stats[rel]
-            self.meta["files"][rel] = [stat.st_size, stat.st_mtime_ns, shard, row]
+    def commit(self, rels: Sequence[str], embeddings: np.ndarray,
+               errors: Sequence[BaseException | str | None] | None = None) -> None:
+        """Write one shard for these files' embeddings, then rewrite index.json: the batch is committed.
+
+        ``errors[i]`` (an exception or its message) marks file ``i`` as failed: its row is not
+        stored, the reason is recorded under ``failed`` and a changed file's old row stops being its row."""
+        if len(rels) != len(embeddings) or (errors is not None and len(errors) != len(rels)):
+            raise ConfigError(f"{len(rels)} files but {len(embeddings)} embeddings"
+                              + ("" if errors is None else f" and {len(errors)} errors"))
+        errors = [None] * len(rels) if errors is None else list(errors)
+        good = [i for i, error in enumerate(errors) if not error]
+        failed = self.meta.setdefault("failed", {})
+        if good:
+            shard = len(self.meta["shards"])
+            name = f"shards/{shard:06d}"
+            shutil.rmtree(self.out / name, ignore_errors=True)  # left by a crash before its commit: not in index.json
+            Gallery.from_array(np.asarray(embeddings)[good], storage=self.meta["storage"],
+                               ids=[rels[i] for i in good]).save(self.out / name)
+            files = {p.relative_to(self.out).as_posix(): sha256_file(p) for p in sorted((self.out / name).iterdir())}
+            self.meta["shards"].append({"dir": name, "count": len(good), "files": files})
+            for row, i in enumerate(good):
+                stat = self._stats[rels[i]]
+                self.meta["files"][rels[i]] = [stat.st_size, stat.st_mtime_ns, shard, row]
+                failed.pop(rels[i], None)
+        for rel, error in zip(rels, errors):
+            if error:
+                stat = self._stats[rel]
+                self.meta["files"].pop(rel, None)  # its old row no longer describes the file
+                failed[rel] = [stat.st_size, stat.st_mtime_ns, str(error)]
         write_json(self.out / INDEX_FILE, self.meta)
+        self._dirty = False
 
     def finish(self, progress: Callable[[str], None] | None = None) -> "Index":
         if not self._stats and progress is not None:
             progress(f"index {self.out} is up to date ({len(self.meta['files']):,} images)")
-        if not (self.out / INDEX_FILE).is_file():
+        if self._dirty or not (self.out / INDEX_FILE).is_file():
             write_json(self.out / INDEX_FILE, self.meta)
         return Index.open(self.out)
 
@@ -178,6 +236,11 @@ class Index:
 
     def __len__(self) -> int:
         return int(self.live.sum())
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """Images the last build could not read: relative path -> why (tried again on the next build)."""
+        return {rel: entry[2] for rel, entry in self.meta.get("failed", {}).items()}
 
     def search(self, engine, *, text: str | None = None, image=None, k: int = 10) -> SearchResult:
         """The ``k`` indexed images nearest a text query or a query image, best first."""

@@ -27,7 +27,7 @@ from clipfold import errors
 from clipfold.errors import BundleError, ClipfoldError, ConfigError
 
 from . import index as index_module
-from .index import Index, IndexWriter, bundle_identity
+from .index import Index, IndexWriter, bundle_identity, embed_files
 
 
 class _Embedder:
@@ -43,14 +43,16 @@ class _Embedder:
 
     def __call__(self, batch: dict) -> dict:
         # Ray Data re-raises a UDF's exception as its own UserCodeException holding only text, so a
-        # clipfold error (a broken image) travels back as data and the driver raises it by type.
+        # clipfold error travels back as data, "Type: message" per row, and the driver raises it by
+        # type; a broken image is its own row's error (recorded, unless --strict).
         n = len(batch["rel"])
         try:
-            embedding, error = self.engine.embed(list(batch["path"])), ""
+            embedding, failures = embed_files(self.engine, list(batch["path"]))
+            error = [f"{type(e).__name__}: {e}" if e is not None else "" for e in failures]
         except ClipfoldError as exc:
             embedding = np.zeros((n, self.engine.manifest.model.embed_dim), np.float32)
-            error = f"{type(exc).__name__}: {exc}"
-        return {"rel": batch["rel"], "embedding": embedding, "error": np.array([error] * n)}
+            error = [f"{type(exc).__name__}: {exc}"] * n
+        return {"rel": batch["rel"], "embedding": embedding, "error": np.array(error)}
 
 
 def _user_error(exc: BaseException) -> BaseException:
@@ -80,8 +82,11 @@ def _ray():
 def build_index_ray(bundle: str | Path, folder: str | Path, out: str | Path, storage: str = "fp32", *,
                     variant: str | None = None, address: str | None = None, actors: int = 2,
                     threads_per_actor: int = 1, batch_size: int = 64,
-                    progress: Callable[[str], None] | None = None) -> Index:
+                    progress: Callable[[str], None] | None = None, strict: bool = False) -> Index:
     """Embed every image under ``folder`` not yet in the index ``out`` with ``actors`` Ray actors.
+
+    A broken image is recorded in the index and tried again next run, as by
+    :func:`~clipfold.runtime.index.build_index`; ``strict`` raises it instead.
 
     ``address`` joins a running cluster (``"auto"``, ``"ray://host:10001"``); without it a local
     Ray instance with ``actors * threads_per_actor`` CPUs is started and stopped again.
@@ -121,12 +126,16 @@ def build_index_ray(bundle: str | Path, folder: str | Path, out: str | Path, sto
         done = 0
         try:
             for batch in dataset.iter_batches(batch_size=index_module.BATCH_FILES, batch_format="numpy"):
-                failed = next((str(e) for e in batch["error"] if e), None)
-                if failed is not None:  # the batches committed so far stay; a re-run resumes after them
+                reasons = []
+                for failed in map(str, batch["error"]):
                     kind, _, message = failed.partition(": ")
-                    kind = getattr(errors, kind, None)
-                    raise (kind if isinstance(kind, type) and issubclass(kind, ClipfoldError) else ClipfoldError)(message)
-                writer.commit([str(rel) for rel in batch["rel"]], np.asarray(batch["embedding"], dtype=np.float32))
+                    kind = getattr(errors, kind, None) if failed else None
+                    kind = kind if isinstance(kind, type) and issubclass(kind, ClipfoldError) else ClipfoldError
+                    if failed and (strict or not issubclass(kind, errors.ImageError)):
+                        raise kind(message)  # the batches committed so far stay; a re-run resumes after them
+                    reasons.append(message if failed else None)
+                writer.commit([str(rel) for rel in batch["rel"]], np.asarray(batch["embedding"], dtype=np.float32),
+                              reasons)
                 done += len(batch["rel"])
                 if progress is not None:
                     progress(f"indexed {done:,}/{len(todo):,} new or changed images (Ray, {actors} actors)")

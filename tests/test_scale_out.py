@@ -375,11 +375,17 @@ def test_ray_index_equals_the_single_process_index_and_resumes(tiny_bundle, phot
         assert len(Index.open(tmp_path / "ray")) == 91
     finally:
         (photos / "extra.png").unlink()
-    # An actor's error reaches the user as clipfold's own, not as a Ray traceback.
+    # A broken image is recorded and named, as without Ray (exit 1); with --strict an actor's error
+    # reaches the user as clipfold's own, not as a Ray traceback.
     broken = _write_images(tmp_path / "broken", [])
     (broken / "bad.png").write_bytes(b"\x89PNG not really")
-    assert main(["index", str(tiny_bundle.path), str(broken), "--out", str(tmp_path / "broken.index"), "--ray"]) == 2
-    assert "bad.png" in capsys.readouterr().err
+    assert main(["index", str(tiny_bundle.path), str(broken), "--out", str(tmp_path / "broken.index"), "--ray"]) == 1
+    assert "  bad.png: cannot decode image" in capsys.readouterr().err
+    assert list(Index.open(tmp_path / "broken.index").failed) == ["bad.png"]
+    assert main(["index", str(tiny_bundle.path), str(broken), "--out", str(tmp_path / "strict.index"), "--ray",
+                 "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert "error: cannot decode image" in err and "bad.png" in err
 
 
 def test_sharded_search_equals_one_index(tiny_bundle, photos, tmp_path, capsys):
