@@ -6,7 +6,7 @@ CLI    := $(VENV)/bin/clipfold
 STAMP  := $(VENV)/.clipfold-installed
 DEMO   ?= out/demo
 
-.PHONY: install demo test test-all bench bench-kernels bench-serve bench-ray fewshot train-tiny clean
+.PHONY: install browser demo test test-all bench bench-kernels bench-serve bench-ray fewshot train-tiny clean
 
 $(STAMP): pyproject.toml kernels/_topk.c kernels/_vit.c kernels/_exp8.h
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,12 +39,24 @@ demo: $(STAMP)
 	rm -rf $(DEMO)/photos.index
 	$(CLI) index $(DEMO)/tiny.bundle $(DEMO)/photos --out $(DEMO)/photos.index
 	$(CLI) search $(DEMO)/photos.index --text "a green triangle" --k 5
+	@echo
+	@echo "Serve the demo bundle and its index (HTTP on 8000 with the page, gRPC on 8001), then open http://127.0.0.1:8000/ui :"
+	@echo "  $(CLI) serve $(DEMO)/tiny.bundle --index $(DEMO)/photos.index"
 
-test: $(STAMP)
+# The page's browser test (tests/test_ui.py) drives Debian's headless chromium through chromedriver:
+# installed here when missing and this runs as root with apt-get (CI); otherwise that test skips, saying why.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+			|| echo "could not install chromium: the browser test will be skipped"; \
+	else echo "no chromium + chromedriver (not root with apt-get): the browser test will be skipped"; fi
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 # Includes the tests marked slow.
-test-all: $(STAMP)
+test-all: $(STAMP) browser
 	$(PY) -m pytest -q -m "slow or not slow"
 
 bench: $(STAMP)

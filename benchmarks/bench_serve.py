@@ -24,7 +24,14 @@ so the client costs little of the 2 cores it shares with the server) send Open I
 ``infer`` requests of one preprocessed image each (binary tensor data), ``--requests`` in total
 after a warm-up. Reported: throughput (requests/s over the wall time) and latency p50/p90/p99.
 Target (issue 7): at C = 16 with the tiny model, batched throughput >= 2x batch-1, and batched
-p99 <= 3x its p50. Writes ``benchmarks/results/serve-load.json`` with the machine and versions.
+p99 <= 3x its p50.
+
+gRPC against HTTP (issue 25): the ``batched`` server also listens for the Open Inference
+Protocol over gRPC; right after each HTTP level, the same requests (one image, raw tensor
+contents) go to it over gRPC from C concurrent calls on one HTTP/2 channel (grpc.aio, requests
+serialized once beforehand, like the HTTP client's), against the same server process. The two
+alternate twice at each level and each keeps its better pass (``passes_rps`` has both):
+``batched`` and ``batched-grpc`` in the results, ``c16_grpc_over_http_throughput`` in the summary. Writes ``benchmarks/results/serve-load.json`` with the machine and versions.
 Without ``--bundle`` it compiles the embedded tiny model into a temporary folder first.
 """
 
@@ -95,6 +102,41 @@ async def _load(port: int, requests: list[bytes], concurrency: int, total: int) 
             "throughput_rps": len(latencies) / wall, "p50_ms": q[49] * 1e3, "p90_ms": q[89] * 1e3, "p99_ms": q[98] * 1e3}
 
 
+def _grpc_request(pixels: np.ndarray, model: str) -> bytes:
+    from tritonclient.grpc import service_pb2 as pb
+
+    tensor = pb.ModelInferRequest.InferInputTensor(name="pixels", datatype="UINT8", shape=list(pixels.shape))
+    wanted = [pb.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in ("scores", "indices")]
+    return pb.ModelInferRequest(model_name=model, inputs=[tensor], outputs=wanted,
+                                raw_input_contents=[pixels.tobytes()]).SerializeToString()
+
+
+async def _grpc_load(port: int, requests: list[bytes], concurrency: int, total: int) -> dict:
+    import grpc
+
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    counter = iter(range(total))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes in, bytes out
+
+        async def client(i: int) -> None:
+            for n in counter:
+                start = time.perf_counter()
+                try:
+                    await infer(requests[(i + n) % len(requests)])
+                except grpc.RpcError as err:
+                    errors[err.code().name] = errors.get(err.code().name, 0) + 1
+                latencies.append(time.perf_counter() - start)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(concurrency)))
+        wall = time.perf_counter() - start
+    q = statistics.quantiles(latencies, n=100)
+    return {"concurrency": concurrency, "requests": len(latencies), "errors": errors, "seconds": wall,
+            "throughput_rps": len(latencies) / wall, "p50_ms": q[49] * 1e3, "p90_ms": q[89] * 1e3, "p99_ms": q[98] * 1e3}
+
+
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -107,9 +149,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(bundle: Path, flags: list[str]) -> tuple[subprocess.Popen, int]:
+def _start(bundle: Path, flags: list[str], grpc_port: int = 0) -> tuple[subprocess.Popen, int]:
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "clipfold", "serve", str(bundle), "--port", str(port), *flags],
+    proc = subprocess.Popen([sys.executable, "-m", "clipfold", "serve", str(bundle), "--port", str(port),
+                             "--grpc-port", str(grpc_port), "--no-ui", *flags],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while True:
@@ -166,29 +209,59 @@ def run(bundle: Path, concurrency: list[int], total: int) -> tuple[dict, dict, d
     model = bundle.name.removesuffix(".bundle")
     pixels = preprocess([s.image for s in data.generate(64, seed=42)], engine.manifest.preprocess)
     requests = [_request(pixels[i:i + 1]).replace(b"{model}", model.encode()) for i in range(len(pixels))]
+    grpc_requests = [_grpc_request(pixels[i:i + 1], model) for i in range(len(pixels))]
     ceiling = engine_ceiling(bundle, pixels)
     del engine
     results: dict[str, list[dict]] = {}
     preferred: dict[str, int] = {}
     for mode, flags in MODES.items():
-        proc, port = _start(bundle, flags)
+        grpc_port = _free_port() if mode == "batched" else 0
+        proc, port = _start(bundle, flags, grpc_port)
         try:
             asyncio.run(_load(port, requests, 4, 100))  # warm-up: sessions, thread pools, allocator
+            if grpc_port:
+                asyncio.run(_grpc_load(grpc_port, grpc_requests, 4, 100))
+                results["batched-grpc"] = []
             preferred[mode] = _preferred_batch(port, model)
             print(f"{mode}: preferred batch {preferred[mode]}", flush=True)
             results[mode] = []
             for c in concurrency:
-                cpu = _cpu_seconds(proc.pid)
-                row = asyncio.run(_load(port, requests, c, max(total, 4 * c)))
-                row["server_cpu_ms_per_request"] = (_cpu_seconds(proc.pid) - cpu) * 1e3 / row["requests"]
-                results[mode].append(row)
-                print(f"{mode:8s} C={c:3d}  {row['throughput_rps']:8.1f} req/s  p50 {row['p50_ms']:7.2f} ms  "
-                      f"p90 {row['p90_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} ms  server CPU {row['server_cpu_ms_per_request']:.2f} "
-                      f"ms/request  errors {row['errors'] or 0}", flush=True)
+                n = max(total, 4 * c)
+                if not grpc_port:
+                    row = _measured(proc.pid, lambda: asyncio.run(_load(port, requests, c, n)))
+                    results[mode].append(row)
+                    _print(mode, row)
+                    continue
+                # HTTP and gRPC alternate twice on the same server; each keeps its better pass (the
+                # machine is shared, so a pass can lose to a neighbour's burst)
+                passes = {mode: [], "batched-grpc": []}
+                for _ in range(2):
+                    passes[mode].append(_measured(proc.pid, lambda: asyncio.run(_load(port, requests, c, n))))
+                    passes["batched-grpc"].append(
+                        _measured(proc.pid, lambda: asyncio.run(_grpc_load(grpc_port, grpc_requests, c, n))))
+                for name, rows in passes.items():
+                    best = max(rows, key=lambda r: r["throughput_rps"])
+                    best["passes_rps"] = [r["throughput_rps"] for r in rows]
+                    results[name].append(best)
+                    _print(name, best)
         finally:
             proc.terminate()
             proc.wait(30)
     return results, ceiling, preferred
+
+
+def _measured(pid: int, load) -> dict:
+    """Run one load level; add the server's CPU time per request."""
+    cpu = _cpu_seconds(pid)
+    row = load()
+    row["server_cpu_ms_per_request"] = (_cpu_seconds(pid) - cpu) * 1e3 / row["requests"]
+    return row
+
+
+def _print(mode: str, row: dict) -> None:
+    print(f"{mode:12s} C={row['concurrency']:3d}  {row['throughput_rps']:8.1f} req/s  p50 {row['p50_ms']:7.2f} ms  "
+          f"p90 {row['p90_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} ms  server CPU {row['server_cpu_ms_per_request']:.2f} "
+          f"ms/request  errors {row['errors'] or 0}", flush=True)
 
 
 def main() -> None:
@@ -221,12 +294,18 @@ def main() -> None:
                    "c16_batched_p99_over_p50": b["p99_ms"] / b["p50_ms"],
                    "c16_throughput_ratio_0ms": next(r for r in results["batched-0ms"] if r["concurrency"] == 16)[
                        "throughput_rps"] / one["throughput_rps"],
+                   "c16_grpc_over_http_throughput": next(r for r in results["batched-grpc"] if r["concurrency"] == 16)[
+                       "throughput_rps"] / b["throughput_rps"],
+                   "c16_grpc_p50_ms": next(r for r in results["batched-grpc"] if r["concurrency"] == 16)["p50_ms"],
+                   "c16_http_p50_ms": b["p50_ms"],
                    "engine_batching_ceiling": ceiling["engine_batching_ceiling"],
                    "engine_batching_ceiling_best": ceiling["engine_batching_ceiling_best"],
                    "targets": {"c16_throughput_ratio": ">= 2.0", "c16_batched_p99_over_p50": "<= 3.0"}}
         print(f"C=16: batched / batch-1 throughput {summary['c16_throughput_ratio']:.2f}x (target >= 2; the engine "
               f"alone gains {ceiling['engine_batching_ceiling']:.2f}x from batching here), "
-              f"batched p99/p50 {summary['c16_batched_p99_over_p50']:.2f} (target <= 3)")
+              f"batched p99/p50 {summary['c16_batched_p99_over_p50']:.2f} (target <= 3); gRPC / HTTP throughput on "
+              f"the batched server {summary['c16_grpc_over_http_throughput']:.2f}x (p50 {summary['c16_grpc_p50_ms']:.2f} "
+              f"ms vs {summary['c16_http_p50_ms']:.2f} ms)")
     record = {"machine": machine(), "bundle": model, "modes": {m: " ".join(f) for m, f in MODES.items()},
               "engine_alone": ceiling, "preferred_batch": preferred, "results": results, "summary": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)

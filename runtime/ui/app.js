@@ -30,7 +30,7 @@ async function call(url, options) {
 function bundleCard(m) {
   const v = m.variant, g = v.gate, p = v.parity;
   const rows = [
-    ["model", `${m.model}${m.pretrained ? ` (${m.pretrained})` : ""}, ${m.family}, ${m.embed_dim}-d`],
+    ["model", `${m.model}${m.pretrained ? ` (${m.pretrained.split("/").pop()})` : ""}, ${m.family}, ${m.embed_dim}-d`],
     ["head", m.method],
     ["labels", `${m.labels.length}: ${m.labels.slice(0, 12).join(", ")}${m.labels.length > 12 ? ", …" : ""}`],
     ["variant", `${v.name} (${v.precision}, ${v.format}, ${v.backends.join("/")})`],
