@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from clipfold.errors import ConfigError, ImageError
-from clipfold.runtime.backend import OnnxRuntimeBackend
+from clipfold.runtime.backend import Backend, OnnxRuntimeBackend
 from clipfold.runtime.folders import IMAGE_SUFFIXES, read_folder
 from clipfold.runtime.images import load_image
 from clipfold.runtime.kernel_head import KernelHead, KernelHeadBackend
@@ -90,7 +90,12 @@ def calibration_paths(cfg: QuantConfig) -> list[Path]:
 def run_graph(path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], pixels: np.ndarray,
               batch_size: int = 16, head: KernelHead | None = None) -> dict[str, np.ndarray]:
     """A graph's outputs on ``pixels`` in batches (and a kernel-scored head's, when given)."""
-    backend = OnnxRuntimeBackend(path, inputs, outputs)
+    return run_backend(OnnxRuntimeBackend(path, inputs, outputs), pixels, batch_size, head)
+
+
+def run_backend(backend: Backend, pixels: np.ndarray, batch_size: int = 16,
+                head: KernelHead | None = None) -> dict[str, np.ndarray]:
+    """An opened backend's outputs on ``pixels`` in batches (and a kernel-scored head's, when given)."""
     if head is not None:
         backend = KernelHeadBackend(backend, head)
     parts: dict[str, list[np.ndarray]] = {}

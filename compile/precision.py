@@ -17,7 +17,8 @@ PRECISIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "fp32-native": ("float32 image tower run by clipfold's own CPU kernel (AVX2 + FMA; open_clip class-token ViTs), "
                     "head in ONNX Runtime", ("native",)),
     "fp16": ("mixed fp16 for GPU backends: LayerNorm, softmax, reductions and the head stay fp32", ("onnxruntime",)),
-    "bf16": ("mixed bf16 for GPU backends", ("tensorrt",)),
+    "bf16": ("the fp32 graph run in bfloat16 by OpenVINO on CPUs with AMX or AVX512-BF16 (no second file)",
+             ("openvino",)),
     "int8-dynamic": ("int8 weights, activations quantized per batch at run time", ("onnxruntime",)),
     "int8-static": ("int8 QDQ, activation ranges calibrated on images", ("onnxruntime",)),
     "int8-weight": ("weight-only int8 MatMul (MatMulNBits)", ("onnxruntime",)),

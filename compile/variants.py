@@ -57,10 +57,10 @@ def check_early(precisions: Sequence[str], quant: QuantConfig, gate_cfg: GateCon
     """What can be refused before any model loads: a precision no backend here can run, missing
     calibration or gate folders."""
     wanted = [p for p in precisions if p != "fp32"]
-    if "bf16" in wanted:
-        raise BackendUnavailableError(
-            "bf16 needs a backend with bf16 kernels (TensorRT or CUDA: install clipfold[gpu] on an NVIDIA GPU "
-            "machine); ONNX Runtime's CPU provider has none, so a bf16 variant can be neither run nor verified here")
+    if "bf16" in wanted:  # OpenVINO on a CPU with AMX or AVX512-BF16, else refused with the reason
+        from .bf16 import check_bf16
+
+        check_bf16()
     if "fp32-native" in wanted:
         from clipfold.kernels.vit import kernel_available
 
@@ -102,6 +102,12 @@ def build_variants(precisions: Sequence[str], stage: Path, sources: Sources, spe
 
         for precision in wanted:
             say(f"building {precision}: {PRECISIONS[precision][0]}")
+            if precision == "bf16":  # the fp32 graph itself, run in bf16: gated, nothing built
+                from .bf16 import build_bf16
+
+                variants.append(build_bf16(sources, held, fp32_out, gate_cfg, verify.tie_tolerance,
+                                           lambda run: _eager_parity(run, reference, verify), say))
+                continue
             builder = _Builder(precision, stage / variant_file(precision), scratch, source, quant, calib,
                                held.pixels[:8])
             details, figures, kept = builder.build_and_gate(
@@ -112,7 +118,8 @@ def build_variants(precisions: Sequence[str], stage: Path, sources: Sources, spe
             if calib_source is not None and "calibration" in details:
                 details["calibration_source"] = calib_source
             figures = Gate(**{**figures.__dict__, "kept_float": tuple(kept)})
-            parity = _eager_parity(stage / variant_file(precision), sources, reference, verify)
+            built = stage / variant_file(precision)
+            parity = _eager_parity(lambda pixels: _run_variant(precision, built, sources, pixels), reference, verify)
             say(f"  {precision}: min cosine {figures.embedding_cosine_min:.5f}, top-1 agreement "
                 f"{figures.top1_agreement:.1%}" + (f", accuracy {figures.accuracy:.1%} (fp32 {figures.reference_accuracy:.1%})"
                                                     if figures.accuracy is not None else "")
@@ -135,9 +142,9 @@ def _run_variant(precision: str, path: Path, sources: Sources, pixels: np.ndarra
                           f"{str(exc).splitlines()[0][:300]}") from exc
 
 
-def _eager_parity(path: Path, sources: Sources, reference: Reference, verify: VerifyConfig):
+def _eager_parity(run: Callable[[np.ndarray], dict[str, np.ndarray]], reference: Reference, verify: VerifyConfig):
     """The same figures fp32 records against open_clip eager, for information (not enforced)."""
-    out = _run_variant(Path(path).stem, path, sources, reference.pixels)
+    out = run(reference.pixels)
     parity, _ = compare(reference, out["scores"], out["indices"], out["embedding"], verify, min_cosine=0.0)
     return parity
 

@@ -164,7 +164,15 @@ def _native(path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSp
     return NativeBackend(path, inputs, outputs, threads=threads, spin=spin)
 
 
-BACKENDS = {"onnxruntime": OnnxRuntimeBackend, "onnxruntime-cuda": OnnxRuntimeCudaBackend, "native": _native}
+def _openvino(path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], threads: int | None = None,
+              spin: bool = True, precision: str = "fp32") -> Backend:
+    from .openvino_backend import OpenVinoBackend  # imports openvino only when asked for
+
+    return OpenVinoBackend(path, inputs, outputs, threads=threads, spin=spin, precision=precision)
+
+
+BACKENDS = {"onnxruntime": OnnxRuntimeBackend, "onnxruntime-cuda": OnnxRuntimeCudaBackend, "native": _native,
+            "openvino": _openvino}
 GPU_BACKENDS = ("tensorrt", "onnxruntime-cuda")  # known names whose backends come with clipfold[gpu]
 
 
@@ -177,6 +185,8 @@ def open_backend(name: str, graph: Variant | ExtraHead, path: Path, threads: int
     runs_on = getattr(graph, "backends", (name,))
     if name == "onnxruntime-cuda":
         runs_on = ("onnxruntime-cuda",) if "onnxruntime" in runs_on else runs_on  # the same graphs, on the GPU
+    if name == "openvino" and isinstance(graph, Variant) and graph.format == "onnx" and graph.precision == "fp32":
+        runs_on = (*runs_on, "openvino")  # OpenVINO reads the fp32 graph too, and runs it in f32
     if name == "tensorrt":
         if not isinstance(graph, Variant):
             raise BackendUnavailableError(f"extra head {graph.name!r} runs on onnxruntime only; open it with that backend")
@@ -196,4 +206,6 @@ def open_backend(name: str, graph: Variant | ExtraHead, path: Path, threads: int
         raise BackendUnavailableError(
             f"variant {graph.name!r} ({getattr(graph, 'precision', '?')}) runs on {list(runs_on)}, not on {name!r}"
             f"{hint}; pick another variant with --variant")
+    if name == "openvino":  # OpenVINO's inference precision follows the variant's (bf16 or fp32)
+        return _openvino(path, graph.inputs, graph.outputs, threads, spin, getattr(graph, "precision", "fp32"))
     return BACKENDS[name](path, graph.inputs, graph.outputs, threads=threads, spin=spin)
