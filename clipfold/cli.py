@@ -54,7 +54,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         labels=read_labels(args.labels) if args.labels is not None else None, out=args.out, model=args.model,
         pretrained=args.pretrained, templates=args.templates, top_k=args.top_k, overwrite=args.overwrite,
         adapter=args.adapter, method=args.method, method_options=_options(args.set),
-        precisions=precisions, kernel_head_classes=args.kernel_head_classes, text=args.text,
+        precisions=precisions, kernel_head_classes=args.kernel_head_classes, text=args.text, tokenizer=args.tokenizer,
         text_precisions=tuple(p for p in (args.text_precision or "").split(",") if p),
         quant=QuantConfig(calib=args.calib, calibration=args.calibration, calib_images=args.calib_images,
                           per_channel=args.per_channel, search=not args.no_search,
@@ -395,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--text", action="store_true",
                    help="also carry the text tower and CLIP's tokenizer, for text queries (Engine.embed_text)")
+    p.add_argument("--tokenizer", type=Path, default=None, metavar="PATH",
+                   help="a local Hugging Face tokenizer (a folder holding tokenizer.json, or the file) for models "
+                        "that read text with one (SigLIP, SigLIP2); nothing is downloaded")
     p.add_argument("--text-precision", default=None, metavar="P[,P...]",
                    help="reduced-precision text graphs, each gated against fp32 text on held-out prompts: "
                         "int8-dynamic, int8-weight, int4-weight (an engine of the same variant name uses it)")

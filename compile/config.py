@@ -71,6 +71,8 @@ class CompileConfig:
     text: bool = False  # also carry the text tower and tokenizer, for text queries at serving time
     # Reduced-precision text graphs, each gated against the fp32 text graph (compile/text.py).
     text_precisions: tuple[str, ...] = ()
+    # A local Hugging Face tokenizer (folder or tokenizer.json) for models that read text with one (SigLIP).
+    tokenizer: Path | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precisions", parse_precisions(self.precisions))
@@ -90,6 +92,8 @@ class CompileConfig:
         object.__setattr__(self, "out", Path(self.out))
         if self.adapter is not None:
             object.__setattr__(self, "adapter", Path(self.adapter))
+        if self.tokenizer is not None:
+            object.__setattr__(self, "tokenizer", Path(self.tokenizer))
         if self.top_k < 1:
             raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
         if not self.model:

@@ -69,6 +69,20 @@ class HeadModule(nn.Module):
         return logits + self.bias if self.has_bias else logits
 
 
+def one_line(exc: BaseException) -> str:
+    """An exporter failure in one line: the innermost cause's type and first line (torch's export
+    errors wrap the cause in many lines of advice)."""
+    while exc.__cause__ is not None and exc.__cause__ is not exc:
+        exc = exc.__cause__
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else 'no message'}"
+
+
+def pooled(output):
+    """A tower's pooled embedding: CoCa's towers return ``(pooled, tokens)``, as its ``encode_image`` reads."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
 def _scores_topk(logits: torch.Tensor, sigmoid: bool, top_k: int):
     scores = logits.sigmoid() if sigmoid else logits.softmax(dim=-1)
     return scores.topk(top_k, dim=-1)
@@ -91,7 +105,7 @@ class ClassifierGraph(nn.Module):
         self.top_k = int(top_k)
 
     def forward(self, pixels: torch.Tensor):
-        features = F.normalize(self.visual(pixels.to(torch.float32)), dim=-1)
+        features = F.normalize(pooled(self.visual(pixels.to(torch.float32))), dim=-1)
         top_scores, top_indices = _scores_topk(self.head(features), self.sigmoid, self.top_k)
         return top_scores, top_indices, features
 
@@ -104,7 +118,7 @@ class EmbeddingGraph(nn.Module):
         self.visual = visual
 
     def forward(self, pixels: torch.Tensor):
-        return F.normalize(self.visual(pixels.to(torch.float32)), dim=-1)
+        return F.normalize(pooled(self.visual(pixels.to(torch.float32))), dim=-1)
 
 
 class HeadGraph(nn.Module):
@@ -168,4 +182,4 @@ def _export(graph: nn.Module, example: torch.Tensor, input_name: str, output_nam
             )
             program.save(str(path), external_data=param_bytes > EXTERNAL_DATA_BYTES)
     except Exception as exc:
-        raise ExportError(f"ONNX export of {what} failed: {type(exc).__name__}: {exc}") from exc
+        raise ExportError(f"ONNX export of {what} failed: {one_line(exc)}") from exc

@@ -112,32 +112,74 @@ def build_zero_shot_head(model, tokenizer, labels: Sequence[str], templates: Seq
 # (non-causal, or pooling over all tokens) run at full length.
 
 
-def pooled_positions(model, tokens: torch.Tensor) -> torch.Tensor | None:
-    """The token each prompt's embedding is read from, when ``model`` is a causal CLIP text tower
-    that pools one token (``argmax``: the end-of-text id is the largest, or ``eos``); else None."""
-    from open_clip.model import CLIP
+@dataclass(frozen=True)
+class CausalText:
+    """The parts of an open_clip text transformer that is causal and pools one token: on the model
+    itself for ``CLIP``, in ``model.text`` (a ``TextTransformer``) for ``CustomTextCLIP`` (EVA, ...)."""
 
-    if not isinstance(model, CLIP) or getattr(model, "attn_mask", None) is None:
+    token_embedding: torch.nn.Module
+    positional_embedding: torch.Tensor
+    transformer: torch.nn.Module
+    attn_mask: torch.Tensor
+    ln_final: torch.nn.Module
+    text_projection: object
+    pool_type: str
+    eos_id: int | None
+
+
+def causal_text(model) -> CausalText | None:
+    """The tower's parts when it is a causal open_clip text transformer pooling the end-of-text token
+    (``argmax``: the end-of-text id is the largest, or ``eos``), decided from the tower, not the
+    model class; None for any other tower (no causal mask, a class token appended, padding masks,
+    Hugging Face encoders)."""
+    from open_clip.model import CLIP
+    from open_clip.transformer import TextTransformer
+
+    if isinstance(model, CLIP):
+        parts = CausalText(model.token_embedding, model.positional_embedding, model.transformer, model.attn_mask,
+                           model.ln_final, model.text_projection, model.text_pool_type,
+                           getattr(model, "text_eos_id", None))
+    elif isinstance(getattr(model, "text", None), TextTransformer):
+        text = model.text
+        if text.cls_emb is not None or getattr(text, "use_pad_mask", False):
+            return None
+        parts = CausalText(text.token_embedding, text.positional_embedding, text.transformer, text.attn_mask,
+                           text.ln_final, text.text_projection, text.pool_type, getattr(text, "eos_id", None))
+    else:
         return None
-    if model.text_pool_type == "argmax":
+    if parts.attn_mask is None or parts.pool_type not in ("argmax", "eos"):
+        return None
+    if parts.pool_type == "eos" and parts.eos_id is None:
+        return None
+    return parts
+
+
+def pooled_positions(model, tokens: torch.Tensor) -> torch.Tensor | None:
+    """The token each prompt's embedding is read from, when ``model``'s text tower is causal and
+    pools one token (:func:`causal_text`); else None."""
+    parts = causal_text(model)
+    if parts is None:
+        return None
+    if parts.pool_type == "argmax":
         return tokens.argmax(dim=-1)
-    if model.text_pool_type == "eos" and getattr(model, "text_eos_id", None) is not None:
-        return (tokens == model.text_eos_id).int().argmax(dim=-1)
-    return None
+    return (tokens == parts.eos_id).int().argmax(dim=-1)
 
 
 def _encode_cut(model, tokens: torch.Tensor, length: int) -> torch.Tensor:
-    """open_clip's ``CLIP.encode_text`` on the first ``length`` tokens (positions and causal mask cut alike)."""
+    """open_clip's ``encode_text`` on the first ``length`` tokens (positions and causal mask cut
+    alike): ``CLIP.encode_text`` and ``TextTransformer.forward`` without a class token compute the same."""
     from open_clip.transformer import text_global_pool
 
+    parts = causal_text(model)
     tokens = tokens[:, :length]
-    cast = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
-    x = model.ln_final(x)
-    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
-    if model.text_projection is not None:
-        x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+    cast = parts.transformer.get_cast_dtype()
+    x = parts.token_embedding(tokens).to(cast) + parts.positional_embedding[:length].to(cast)
+    x = parts.transformer(x, attn_mask=parts.attn_mask[:length, :length])
+    x = parts.ln_final(x)
+    x = text_global_pool(x, tokens, parts.pool_type, eos_token_id=parts.eos_id)
+    projection = parts.text_projection
+    if projection is not None:
+        x = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
     return x
 
 

@@ -16,6 +16,7 @@ from clipfold.errors import CheckpointError, ModelError, UnknownModelError
 from clipfold.runtime.manifest import ModelInfo, PreprocessSpec, sha256_file
 
 from . import tiny
+from .tokenizer import check_buildable, model_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,14 @@ def list_models() -> list[str]:
     return open_clip.list_models()
 
 
-def load_model(name: str, pretrained: str | None = None) -> LoadedModel:
+def load_model(name: str, pretrained: str | None = None, tokenizer: str | Path | None = None) -> LoadedModel:
     """Build ``name`` from open_clip's registry and load weights.
 
     ``pretrained`` is an open_clip tag (through open_clip's own loader), a local checkpoint path
     (safetensors, or torch.load with weights_only=True), or None: the embedded tiny model gets
     its trained checkpoint, any other model keeps random weights (for shapes and latency).
+    ``tokenizer``: a local Hugging Face tokenizer (folder or ``tokenizer.json``) for models that
+    read text with one (SigLIP); see :mod:`.tokenizer`.
     """
     known = list_models()
     if name not in known:
@@ -50,6 +53,8 @@ def load_model(name: str, pretrained: str | None = None) -> LoadedModel:
             f"unknown model {name!r}: not in open_clip's registry of {len(known)} models{hint} "
             "(`clipfold models` lists them)")
 
+    check_buildable(name)  # before open_clip reaches for the network
+    text_tokenizer = model_tokenizer(name, tokenizer)
     if pretrained is None and name == tiny.MODEL_NAME:
         pretrained = str(tiny.checkpoint_path())
 
@@ -69,7 +74,7 @@ def load_model(name: str, pretrained: str | None = None) -> LoadedModel:
     model.eval()
     return LoadedModel(
         model=model,
-        tokenizer=open_clip.get_tokenizer(name),
+        tokenizer=text_tokenizer,
         preprocess=preprocess_spec(model),
         info=ModelInfo(
             name=name,

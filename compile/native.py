@@ -77,16 +77,10 @@ def _layer_norm(ln: nn.Module, width: int) -> tuple[np.ndarray, np.ndarray, floa
     return _np(ln.weight), _bias(ln, width), float(ln.eps)
 
 
-def tower_tensors(visual: nn.Module) -> VitWeights:
-    """Pack an open_clip class-token ViT (input normalization already folded) for the kernel.
-
-    Refused, naming the part: any other tower type, attention pooling, pooling other than the
-    class token, token outputs, LayerNorm after pooling, non-linear projections, custom blocks,
-    cross-attention, mixed LayerNorm epsilons.
-    """
-    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
-
-    from .optimize import ClassTokenBlock
+def check_tower(visual: nn.Module) -> None:
+    """Refuse, naming each part, a tower the kernel cannot run; cheap, so compile asks it right
+    after the model loads, before any export (the same checks :func:`tower_tensors` relies on)."""
+    from open_clip.transformer import VisionTransformer
 
     if type(visual) is not VisionTransformer:
         raise ExportError(f"fp32-native runs open_clip's VisionTransformer only; this tower is {type(visual).__name__} "
@@ -114,6 +108,20 @@ def tower_tensors(visual: nn.Module) -> VitWeights:
     if problems:
         raise ExportError("fp32-native cannot run this ViT: " + "; ".join(problems))
 
+
+def tower_tensors(visual: nn.Module) -> VitWeights:
+    """Pack an open_clip class-token ViT (input normalization already folded) for the kernel.
+
+    Refused, naming the part: any other tower type, attention pooling, pooling other than the
+    class token, token outputs, LayerNorm after pooling, non-linear projections, custom blocks,
+    cross-attention, mixed LayerNorm epsilons.
+    """
+    from open_clip.transformer import ResidualAttentionBlock
+
+    from .optimize import ClassTokenBlock
+
+    check_tower(visual)
+    conv = visual.conv1
     width = int(visual.class_embedding.shape[0])
     patch = int(conv.kernel_size[0])
     grid_h, grid_w = (int(g) for g in visual.grid_size)

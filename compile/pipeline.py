@@ -25,6 +25,7 @@ from .adapters.base import ImportRequest
 from .adapters.store import load_adapter
 from .config import CompileConfig, VerifyConfig
 from .native import build_native_variant
+from .native import check_tower as check_native_tower
 from .precision import PRECISIONS, QuantConfig
 from .fold import fold_input_normalization
 from .graph import ClassifierGraph, EmbeddingGraph, export_onnx, io_specs
@@ -143,7 +144,9 @@ def compile_bundle(config: CompileConfig, progress: Callable[[str], None] | None
     check_early(config.precisions, config.quant, config.gate)
     with bundle.staging_dir(config.out, config.overwrite) as stage:
         _say(progress, f"loading {config.model} ({config.pretrained or 'default weights'})")
-        loaded = load_model(config.model, config.pretrained)
+        loaded = load_model(config.model, config.pretrained, config.tokenizer)
+        if NATIVE in config.precisions:  # refused now, not after the fp32 build and its verification
+            check_native_tower(loaded.model.visual)
         adaptation = _adapt(config, loaded, labels, templates, adapter_file, progress)
 
         if NATIVE in config.precisions and adaptation.logits_module is not None:
@@ -151,7 +154,7 @@ def compile_bundle(config: CompileConfig, progress: Callable[[str], None] | None
                               "runs only inside the ONNX graph (build fp32 and the other precisions)")
         top_k = min(config.top_k, len(labels))
         spec = loaded.preprocess
-        visual = fold_input_normalization(adaptation.visual, spec.mean, spec.std)
+        visual = fold_input_normalization(adaptation.visual, spec.mean, spec.std, spec.image_size)
         if config.fuse:
             use_sdpa_attention(visual)
             keep_class_token_only(visual)

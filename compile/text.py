@@ -1,11 +1,15 @@
-"""The text tower as its own graph in the bundle, with CLIP's tokenizer as data (compile --text).
+"""The text tower as its own graph in the bundle, with its tokenizer as data (compile --text).
 
-The graph maps token ids (batch, tokens) to the unit text embedding, with both dimensions
-dynamic: for a causal tower that pools the end-of-text token (CLIP), the runtime cuts each batch
+The graph maps token ids (batch, tokens) to the unit text embedding. For a causal tower that
+pools the end-of-text token (CLIP, EVA) both dimensions are dynamic: the runtime cuts each batch
 right after its longest prompt's end token (see :mod:`.head`), so short queries cost a few tokens,
-not the full context. The tokenizer is written as a ``tokenizers`` file built from open_clip's own
-BPE vocabulary and merges; both the graph and the tokenizer are checked against open_clip
-(``tokenizer(...)`` then ``encode_text``) on prompts and odd strings before the bundle exists.
+not the full context. Any other open_clip text tower (SigLIP's and MobileCLIP's non-causal ones,
+CoCa's with its appended class token) runs ``encode_text`` over the full context. The tokenizer is
+a ``tokenizers`` file: CLIP's built from open_clip's own BPE vocabulary and merges, split at run
+time by open_clip's own pattern (:data:`clipfold.runtime.text.CLIP_SPLIT`); a Hugging Face one
+(SigLIP) copied from the local file the user passed, with truncation and padding to the context
+set in it. Both the graph and the tokenizer are checked against open_clip (``tokenizer(...)`` then
+``encode_text``) on prompts and odd strings before the bundle exists.
 """
 
 from __future__ import annotations
@@ -23,59 +27,77 @@ from clipfold.errors import ConfigError, ExportError, GateError, VerificationErr
 from clipfold.runtime.manifest import TextGate, TextParity, TextTower, TextVariant
 
 from .gate import embedding_failures, row_cosine
-from .head import _encode_cut, pooled_positions
+from .head import _encode_cut, causal_text
+from .tokenizer import LocalHFTokenizer
 
 TEXT_FILE = "text.onnx"
 TOKENIZER_FILE = "tokenizer.json"
-# CLIP's pre-tokenizer split (open_clip's SimpleTokenizer pattern, matched on lower-cased text).
-CLIP_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 # Strings the verification adds to the label prompts: empty, unicode, emoji, HTML, over-long.
 # The text gate's held-out prompts: each label in phrasings unlike the verification prompts.
 GATE_PHRASES = ("{}", "a {}.", "there is a {} in the picture", "a close-up of the {}, seen from above",
                 "my favourite {}!")
 GATE_LABELS = 200  # labels phrased for the gate (the first ones); every label is a candidate answer
 ODD_TEXTS = ("", "Émoji 🐈‍⬛ and ünïcödé", "don't STOP it's", "&amp; html &lt;b&gt;", "mojibake Ã©", "日本語",
-             "tab\there\nnewline", "a.b,c;d:e!f?g 12.5%", "word " * 100)
+             "tab\there\nnewline", "a.b,c;d:e!f?g 12.5%", "word " * 100, "a <start_of_text> b <END_OF_TEXT>",
+             "&lt;end_of_text&gt; it'ſ IT'S", "\u0345 \u1c89 ߺ")
 
 
 class TextGraph(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
+        self.causal = causal_text(model) is not None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.normalize(_encode_cut(self.model, tokens, tokens.shape[1]), dim=-1)
+        if self.causal:
+            return F.normalize(_encode_cut(self.model, tokens, tokens.shape[1]), dim=-1)
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+
+def context_length(model) -> int | None:
+    """The token count the text tower reads (its positional table, less CoCa's appended class token)."""
+    text = getattr(model, "text", None)
+    own = getattr(model, "context_length", None) if text is None else getattr(text, "context_length", None)
+    return int(own) if own is not None else None
 
 
 def unsupported(loaded) -> str | None:
-    """Why this model's text tower cannot be carried yet (None when it can)."""
+    """Why this model's text tower cannot be carried (None when it can)."""
     from open_clip.tokenizer import SimpleTokenizer
+    from open_clip.transformer import TextTransformer
 
-    tok = loaded.tokenizer
-    if not isinstance(tok, SimpleTokenizer):
-        return f"its tokenizer is {type(tok).__name__}; only CLIP's BPE tokenizer is carried so far"
-    if getattr(tok, "reduction_fn", None) is not None or tok.clean_fn.__name__ != "_clean_lower":
-        return "its tokenizer uses a text cleanup other than CLIP's lower-casing"
-    probe = tok(["a"])
-    if pooled_positions(loaded.model, probe) is None:
-        return "its text tower is not a causal CLIP tower pooling the end-of-text token"
-    if probe.shape[1] != loaded.model.attn_mask.shape[0]:
-        return f"its tokenizer's context ({probe.shape[1]}) differs from the tower's ({loaded.model.attn_mask.shape[0]})"
+    from .tokenizer import MissingTokenizer
+
+    tok, model = loaded.tokenizer, loaded.model
+    if isinstance(tok, MissingTokenizer):
+        return tok.message
+    if isinstance(tok, SimpleTokenizer):
+        if getattr(tok, "reduction_fn", None) is not None or tok.clean_fn.__name__ != "_clean_lower":
+            return "its tokenizer uses a text cleanup other than CLIP's lower-casing"
+    elif not isinstance(tok, LocalHFTokenizer):
+        return f"its tokenizer is {type(tok).__name__}; CLIP's BPE and local Hugging Face tokenizer files are carried"
+    from open_clip.model import CLIP
+
+    if not isinstance(model, CLIP) and not isinstance(getattr(model, "text", None), TextTransformer):
+        return f"its text tower is {type(getattr(model, 'text', None)).__name__}, not an open_clip text transformer"
+    context, probe = context_length(model), tok(["a"])
+    if context is None or probe.shape[1] != context:
+        return f"its tokenizer's context ({probe.shape[1]}) differs from the tower's ({context})"
     return None
 
 
 def write_tokenizer(tokenizer, path: Path) -> None:
-    """open_clip's SimpleTokenizer as a ``tokenizers`` file (same vocabulary ids and merges)."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    """open_clip's SimpleTokenizer as a ``tokenizers`` file (same vocabulary ids and merges, the
+    special tokens as added tokens); the runtime splits text with open_clip's pattern first."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
     vocab = dict(tokenizer.encoder)
     merges = sorted(tokenizer.bpe_ranks, key=tokenizer.bpe_ranks.get)
     bpe = models.BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", continuing_subword_prefix="")
     out = Tokenizer(bpe)
-    out.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    out.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    specials = [t for t in vocab if vocab[t] in tokenizer.all_special_ids]
+    out.add_special_tokens([AddedToken(t, normalized=False) for t in specials])
     out.save(str(path))
 
 
@@ -85,22 +107,33 @@ def export_text(loaded, stage: Path, prompts: Sequence[str], opset: int) -> Text
     if reason is not None:
         raise ConfigError(f"--text: {loaded.info.name}'s text tower cannot be carried: {reason}")
     model, tok = loaded.model, loaded.tokenizer
-    context = int(model.attn_mask.shape[0])
-    example = tok(["a photo of a cat.", "a dog"])[:, :8]
-    batch, tokens = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("tokens", min=2, max=context)
+    context, graph = context_length(model), TextGraph(model).eval()
+    example = tok(["a photo of a cat.", "a dog"])
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    shapes = {0: batch}
+    if graph.causal:
+        example, shapes = example[:, :8], {0: batch, 1: torch.export.Dim("tokens", min=2, max=context)}
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(TextGraph(model).eval(), (example,), dynamo=True, verbose=False,
+            program = torch.onnx.export(graph, (example,), dynamo=True, verbose=False,
                                         opset_version=opset, input_names=["tokens"], output_names=["text_embedding"],
-                                        dynamic_shapes={"tokens": {0: batch, 1: tokens}})
+                                        dynamic_shapes={"tokens": shapes})
             program.save(str(stage / TEXT_FILE))
     except Exception as exc:
-        raise ExportError(f"ONNX export of the text tower failed: {type(exc).__name__}: {exc}") from exc
-    write_tokenizer(tok, stage / TOKENIZER_FILE)
-    tower = TextTower(file=TEXT_FILE, tokenizer=TOKENIZER_FILE, context_length=context, start_id=int(tok.sot_token_id),
-                      end_id=int(tok.eot_token_id), cut_after_end=True,
-                      parity=TextParity(prompts=0, embedding_cosine_min=0.0, max_abs_diff=0.0))
+        from .graph import one_line
+
+        raise ExportError(f"ONNX export of the text tower failed: {one_line(exc)}") from exc
+    if isinstance(tok, LocalHFTokenizer):
+        tok.save(stage / TOKENIZER_FILE)
+        tower = TextTower(file=TEXT_FILE, tokenizer=TOKENIZER_FILE, context_length=context, start_id=-1,
+                          end_id=-1, cut_after_end=False, tokenizer_kind="hf", clean=tok.clean,
+                          parity=TextParity(prompts=0, embedding_cosine_min=0.0, max_abs_diff=0.0))
+    else:
+        write_tokenizer(tok, stage / TOKENIZER_FILE)
+        tower = TextTower(file=TEXT_FILE, tokenizer=TOKENIZER_FILE, context_length=context,
+                          start_id=int(tok.sot_token_id), end_id=int(tok.eot_token_id), cut_after_end=graph.causal,
+                          parity=TextParity(prompts=0, embedding_cosine_min=0.0, max_abs_diff=0.0))
     return _verify(loaded, stage, tower, list(prompts) + list(ODD_TEXTS))
 
 

@@ -16,10 +16,11 @@ from typing import Any
 
 from clipfold.errors import BundleError, SchemaVersionError
 
-SCHEMA_VERSION = 7  # 2: optional extra heads; 3: variants carry backends, quantization and an accuracy gate;
+SCHEMA_VERSION = 8  # 2: optional extra heads; 3: variants carry backends, quantization and an accuracy gate;
 # 4: a large head may live outside the graph (HeadInfo.kernel); an optional text tower (Manifest.text);
 # 5: gated reduced-precision text graphs (TextTower.variants); 6: TensorRT engines of a variant (Variant.engines);
-# 7: a variant may be a clipfold-vit folder (fp32-native)
+# 7: a variant may be a clipfold-vit folder (fp32-native); 8: the text tower names its tokenizer kind and cleanup
+# (TextTower.tokenizer_kind, .clean: SigLIP's Hugging Face tokenizer)
 DEFAULT_HEAD = "default"  # the head fused into the variants
 MANIFEST_NAME = "manifest.json"
 
@@ -294,9 +295,11 @@ class TextVariant:
 class TextTower:
     """The text tower as its own graph: token ids (batch, tokens) -> unit embedding (batch, D).
 
-    ``tokenizer`` is a ``tokenizers`` file (CLIP's BPE) used after CLIP's text cleanup; ids are
-    ``[start, ..., end]`` cut at ``context_length``. With ``cut_after_end`` the tower is causal and
-    pools the end token, so a batch may stop right after its longest prompt's end token.
+    ``tokenizer`` is a ``tokenizers`` file. ``tokenizer_kind`` ``clip``: CLIP's BPE after CLIP's text
+    cleanup, ids ``[start, ..., end]`` cut at ``context_length``; ``hf``: a Hugging Face tokenizer
+    (SigLIP's; start and end ids -1) whose file truncates and pads to ``context_length`` itself, after open_clip's
+    ``clean`` step (``lower``, ``canonicalize`` or ``whitespace``). With ``cut_after_end`` the tower
+    is causal and pools the end token, so a batch may stop right after its longest prompt's end token.
     """
 
     file: str
@@ -307,11 +310,17 @@ class TextTower:
     cut_after_end: bool
     parity: TextParity
     variants: tuple[TextVariant, ...] = ()  # reduced-precision text graphs, each gated against ``file``
+    tokenizer_kind: str = "clip"  # "clip" or "hf"
+    clean: str = "lower"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "parity", _coerce(TextParity, self.parity))
         object.__setattr__(self, "variants", tuple(_coerce(TextVariant, v) for v in self.variants))
         _check(self.context_length >= 2, f"text context_length {self.context_length} < 2")
+        _check(self.tokenizer_kind in ("clip", "hf"), f"text tokenizer_kind {self.tokenizer_kind!r} (expected clip or hf)")
+        _check(self.clean in ("lower", "canonicalize", "whitespace"),
+               f"text clean {self.clean!r} (expected lower, canonicalize or whitespace)")
+        _check(self.tokenizer_kind == "hf" or self.clean == "lower", "CLIP's tokenizer cleans with 'lower' only")
 
     def graph_for(self, variant: str | None) -> tuple[str, str]:
         """(name, file) of the text graph that goes with image variant ``variant``: the text

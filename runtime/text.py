@@ -1,16 +1,21 @@
 """Text queries at serving time, without torch: CLIP's tokenizer as data, and the text graph.
 
-The tokenizer is a ``tokenizers`` file written by compile from open_clip's own BPE vocabulary and
-merges (CLIP's split pattern, byte-level alphabet and ``</w>`` word ends), applied after the same
-cleanup open_clip does (ftfy, HTML unescaping twice, whitespace collapsed, lower case), so the
-ids are open_clip's. A prompt longer than the context is cut, keeping the end token last, and
-the result says so. Embeddings are cached by cleaned text (LRU): a server sees the same queries
+CLIP's tokenizer is a ``tokenizers`` file written by compile from open_clip's own BPE vocabulary
+and merges (byte-level alphabet and ``</w>`` word ends), applied after the same cleanup open_clip
+does (ftfy, HTML unescaping twice, whitespace collapsed, lower case) and open_clip's own split
+(:data:`CLIP_SPLIT`, run by the same ``regex`` engine with the same flags: special tokens in any
+case, case-insensitive contractions, the same Unicode tables), so the ids are open_clip's. A
+prompt longer than the context is cut, keeping the end token last, and the result says so.
+A Hugging Face tokenizer (SigLIP's) is its own ``tokenizers`` file with truncation and padding
+to the context set in it, after open_clip's cleanup of that model (:class:`PaddedTokenizer`).
+Embeddings are cached by cleaned text (LRU): a server sees the same queries
 again and again.
 """
 
 from __future__ import annotations
 
 import html
+import string
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,21 +23,33 @@ from typing import Sequence
 
 import numpy as np
 
-from clipfold.errors import BackendUnavailableError, ConfigError
+from clipfold.errors import BackendUnavailableError, BundleError, ConfigError
 
 from .manifest import TextTower
 
 CACHE_SIZE = 4096
 
 
-def clean_text(text: str) -> str:
-    """open_clip's ``basic_clean`` + ``whitespace_clean`` + lower case."""
+# open_clip's SimpleTokenizer split (open_clip/tokenizer.py, SimpleTokenizer.__init__), matched with
+# the ``regex`` module and re.IGNORECASE as there: the special tokens first, in any case.
+CLIP_SPLIT = r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+CLEANUPS = ("lower", "canonicalize", "whitespace")  # open_clip's get_clean_fn names
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def clean_text(text: str, clean: str = "lower") -> str:
+    """open_clip's ``basic_clean``, then its ``clean`` step (open_clip/tokenizer.py, get_clean_fn):
+    ``lower`` (CLIP: whitespace collapsed, lower case), ``canonicalize`` (SigLIP: punctuation
+    removed, lower case, whitespace collapsed) or ``whitespace`` (whitespace collapsed)."""
     try:
         import ftfy
     except ImportError:
         raise BackendUnavailableError("text queries need ftfy (pip install ftfy), as open_clip's tokenizer does") from None
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    return " ".join(text.split()).strip().lower()
+    if clean == "canonicalize":  # big_vision's canonicalize_text, as open_clip has it
+        text = text.replace("_", " ").translate(_PUNCTUATION).lower()
+    text = " ".join(text.split()).strip()
+    return text.lower() if clean == "lower" else text
 
 
 class ClipTokenizer:
@@ -43,11 +60,25 @@ class ClipTokenizer:
             from tokenizers import Tokenizer
         except ImportError:
             raise BackendUnavailableError("text queries need the tokenizers library (pip install tokenizers)") from None
+        try:
+            import regex
+        except ImportError:
+            raise BackendUnavailableError("text queries need the regex library (pip install regex), as open_clip's "
+                                          "tokenizer does") from None
         self.bpe = Tokenizer.from_file(str(path))
+        self.split = regex.compile(CLIP_SPLIT, regex.IGNORECASE)
         self.context_length, self.start_id, self.end_id = context_length, start_id, end_id
 
+    @staticmethod
+    def clean(text: str) -> str:
+        return clean_text(text, "lower")
+
     def encode(self, cleaned: str) -> list[int]:
-        return self.bpe.encode(cleaned, add_special_tokens=False).ids if cleaned else []
+        """open_clip's pieces, each byte-level BPE'd as one word; a piece that is exactly a special
+        token is that token (the file holds both as added tokens), any other case of it is BPE'd
+        as open_clip does (its cache holds the lower-case strings only)."""
+        pieces = self.split.findall(cleaned)
+        return self.bpe.encode(pieces, is_pretokenized=True, add_special_tokens=False).ids if pieces else []
 
     def __call__(self, texts: Sequence[str], cleaned: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """``cleaned=True``: the texts already went through :func:`clean_text` (it is not idempotent:
@@ -62,6 +93,43 @@ class ClipTokenizer:
                 truncated[row] = True
             ids[row, :len(tokens)] = tokens
         return ids, truncated
+
+
+class PaddedTokenizer:
+    """A Hugging Face tokenizer (SigLIP's) as its ``tokenizers`` file, truncation and padding to the
+    context set in the file by compile, after open_clip's cleanup of the model: open_clip's
+    ``HFTokenizer`` (its ``tokenizer(texts, max_length=context, padding="max_length", truncation=True)``
+    is this file's ``encode_batch``, special tokens added by its post-processor)."""
+
+    def __init__(self, path: Path, context_length: int, clean: str):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise BackendUnavailableError("text queries need the tokenizers library (pip install tokenizers)") from None
+        self.bpe = Tokenizer.from_file(str(path))
+        truncation, padding = self.bpe.truncation, self.bpe.padding
+        if not truncation or truncation["max_length"] != context_length or not padding \
+                or padding["length"] != context_length:
+            raise BundleError(f"tokenizer {path.name} does not truncate and pad to the text context {context_length} "
+                              "(compile writes both); the bundle is damaged")
+        self.context_length, self.clean_kind = context_length, clean
+
+    def clean(self, text: str) -> str:
+        return clean_text(text, self.clean_kind)
+
+    def __call__(self, texts: Sequence[str], cleaned: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        texts = [t if cleaned else self.clean(t) for t in texts]
+        encodings = self.bpe.encode_batch(texts) if texts else []
+        ids = np.array([e.ids for e in encodings], np.int64).reshape(len(texts), self.context_length)
+        return ids, np.array([bool(e.overflowing) for e in encodings], bool)
+
+
+def tokenizer_for(bundle: Path, tower: TextTower) -> ClipTokenizer | PaddedTokenizer:
+    """The tower's tokenizer: CLIP's BPE, or a Hugging Face tokenizer file (``tower.tokenizer_kind``)."""
+    path = Path(bundle) / tower.tokenizer
+    if tower.tokenizer_kind == "hf":
+        return PaddedTokenizer(path, tower.context_length, tower.clean)
+    return ClipTokenizer(path, tower.context_length, tower.start_id, tower.end_id)
 
 
 @dataclass(frozen=True)
@@ -81,8 +149,7 @@ class TextEncoder:
 
         self.tower = tower
         self.variant, file = tower.graph_for(variant)  # the text graph that goes with that image variant
-        self.tokenizer = ClipTokenizer(Path(bundle) / tower.tokenizer, tower.context_length, tower.start_id,
-                                       tower.end_id)
+        self.tokenizer = tokenizer_for(Path(bundle), tower)
         self.graph = OnnxRuntimeBackend(Path(bundle) / file, (TensorSpec("tokens", "int64", ("batch", "tokens")),),
                                         (TensorSpec("text_embedding", "float32", ("batch", "dim")),), threads, spin)
         self.cache: OrderedDict[str, tuple[np.ndarray, bool]] = OrderedDict()
@@ -91,7 +158,7 @@ class TextEncoder:
     def embed(self, texts: Sequence[str]) -> TextEmbeddings:
         if isinstance(texts, str):
             raise ConfigError("embed_text takes a list of strings; wrap a single query in a list")
-        keys = [clean_text(t) for t in texts]
+        keys = [self.tokenizer.clean(t) for t in texts]
         if not keys or not all(keys):
             raise ConfigError("a text query is empty (or only whitespace); expected at least one word per query")
         found = {k: self.cache[k] for k in keys if k in self.cache}
