@@ -181,6 +181,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from clipfold.runtime import Engine
 
     engine = Engine.open(args.bundle, variant=args.variant, threads=args.threads, head=args.head, backend=args.backend)
+    if engine.variant_reason:  # --variant auto: which variant, and the figures that chose it
+        print(f"variant auto: {engine.variant.name}: {engine.variant_reason}", file=sys.stderr)
     with warnings.catch_warnings(record=True) as clamped:  # a k above the graph's top-k: one note, not a warning
         warnings.simplefilter("always")
         k = engine.clamp_k(args.k)

@@ -119,7 +119,28 @@ def profile(cfg: ProfileConfig, progress: Callable[[str], None] | None = None) -
         if predictions is not None and reference is not None:
             r["agreement"] = sum(a == b for a, b in zip(predictions, reference)) / len(reference)
         rows.append(Row(**r))
+    _record(cfg, jobs, rows, say)
     return rows
+
+
+def _record(cfg: ProfileConfig, jobs: list[tuple[str, dict]], rows: list[Row], say: Callable[[str], None]) -> None:
+    """Each bundle's engine rows, measured with each variant's own backend, as this CPU's profile
+    record in the bundle (``variant="auto"`` reads it; see :mod:`clipfold.runtime.variant_choice`)."""
+    from clipfold.errors import ClipfoldError
+    from clipfold.runtime.variant_choice import write_record
+
+    measured: dict[str, dict[str, dict]] = {}
+    for (kind, job), row in zip(jobs, rows):
+        if kind == "engine" and row.status == "ok" and cfg.backend is None:
+            measured.setdefault(job["bundle"], {})[row.variant] = {
+                "backend": row.backend,
+                "ms_per_image": {b: lat["p50"] / int(b) for b, lat in row.latency_ms.items()}}
+    for bundle, variants in measured.items():
+        try:
+            path = write_record(Path(bundle), variants, cfg.threads)
+            say(f"recorded this CPU's profile of {len(variants)} variant(s) in {path}")
+        except (OSError, ClipfoldError) as exc:  # a read-only bundle still gets its table and JSON
+            say(f"profile not recorded in {bundle}: {exc}")
 
 
 def eager_name(mode: str) -> str:

@@ -54,6 +54,7 @@ class Engine:
         self.batch_size = batch_size
         self.head = head  # None: the default head fused into the variant
         self.head_backend = head_backend
+        self.variant_reason: str | None = None  # why variant="auto" picked this variant
         self.threads, self.spin = threads, spin
         self._text = None  # the text encoder, opened on the first text query
         self.text_variant = text_variant  # None: the text variant named like ``variant``, else fp32
@@ -65,6 +66,10 @@ class Engine:
              verify_checksums: bool = True, head: str | None = None, text_variant: str | None = None,
              spin: bool = True) -> "Engine":
         """Read the manifest (refusing newer schemas), check every checksum, open the backend(s).
+
+        ``variant="auto"``: the fastest variant this CPU runs, from the bundle's profile record for
+        this CPU, else timed here within a few seconds (:mod:`~clipfold.runtime.variant_choice`);
+        ``variant_reason`` says which figures decided.
 
         ``backend=None`` opens the variant with its own first backend (``onnxruntime`` for the ONNX
         variants, ``native`` for ``fp32-native``); an extra head is an ONNX graph and runs in
@@ -79,6 +84,18 @@ class Engine:
         manifest = Manifest.read(path)
         if verify_checksums:
             verify_files(path, manifest)
+        if variant == "auto":  # the fastest variant that runs on this CPU (runtime/variant_choice.py)
+            from .variant_choice import choose, log
+
+            def reopen(name: str) -> "Engine":  # the files were checked above
+                return cls.open(path, variant=name, backend=backend, threads=threads, batch_size=batch_size,
+                                verify_checksums=False, head=head, text_variant=text_variant, spin=spin)
+
+            name, reason = choose(path, manifest, batch_size, reopen)
+            log.info("variant auto: %s (%s)", name, reason)
+            engine = reopen(name)
+            engine.variant_reason = reason
+            return engine
         chosen = manifest.variant(variant)
         if text_variant is not None:
             names = ["fp32"] + [v.name for v in manifest.text.variants] if manifest.text is not None else []

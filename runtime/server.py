@@ -702,6 +702,9 @@ def serve(bundles: Sequence[str | Path], config: ServeConfig, *, variant: str | 
     engines, attached = open_models(bundles, variant=variant, indexes=indexes, threads=config.threads,
                                     spin=config.spin)
     server = ClipfoldServer(engines, config, attached)
+    for name, engine in sorted(engines.items()):
+        if getattr(engine, "variant_reason", None):  # --variant auto: which variant, and the figures that chose it
+            progress(f"{name}: variant auto chose {engine.variant.name}: {engine.variant_reason}")
     handler = logging.StreamHandler()
     handler.setFormatter(JsonLogFormatter())
     log.addHandler(handler)
