@@ -56,6 +56,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         adapter=args.adapter, method=args.method, method_options=_options(args.set),
         precisions=precisions, kernel_head_classes=args.kernel_head_classes, text=args.text, tokenizer=args.tokenizer,
         text_precisions=tuple(p for p in (args.text_precision or "").split(",") if p),
+        if_faster=tuple(p for p in (args.if_faster or "").split(",") if p),
         quant=QuantConfig(calib=args.calib, calibration=args.calibration, calib_images=args.calib_images,
                           per_channel=args.per_channel, search=not args.no_search,
                           keep_float=DEFAULT_KEEP_FLOAT + tuple(args.keep_float or ())),
@@ -408,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"instead of inside the graph (default {KERNEL_HEAD_CLASSES}; off: always in the graph)")
     q = p.add_argument_group("precision variants (each gated against fp32 before it is written)")
     q.add_argument("--precision", default="fp32", help=f"comma list of {', '.join(PRECISIONS)} (fp32 is always built)")
+    q.add_argument("--if-faster", default=None, metavar="P[,P...]",
+                   help="fp32-native and/or bf16: built only where this CPU runs them, kept only where they measure "
+                   "faster than fp32 at batch 1 (else skipped or dropped, saying why)")
     q.add_argument("--calib", type=Path, default=None, help="folder of calibration images (default: a fitted adapter's support folder, else generated images)")
     q.add_argument("--calibration", default="minmax", choices=CALIBRATIONS, help="activation range method of int8-static (fp8 always uses the distribution)")
     q.add_argument("--calib-images", type=int, default=32, help="calibration images to use (default 32)")

@@ -65,6 +65,9 @@ class CompileConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     fuse: bool = True  # ONNX Runtime fused operators in the fp32 graph (see optimize.py)
+    # CPU alternatives to the fp32 engine (fp32-native, bf16) built only where this machine runs them
+    # and kept only where they measure faster than fp32 at batch 1 (compile/speed_check.py).
+    if_faster: tuple[str, ...] = ()
     # A linear head with at least this many classes is scored by the top-k kernel at run time
     # instead of a dense MatMul + Softmax + TopK in the graph (runtime/kernel_head.py); None: never.
     kernel_head_classes: int | None = KERNEL_HEAD_CLASSES
@@ -76,6 +79,11 @@ class CompileConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precisions", parse_precisions(self.precisions))
+        if self.if_faster:
+            from .speed_check import check_if_faster
+
+            names = self.if_faster.split(",") if isinstance(self.if_faster, str) else self.if_faster
+            object.__setattr__(self, "if_faster", check_if_faster(names))
         object.__setattr__(self, "text_precisions", check_text_precisions(self.text_precisions, self.text))
         if self.kernel_head_classes is not None and self.kernel_head_classes < 1:
             raise ConfigError(f"kernel_head_classes must be >= 1 (or None for never), got {self.kernel_head_classes}")

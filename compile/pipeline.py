@@ -33,6 +33,7 @@ from .head import build_zero_shot_head, resolve_templates
 from .heads import Head
 from .load import load_model
 from .optimize import FUSED_OPS, fuse_for_onnxruntime, keep_class_token_only, op_counts, use_sdpa_attention
+from .speed_check import keep_if_faster, resolve
 from .variants import Sources, build_variants, check_early
 from .text import build_text_variants, export_text
 from .verify import eager_reference, verification_pixels, verify_onnx
@@ -141,14 +142,25 @@ def compile_bundle(config: CompileConfig, progress: Callable[[str], None] | None
                          "omit --labels to use the adapter's")
     templates = () if adapter_file is not None else registry.import_templates(config.method, config.templates,
                                                                                config.model)
+    # --if-faster: the CPU alternatives to fp32 this machine runs, built and then kept only where faster
+    conditional = resolve(config.precisions, config.if_faster, lambda message: _say(progress, message))
+    if config.if_faster:
+        config = dataclasses.replace(config, precisions=(*config.precisions, *conditional), if_faster=())
     check_early(config.precisions, config.quant, config.gate)
     with bundle.staging_dir(config.out, config.overwrite) as stage:
         _say(progress, f"loading {config.model} ({config.pretrained or 'default weights'})")
         loaded = load_model(config.model, config.pretrained, config.tokenizer)
+        if NATIVE in conditional:  # --if-faster: a tower the kernel cannot run is skipped, not refused
+            try:
+                check_native_tower(loaded.model.visual)
+            except ExportError as exc:
+                config = _skip_native(config, str(exc), progress)
         if NATIVE in config.precisions:  # refused now, not after the fp32 build and its verification
             check_native_tower(loaded.model.visual)
         adaptation = _adapt(config, loaded, labels, templates, adapter_file, progress)
 
+        if NATIVE in conditional and adaptation.logits_module is not None:
+            config = _skip_native(config, "the head is image-conditioned and runs only inside the ONNX graph", progress)
         if NATIVE in config.precisions and adaptation.logits_module is not None:
             raise ExportError(f"{NATIVE} needs a folded head; the {config.method} head is image-conditioned and "
                               "runs only inside the ONNX graph (build fp32 and the other precisions)")
@@ -204,12 +216,14 @@ def compile_bundle(config: CompileConfig, progress: Callable[[str], None] | None
             prompts = [t.format(label) for label in labels[:64] for t in (templates or ("{}",))[:4]]
             text = export_text(loaded, stage, prompts, config.opset)
             text = build_text_variants(stage, text, config.text_precisions, labels, config.quant, config.gate, progress)
+        built = keep_if_faster(conditional, variant, (*native, *extra), stage, pixels,
+                               lambda message: _say(progress, message))
         manifest = Manifest(
             model=loaded.info,
             labels=labels,
             head=adaptation.info,
             preprocess=spec,
-            variants=(variant, *native, *extra),
+            variants=(variant, *built),
             default_variant="fp32",
             files=bundle.checksum_tree(stage),
             producer=producer_versions(),
@@ -218,6 +232,11 @@ def compile_bundle(config: CompileConfig, progress: Callable[[str], None] | None
         )
         path = bundle.commit(stage, manifest, config.out)
     return CompileResult(path=path, manifest=manifest, seconds=time.perf_counter() - start)
+
+
+def _skip_native(config: CompileConfig, why: str, progress) -> CompileConfig:
+    _say(progress, f"skipping {NATIVE} (--if-faster): {why}")
+    return dataclasses.replace(config, precisions=tuple(p for p in config.precisions if p != NATIVE))
 
 
 def _kernel_head_rows(config: CompileConfig, adaptation: _Adaptation, progress) -> np.ndarray | None:
