@@ -57,7 +57,8 @@ class _Failed(Exception):
 
 def status_of(exc: BaseException) -> tuple[Any, str]:
     """The gRPC status code and message for a request's failure."""
-    from .server import PayloadTooLarge, UnknownModel
+    from .limits import PayloadTooLarge, RequestTimeout
+    from .server import UnknownModel
 
     if isinstance(exc, UnknownModel):
         return grpc.StatusCode.NOT_FOUND, str(exc)
@@ -65,7 +66,7 @@ def status_of(exc: BaseException) -> tuple[Any, str]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, BatcherClosedError):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
-    if isinstance(exc, asyncio.TimeoutError):
+    if isinstance(exc, (asyncio.TimeoutError, RequestTimeout)):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "the request took longer than the server's time limit"
     if isinstance(exc, (RequestError, ImageError, ConfigError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
@@ -235,6 +236,7 @@ class GrpcService(_Servicer):
         if isinstance(request, _Malformed):
             raise RequestError(request.message)
         s, m = self.s, self._model(request.model_name, request.model_version)
+        deadline = time.monotonic() + self.config.timeout_s  # decoding stops there, as over HTTP
         alternatives = (IMAGE_INPUT,) if m.kind == "image" else ()
         loop = asyncio.get_running_loop()
         if any(t.HasField("contents") for t in request.inputs):  # typed values: numpy conversion off the loop
@@ -250,7 +252,7 @@ class GrpcService(_Servicer):
                 if rows > self.config.max_items:
                     raise RequestError(f"{rows} images in one request; this server decodes at most "
                                        f"{self.config.max_items} per request")
-                pixels = await loop.run_in_executor(None, s._pixels, m, list(req.inputs["image"]))
+                pixels = await loop.run_in_executor(None, s._pixels, m, list(req.inputs["image"]), deadline)
             else:
                 pixels = req.inputs["pixels"]
             out = await s.rows(m, pixels)

@@ -38,6 +38,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from clipfold.runtime.grpc_service import check_port, status_of  # noqa: E402
+from clipfold.runtime.limits import PayloadTooLarge, RequestTimeout  # noqa: E402
 from clipfold.runtime.server import ClipfoldServer, ServeConfig, open_models  # noqa: E402
 
 from .live_server import LiveServer, free_port  # noqa: E402
@@ -294,6 +295,9 @@ BAD = [  # (request, status code, message)
      "INVALID_ARGUMENT", "unknown output 'logits'"),
     (pb.ModelInferRequest(model_name="tiny-text", inputs=[_tensor("text", "BYTES", (1,))],
                           raw_input_contents=[b"\x02\x00\x00\x00\xff\xfe"]), "INVALID_ARGUMENT", "UTF-8"),
+    (pb.ModelInferRequest(model_name="tiny-text", inputs=[_tensor("text", "BYTES", (1,))],
+                          raw_input_contents=[(40_000).to_bytes(4, "little") + b"a" * 40_000]),
+     "RESOURCE_EXHAUSTED", "40,000 bytes"),  # over the server's bytes per text
 ]
 
 
@@ -370,6 +374,8 @@ def test_status_of_each_failure():
     assert status_of(QueueFullError("full"))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert status_of(BatcherClosedError("closed"))[0] == grpc.StatusCode.UNAVAILABLE
     assert status_of(asyncio.TimeoutError())[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert status_of(RequestTimeout("decoding passed the deadline"))[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert status_of(PayloadTooLarge("text 0 is 9,000 bytes"))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert status_of(ConfigError("bad"))[0] == grpc.StatusCode.INVALID_ARGUMENT
     code, message = status_of(ZeroDivisionError("bug"))  # only a bug is INTERNAL, without its text
     assert code == grpc.StatusCode.INTERNAL and "bug" not in message
