@@ -199,14 +199,23 @@ def test_quantized_text_graphs_are_gated(tiny_labels, tmp_path):
     with pytest.raises(errors.BundleError, match=r"no text variant 'int4-weight'.*'fp32', 'int8-weight'"):
         Engine.open(result.path, text_variant="int4-weight")
 
-    # int4 weights move the tiny tower's embeddings too far (measured: 98.0 % top-1 agreement, cosine
-    # min 0.9929): refused, naming the figures; nothing written.
-    with pytest.raises(errors.GateError, match=r"text variant int4-weight misses the gate.*top-1 agreement 9\d\.\d+% < 99"):
+    # A text variant that misses the gate is refused, naming the figures; nothing written. How far
+    # int4 weights move the tiny tower's embeddings depends on the CPU's int8 kernels (accuracy level
+    # 4; 98.0 % top-1 agreement, cosine min 0.9929 on an AVX2-only EPYC), so the limits come from this
+    # machine's own figures: half the worst cosine error, and every top-1 pick.
+    loose = GateConfig(min_cosine=0.0, min_top1_agreement=0.0)
+    q4 = compile_bundle(CompileConfig(labels=tiny_labels, out=tmp_path / "q4-loose.bundle", text=True,
+                                      text_precisions=("int4-weight",), gate=loose)).manifest.text.variants[0].gate
+    assert q4.embedding_cosine_min < 1.0
+    limit = 1.0 - (1.0 - q4.embedding_cosine_min) / 2
+    with pytest.raises(errors.GateError, match=r"^text variant int4-weight misses the gate") as info:
         compile_bundle(CompileConfig(labels=tiny_labels, out=tmp_path / "q4.bundle", text=True,
-                                     text_precisions=("int4-weight",)))
-    with pytest.raises(errors.GateError, match=r"text variant int4-weight misses the gate.*min embedding cosine 0\.99\d+ < 0\.999"):
-        compile_bundle(CompileConfig(labels=tiny_labels, out=tmp_path / "q4.bundle", text=True,
-                                     text_precisions=("int4-weight",), gate=GateConfig(min_top1_agreement=0.0, min_cosine=0.999)))
+                                     text_precisions=("int4-weight",),
+                                     gate=GateConfig(min_cosine=limit, min_top1_agreement=1.0)))
+    failures = info.value.failures
+    assert failures[0].startswith("text int4-weight: min embedding cosine 0.") and failures[0].endswith(f" < {limit}")
+    flipped = [f"text int4-weight: top-1 agreement {q4.top1_agreement:.2%} < 100.00%"] if q4.top1_agreement < 1 else []
+    assert failures[1:] == flipped
     assert not (tmp_path / "q4.bundle").exists()
     with pytest.raises(errors.ConfigError, match="needs --text"):
         CompileConfig(labels=tiny_labels, out=tmp_path / "x", text_precisions=("int8-weight",))
