@@ -319,8 +319,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"head +      {h.name}: {h.head.method}, {len(h.labels)} labels, top-{h.top_k} ({h.file}); parity on "
               f"{h.parity.images} embeddings: top-k agreement {h.parity.topk_agreement:.0%}")
     print(f"checksums   {len(m.files)} files verified")
+    print(f"digest      {engine.digest}  (pin it: clipfold serve --expect-digest NAME=DIGEST)")
     print(f"producer    {', '.join(f'{k} {v}' for k, v in m.producer.items())}")
     return 0
+
+
+def _digests(pairs: list[str]) -> dict[str, str]:
+    """``--expect-digest NAME=DIGEST`` pairs as {name: digest}."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, digest = pair.partition("=")
+        if not sep or not name or not digest:
+            raise ConfigError(f"--expect-digest expects NAME=DIGEST (clipfold inspect prints the digest), got {pair!r}")
+        out[name] = digest
+    return out
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -331,7 +343,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          max_image_pixels=args.max_image_pixels, max_items=args.max_items, timeout_s=args.timeout_s,
                          threads=args.threads, spin=args.spin, preferred_batch=args.preferred_batch,
                          grpc_port=args.grpc_port, ui=args.ui)
-    serve(args.bundles, config, variant=args.variant, indexes=args.index,
+    serve(args.bundles, config, variant=args.variant, indexes=args.index, expect_digests=_digests(args.expect_digest),
           progress=lambda m: print(m, file=sys.stderr, flush=True))
     return 0
 
@@ -557,6 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preferred-batch", type=int, default=None,
                    help="rows at which a batch starts without waiting for --max-delay-ms (default: measured at "
                         "start-up, the smallest batch within 10%% of the engine's best time per image)")
+    p.add_argument("--expect-digest", action="append", default=[], metavar="NAME=DIGEST",
+                   help="serve model NAME only if its bundle has this digest (clipfold inspect prints it); repeatable")
     p.add_argument("--spin", action="store_true",
                    help="let ONNX Runtime threads busy-wait between calls (off: they would take the event loop's cores)")
     p.add_argument("--grpc-port", type=int, default=8001,

@@ -24,9 +24,10 @@ import numpy as np
 from clipfold.errors import BundleError, ConfigError, GateError
 from clipfold.runtime import Engine
 from clipfold.runtime.kernel_head import KernelHead, KernelHeadBackend
-from clipfold.runtime.manifest import MANIFEST_NAME, EngineRecord, sha256_file
+from clipfold.runtime.manifest import EngineRecord, sha256_file
 
 from . import gate as gating
+from .bundle import update_manifest
 from .precision import GateConfig
 from .tensorrt import BatchProfile, build_engine, gpu_identity
 
@@ -80,7 +81,7 @@ def build_engines(cfg: EngineBuildConfig, progress: Callable[[str], None] | None
     tag = f"sm{here['compute_capability'].replace('.', '')}-trt{here['tensorrt']}"
     held = gating.held_out_images(manifest.preprocess, manifest.labels, cfg.gate)
     reference = fp32.run_pixels(held.pixels)
-    variants, files, written, obsolete = {v.name: v for v in manifest.variants}, dict(manifest.files), [], []
+    built, new_files, written, obsolete = {}, {}, [], []
     try:
         for variant in targets:
             stem = Path(variant.file).stem
@@ -114,31 +115,38 @@ def build_engines(cfg: EngineBuildConfig, progress: Callable[[str], None] | None
             del backend  # its device memory, before the next variant's build
             say(f"  {variant.name} on {here['gpu']}: min cosine {figures.embedding_cosine_min:.5f}, top-1 agreement "
                 f"{figures.top1_agreement:.1%}")
-            replaced = [e for e in variant.engines
-                        if (e.compute_capability, e.tensorrt) == (record.compute_capability, record.tensorrt)]
-            variants[variant.name] = dataclasses.replace(
-                variant, engines=tuple(e for e in variant.engines if e not in replaced) + (dataclasses.replace(record, gate=figures),))
-            for old in replaced:
-                files.pop(old.file, None)
-                files.pop(old.timing_cache, None)
-                obsolete.extend([old.file, old.timing_cache])
+            built[variant.name] = dataclasses.replace(record, gate=figures)
             for path, name, digest in zip(staged, (plan, cache), digests):
                 os.replace(path, cfg.bundle / name)
                 if name not in manifest.files:  # a byte-identical rebuild keeps its listed name: never remove it
                     written.append(cfg.bundle / name)
-                files[name] = digest
+                new_files[name] = digest
+
+        def change(current):
+            # Applied to the manifest as committed now (a head add may have finished meanwhile).
+            variants, files = {v.name: v for v in current.variants}, dict(current.files)
+            for name, record in built.items():
+                if name not in variants:
+                    raise BundleError(f"variant {name!r} left bundle {cfg.bundle} while its engine was built; "
+                                      "build again")
+                variant = variants[name]
+                replaced = [e for e in variant.engines
+                            if (e.compute_capability, e.tensorrt) == (record.compute_capability, record.tensorrt)]
+                for old in replaced:
+                    files.pop(old.file, None)
+                    files.pop(old.timing_cache, None)
+                    obsolete.extend([old.file, old.timing_cache])
+                variants[name] = dataclasses.replace(
+                    variant, engines=tuple(e for e in variant.engines if e not in replaced) + (record,))
+            files.update(new_files)
+            return dataclasses.replace(current, variants=tuple(variants[v.name] for v in current.variants), files=files)
+
+        updated = update_manifest(cfg.bundle, change)  # the commit point, under the bundle's lock
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
         raise
-    updated = dataclasses.replace(manifest, variants=tuple(variants[v.name] for v in manifest.variants), files=files)
-    staged = cfg.bundle / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
-    try:
-        staged.write_text(updated.to_json(), encoding="utf-8")
-        os.replace(staged, cfg.bundle / MANIFEST_NAME)  # the commit point
-    finally:
-        staged.unlink(missing_ok=True)
     for name in obsolete:
-        if name not in files:  # a byte-identical rebuild kept the name: that file is listed again
+        if name not in updated.files:  # a byte-identical rebuild kept the name: that file is listed again
             (cfg.bundle / name).unlink(missing_ok=True)
     return updated

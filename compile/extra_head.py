@@ -7,7 +7,8 @@ bundle's own engine embeds the verification images, and the head graph's outputs
 embeddings must equal the head's unfolded formula (scores within ``max_score_diff``, top-k equal up
 to ties). The update is ordered so that no crash leaves a manifest naming a missing or partial
 file: the graph is written under a fresh content-addressed name, then the manifest is replaced
-atomically, then a replaced head's old file is removed.
+atomically under the bundle's lock (:func:`~clipfold.compile.bundle.update_manifest`: two head
+adds at once keep both heads), then a replaced head's old file is removed.
 
 Methods that change an encoder (CLIP-LoRA, MaPLe, CoCoOp) cannot share a backbone: they are
 refused with a pointer to ``clipfold compile``.
@@ -26,12 +27,12 @@ import torch
 from clipfold.errors import BundleError, CheckpointError, ConfigError, VerificationError
 from clipfold.runtime.backend import OnnxRuntimeBackend
 from clipfold.runtime.engine import Engine
-from clipfold.runtime.manifest import (DEFAULT_HEAD, MANIFEST_NAME, ExtraHead, HeadInfo, HeadParity, Manifest,
-                                       sha256_file)
+from clipfold.runtime.manifest import DEFAULT_HEAD, ExtraHead, HeadInfo, HeadParity, Manifest, sha256_file
 
 from .adapters import registry
 from .adapters.base import ImportRequest
 from .adapters.store import load_adapter
+from .bundle import update_manifest
 from .config import VerifyConfig, normalize_labels
 from .graph import HeadGraph, export_head_onnx, head_io_specs
 from .head import build_zero_shot_head, resolve_templates
@@ -159,18 +160,28 @@ def add_head(config: HeadAddConfig, progress: Callable[[str], None] | None = Non
         tmp.unlink(missing_ok=True)
     extra = ExtraHead(name=config.name, file=rel, labels=labels, head=info, inputs=specs[0], outputs=specs[1],
                       top_k=top_k, parity=parity)
-    files = {k: v for k, v in manifest.files.items() if not any(k == h.file for h in existing)}
-    files[rel] = digest
-    updated = replace(manifest, heads=tuple(h for h in manifest.heads if h.name != config.name) + (extra,),
-                      files=files)
-    target = config.bundle / MANIFEST_NAME
-    staged = config.bundle / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
+    replaced: list[ExtraHead] = []
+
+    def change(current: Manifest) -> Manifest:
+        # The manifest as committed now (another head add may have finished meanwhile), not as read above.
+        if current.model != manifest.model:
+            raise BundleError(f"bundle {config.bundle} was replaced by another compile while head {config.name!r} "
+                              "was built; add the head again")
+        before = [h for h in current.heads if h.name == config.name]
+        if before and not config.replace:
+            raise BundleError(f"bundle {config.bundle} already has a head {config.name!r}; pass --replace to replace it")
+        replaced.extend(before)
+        files = {k: v for k, v in current.files.items() if not any(k == h.file for h in before)}
+        files[rel] = digest
+        return replace(current, heads=tuple(h for h in current.heads if h.name != config.name) + (extra,), files=files)
+
     try:
-        staged.write_text(updated.to_json(), encoding="utf-8")
-        os.replace(staged, target)  # the commit point
-    finally:
-        staged.unlink(missing_ok=True)
-    for old in existing:
+        updated = update_manifest(config.bundle, change)  # the commit point, under the bundle's lock
+    except BaseException:
+        if rel not in Manifest.read(config.bundle).files:  # our graph, named by no committed manifest
+            (config.bundle / rel).unlink(missing_ok=True)
+        raise
+    for old in replaced:
         if old.file != rel:
             (config.bundle / old.file).unlink(missing_ok=True)
     return updated

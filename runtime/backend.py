@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from clipfold.errors import BackendUnavailableError, ConfigError
+from clipfold.errors import BackendUnavailableError, BundleError, ConfigError
 from clipfold.kernels.cpu import default_threads
 
 from .manifest import ExtraHead, TensorSpec, Variant
@@ -79,14 +79,28 @@ class OnnxRuntimeBackend(Backend):
         except ImportError:
             raise BackendUnavailableError(
                 "backend 'onnxruntime' is not installed; install clipfold (its base install includes it)") from None
-        self.session = ort.InferenceSession(str(path), cpu_session_options(threads, spin),
-                                            providers=["CPUExecutionProvider"])
+        self.session = open_session(ort, path, cpu_session_options(threads, spin), ["CPUExecutionProvider"])
         self.output_names = [o.name for o in self.outputs]
 
     def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {spec.name: inputs[spec.name] for spec in self.inputs}
         values = self.session.run(self.output_names, feeds)
         return dict(zip(self.output_names, values))
+
+
+def open_session(ort, path: Path, options, providers):
+    """``ort.InferenceSession``, its failures (an empty, truncated or invalid graph file; an operator
+    this ONNX Runtime lacks) as one :class:`BundleError` naming the file instead of ONNX Runtime's
+    own exception and traceback."""
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:  # onnxruntime's pybind errors (InvalidProtobuf, Fail, ...) share no base class
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        size = Path(path).stat().st_size if Path(path).is_file() else None
+        raise BundleError(f"ONNX Runtime cannot load graph {Path(path).name} ({path}, "
+                          f"{'missing' if size is None else f'{size} bytes'}): {type(exc).__name__}: "
+                          f"{lines[0][:300] if lines else 'no message'}; the bundle file is damaged or was "
+                          "written for a newer ONNX Runtime") from None
 
 
 def cpu_session_options(threads: int | None = None, spin: bool = True):
@@ -139,8 +153,8 @@ class OnnxRuntimeCudaBackend(Backend):
                 f"{ort.__version__} offers {ort.get_available_providers()}: install clipfold[gpu]")
         self.ort, self.device = ort, device
         options = session_options(threads, spin)  # CPU threads run the nodes that stay on the CPU
-        self.session = ort.InferenceSession(str(path), options, providers=[
-            ("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"])
+        self.session = open_session(ort, path, options, [("CUDAExecutionProvider", {"device_id": device}),
+                                                         "CPUExecutionProvider"])
         if self.session.get_providers()[0] != "CUDAExecutionProvider":  # e.g. cuDNN missing: never a silent CPU run
             raise BackendUnavailableError(f"ONNX Runtime could not start its CUDA provider for {path.name} (it offers "
                                           f"{self.session.get_providers()}); check the CUDA and cuDNN libraries")

@@ -15,12 +15,15 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from clipfold.errors import BundleError, ChecksumError, ConfigError
+from clipfold.errors import BundleError, ConfigError
 
 from .backend import Backend, open_backend
 from .images import ImageSource, load_image
 from .kernel_head import KernelHead, KernelHeadBackend
-from .manifest import DEFAULT_HEAD, ExtraHead, Manifest, Variant, sha256_file
+from .bundle_files import check_folder_listed, contained
+from .bundle_files import verify_files as _verify_files
+from .bundle_swap import recover_swap
+from .manifest import DEFAULT_HEAD, ExtraHead, Manifest, Variant
 from .text import TextEmbeddings
 from .preprocess import preprocess
 
@@ -59,12 +62,13 @@ class Engine:
         self._text = None  # the text encoder, opened on the first text query
         self.text_variant = text_variant  # None: the text variant named like ``variant``, else fp32
         self._k_clamped = False  # the clamp warning is given once per engine
+        self.digest: str | None = None  # the bundle's digest, set by ``open``
 
     @classmethod
     def open(cls, path: str | Path, *, variant: str | None = None, backend: str | None = None,
              threads: int | None = None, batch_size: int = DEFAULT_BATCH,
              verify_checksums: bool = True, head: str | None = None, text_variant: str | None = None,
-             spin: bool = True) -> "Engine":
+             spin: bool = True, expect_digest: str | None = None) -> "Engine":
         """Read the manifest (refusing newer schemas), check every checksum, open the backend(s).
 
         ``variant="auto"``: the fastest variant this CPU runs, from the bundle's profile record for
@@ -77,13 +81,23 @@ class Engine:
 
         ``spin=False`` stops ONNX Runtime's threads busy-waiting between calls (see
         :class:`~clipfold.runtime.backend.OnnxRuntimeBackend`): for processes that share their
-        cores with other work, such as a server."""
+        cores with other work, such as a server.
+
+        ``expect_digest``: open only the bundle of this digest (``clipfold inspect`` prints it; see
+        :func:`~clipfold.runtime.manifest.bundle_digest`); its files are then always checked."""
         path = Path(path)
+        recover_swap(path)  # a compile --overwrite killed between its two renames
         if not path.is_dir():
             raise BundleError(f"bundle {path} not found (expected a directory holding manifest.json)")
-        manifest = Manifest.read(path)
-        if verify_checksums:
+        manifest, digest = Manifest.read_with_digest(path)
+        if expect_digest is not None and _bare(expect_digest) != _bare(digest):
+            raise BundleError(f"bundle {path} has digest {digest}, not the expected {expect_digest}; refusing to open "
+                              "another bundle than the one pinned")
+        if verify_checksums or expect_digest is not None:
             verify_files(path, manifest)
+        else:  # unchecked contents, but never a file outside the bundle
+            for rel in manifest.files:
+                contained(path, rel)
         if variant == "auto":  # the fastest variant that runs on this CPU (runtime/variant_choice.py)
             from .variant_choice import choose, log
 
@@ -111,8 +125,10 @@ class Engine:
         if manifest.head.kernel is not None:  # the default head is scored by the top-k kernel
             graph = KernelHeadBackend(graph, KernelHead(path / manifest.head.kernel, manifest.head.activation,
                                                         chosen.top_k, len(manifest.labels), threads))
-        return cls(path, manifest, chosen, graph, batch_size=batch_size, head=extra, head_backend=head_backend,
-                   threads=threads, text_variant=text_variant, spin=spin)
+        engine = cls(path, manifest, chosen, graph, batch_size=batch_size, head=extra, head_backend=head_backend,
+                     threads=threads, text_variant=text_variant, spin=spin)
+        engine.digest = digest
+        return engine
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -219,7 +235,7 @@ class Engine:
         if self._text is None:
             from .text import TextEncoder
 
-            self._text = TextEncoder(self.path, self.manifest.text, self.threads,
+            self._text = TextEncoder(self.path, self.manifest.text, self.threads, files=self.manifest.files,
                                      variant=self.text_variant or self.variant.name, spin=self.spin)
         return self._text
 
@@ -239,13 +255,12 @@ def _as_list(images) -> list:
 
 
 def verify_files(path: Path, manifest: Manifest) -> None:
-    """Every file the manifest lists must exist with its recorded sha256."""
-    for rel, expected in manifest.files.items():
-        file = path / rel
-        if not file.is_file():
-            raise ChecksumError(f"bundle {path} is missing {rel}, listed in its manifest")
-        actual = sha256_file(file)
-        if actual != expected:
-            raise ChecksumError(
-                f"bundle file {rel} in {path} is corrupt or was modified: sha256 {actual[:16]}... "
-                f"but the manifest records {expected[:16]}...; recompile the bundle")
+    """Every file the manifest lists must exist inside the bundle with its recorded sha256, and a
+    kernel head's folder may hold no file the manifest does not list."""
+    _verify_files(path, manifest.files)
+    if manifest.head.kernel is not None:
+        check_folder_listed(path, manifest.head.kernel, manifest.files)
+
+
+def _bare(digest: str) -> str:
+    return digest.strip().lower().removeprefix("sha256:")

@@ -16,6 +16,8 @@ from typing import Any
 
 from clipfold.errors import BundleError, SchemaVersionError
 
+from .bundle_files import check_relative
+
 SCHEMA_VERSION = 8  # 2: optional extra heads; 3: variants carry backends, quantization and an accuracy gate;
 # 4: a large head may live outside the graph (HeadInfo.kernel); an optional text tower (Manifest.text);
 # 5: gated reduced-precision text graphs (TextTower.variants); 6: TensorRT engines of a variant (Variant.engines);
@@ -353,6 +355,9 @@ class Manifest:
         object.__setattr__(self, "preprocess", _coerce(PreprocessSpec, self.preprocess))
         object.__setattr__(self, "variants", tuple(_coerce(Variant, v) for v in self.variants))
         object.__setattr__(self, "labels", tuple(self.labels))
+        _check(isinstance(self.files, dict), "files must map relative paths to sha256 digests")
+        for rel in self.files:  # every path is plain, relative and inside the bundle (issue 20)
+            check_relative(rel, "files entry")
         _check(len(self.labels) > 0, "labels are empty")
         _check(len(set(self.labels)) == len(self.labels), "labels contain duplicates")
         names = [v.name for v in self.variants]
@@ -361,6 +366,7 @@ class Manifest:
         _check(self.default_variant in names,
                f"default_variant {self.default_variant!r} is not one of {names}")
         for v in self.variants:
+            check_relative(v.file, f"variant {v.name!r} file")
             for name in v.stored_files():
                 _check(name in self.files, f"variant file {name!r} has no checksum in files")
             for e in v.engines:
@@ -371,10 +377,12 @@ class Manifest:
         _check(len(set(head_names)) == len(head_names), f"duplicate head names {head_names}")
         _check(DEFAULT_HEAD not in head_names, f"an extra head may not be called {DEFAULT_HEAD!r}")
         for h in self.heads:
+            check_relative(h.file, f"head {h.name!r} file")
             _check(h.file in self.files, f"head file {h.file!r} has no checksum in files")
         if self.text is not None:
             object.__setattr__(self, "text", _coerce(TextTower, self.text))
-            for name in (self.text.file, self.text.tokenizer):
+            for name in (self.text.file, self.text.tokenizer, *(v.file for v in self.text.variants)):
+                check_relative(name, "text file")
                 _check(name in self.files, f"text file {name!r} has no checksum in files")
         if self.head.kernel is not None:
             _check(self.head.kernel.replace("-", "").replace("_", "").isalnum(),
@@ -410,8 +418,8 @@ class Manifest:
         if not isinstance(data, dict):
             raise BundleError("invalid manifest: top level is not a JSON object")
         version = data.get("schema_version")
-        if not isinstance(version, int):
-            raise BundleError("invalid manifest: schema_version is missing or not an integer")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise BundleError(f"invalid manifest: schema_version {version!r} is missing or not a positive integer")
         if version > SCHEMA_VERSION:
             raise SchemaVersionError(
                 f"bundle manifest has schema version {version}, but this clipfold reads versions "
@@ -423,14 +431,29 @@ class Manifest:
 
     @classmethod
     def read(cls, bundle_dir: str | Path) -> "Manifest":
+        return cls.read_with_digest(bundle_dir)[0]
+
+    @classmethod
+    def read_with_digest(cls, bundle_dir: str | Path) -> tuple["Manifest", str]:
+        """The manifest and the bundle's digest (:func:`bundle_digest`)."""
         path = Path(bundle_dir) / MANIFEST_NAME
         if not path.is_file():
             raise BundleError(f"{bundle_dir} is not a clipfold bundle: {MANIFEST_NAME} not found")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise BundleError(f"cannot read {path}: {exc}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(data), bundle_digest(data)
+
+
+def bundle_digest(data: dict[str, Any]) -> str:
+    """A bundle's identity: ``sha256:`` + the sha256 of its manifest as canonical JSON (the parsed
+    manifest.json dumped with sorted keys, no whitespace, UTF-8, non-ASCII kept). The manifest
+    records the sha256 of every other file and each is checked when the bundle is opened, so the
+    digest covers the manifest and every file; any edit (a label, a threshold, a file) changes it,
+    re-indenting manifest.json does not."""
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return "sha256:" + hashlib.sha256(canonical).hexdigest()
 
 
 def _coerce(cls: type, value: Any) -> Any:

@@ -150,18 +150,26 @@ def _meta(spec) -> TensorMeta:
 
 
 def open_models(bundles: Sequence[str | Path], *, variant: str | None = None, indexes: Sequence[str | Path] = (),
-                threads: int | None = None, spin: bool = False) -> tuple[dict[str, Engine], dict[str, Index]]:
+                threads: int | None = None, spin: bool = False,
+                expect_digests: dict[str, str] | None = None) -> tuple[dict[str, Engine], dict[str, Index]]:
     """Open each bundle (its name: the folder name without ``.bundle``) and attach each index to
-    the bundle whose image graph built it."""
+    the bundle whose image graph built it. ``expect_digests``: model name -> the only bundle
+    digest that model may have (``serve --expect-digest NAME=DIGEST``)."""
     if not bundles:
         raise ConfigError("give at least one bundle to serve")
+    expect_digests = dict(expect_digests or {})
+    names = [Path(p).name.removesuffix(".bundle") for p in bundles]
+    unknown = sorted(set(expect_digests) - set(names))
+    if unknown:
+        raise ConfigError(f"--expect-digest names {unknown}, which are not served models; the models are {names}")
     engines: dict[str, Engine] = {}
     for path in map(Path, bundles):
         name = path.name.removesuffix(".bundle")
         if name in engines:
             raise ConfigError(f"two bundles are both named {name!r} ({engines[name].path} and {path}); "
                               "rename one folder")
-        engines[name] = Engine.open(path, variant=variant, threads=threads, spin=spin)
+        engines[name] = Engine.open(path, variant=variant, threads=threads, spin=spin,
+                                    expect_digest=expect_digests.get(name))
     attached: dict[str, Index] = {}
     for path in map(Path, indexes):
         index = Index.open(path)
@@ -690,7 +698,7 @@ class JsonLogFormatter(logging.Formatter):
 
 
 def serve(bundles: Sequence[str | Path], config: ServeConfig, *, variant: str | None = None,
-          indexes: Sequence[str | Path] = (), progress=print) -> None:
+          indexes: Sequence[str | Path] = (), progress=print, expect_digests: dict[str, str] | None = None) -> None:
     """Open the bundles and serve them until SIGINT/SIGTERM (in-flight requests finish first)."""
     require_serve_extra()
     import uvicorn
@@ -700,7 +708,7 @@ def serve(bundles: Sequence[str | Path], config: ServeConfig, *, variant: str | 
 
         check_port(config.host, config.grpc_port)
     engines, attached = open_models(bundles, variant=variant, indexes=indexes, threads=config.threads,
-                                    spin=config.spin)
+                                    spin=config.spin, expect_digests=expect_digests)
     server = ClipfoldServer(engines, config, attached)
     for name, engine in sorted(engines.items()):
         if getattr(engine, "variant_reason", None):  # --variant auto: which variant, and the figures that chose it

@@ -140,16 +140,24 @@ class TextEmbeddings:
 
 class TextEncoder:
     """Tokenize, run the text graph (batches cut after their last end token when the tower is
-    causal), cache by cleaned text."""
+    causal), cache by cleaned text.
+
+    ``files``: the manifest's checksums; given (as ``Engine`` does), the tokenizer and the graph are
+    each checked against theirs right before they are opened, however long after ``Engine.open``."""
 
     def __init__(self, bundle: Path, tower: TextTower, threads: int | None = None, cache_size: int = CACHE_SIZE,
-                 variant: str | None = None, spin: bool = True):
+                 variant: str | None = None, spin: bool = True, files: dict[str, str] | None = None):
         from .backend import OnnxRuntimeBackend
+        from .bundle_files import verified
         from .manifest import TensorSpec
 
         self.tower = tower
         self.variant, file = tower.graph_for(variant)  # the text graph that goes with that image variant
+        if files is not None:
+            verified(Path(bundle), tower.tokenizer, files)
         self.tokenizer = tokenizer_for(Path(bundle), tower)
+        if files is not None:
+            verified(Path(bundle), file, files)
         self.graph = OnnxRuntimeBackend(Path(bundle) / file, (TensorSpec("tokens", "int64", ("batch", "tokens")),),
                                         (TensorSpec("text_embedding", "float32", ("batch", "dim")),), threads, spin)
         self.cache: OrderedDict[str, tuple[np.ndarray, bool]] = OrderedDict()
