@@ -138,14 +138,27 @@ def _options(pairs: list[str] | None) -> dict[str, str]:
     return options
 
 
+def _floats(spec: str, flag: str, count: int) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in spec.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != count:
+        raise ConfigError(f"{flag} expects {count} comma-separated numbers, got {spec!r}")
+    return values
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     from clipfold.compile.adapters.features import ViewConfig, default_cache_dir
     from clipfold.compile.adapters.fit import FitConfig, fit_adapter
 
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    view_args = {"views": args.views, "flip": False if args.no_flip else None,
+                 "crop_scale": _floats(args.crop_scale, "--crop-scale", 2) if args.crop_scale else None}
+    views = ViewConfig(**{k: v for k, v in view_args.items() if v is not None})  # defaults live in ViewConfig
     config = FitConfig(method=args.method, support=args.support, out=args.out, model=args.model,
                        pretrained=args.pretrained, templates=args.templates, shots=args.shots, val=args.val,
-                       views=ViewConfig(views=args.views), cache_dir=cache_dir, seed=args.seed)
+                       views=views, cache_dir=cache_dir, seed=args.seed, options=_options(args.set))
     adapter = fit_adapter(config, progress=_progress(time.perf_counter()))
     hp = {k: v for k, v in adapter.hyperparameters.items()
           if k in ("alpha", "beta", "gamma", "val_accuracy", "selected_on", "cached_features")}
@@ -463,8 +476,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="clipfold-tiny", help="open_clip model name (default: clipfold-tiny)")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint path")
     p.add_argument("--templates", default=None, help="prompt templates of the zero-shot branch (as for compile)")
-    p.add_argument("--views", type=int, default=1, help="feature views per shot: 1 plain + N-1 augmented "
-                   "(random resized crop and flip, as the official caches; they use 11)")
+    p.add_argument("--views", type=int, default=None, help="feature views per shot: 1 plain + N-1 augmented "
+                   "(random resized crop and flip; default 11: the official caches' 10 augmented passes)")
+    p.add_argument("--crop-scale", default=None, metavar="MIN,MAX",
+                   help="RandomResizedCrop scale of the augmented views (default 0.5,1 as the official code)")
+    p.add_argument("--no-flip", action="store_true", help="augmented views without the random horizontal flip")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a fitting option, e.g. an official per-dataset search range: search_scale=7,3 "
+                        "(tip-adapter), feat_num=700 (ape), beta_grid=0.5,3,20 (proker), alpha_grid=0.5,1 (taskres)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where image features are cached (default: ~/.cache/clipfold/features)")
     p.add_argument("--no-cache", action="store_true", help="encode every image, cache nothing")

@@ -31,6 +31,26 @@ def synthetic_task(seed=0, classes=4, dim=24, shots=3, views=3, val_per_class=8,
     return views_t, labels, val_f, val_y, text
 
 
+def raw_views(seed=0, classes=4, dim=24, shots=1, views=11, noise=0.9):
+    """(raw features (E, N, D) of differing norms, labels, unit text): view 0 plain, 1..E-1 augmented."""
+    g = torch.Generator().manual_seed(seed)
+    means = F.normalize(torch.randn(classes, dim, generator=g), dim=-1)
+    labels = torch.arange(classes).repeat_interleave(shots)
+    raw = means[labels] + noise * torch.randn(views, len(labels), dim, generator=g)
+    raw = raw * (0.5 + 3 * torch.rand(views, len(labels), 1, generator=g))  # CLIP features are not unit
+    text = F.normalize(means + 0.8 * torch.randn(classes, dim, generator=g), dim=-1)
+    return raw, labels, text
+
+
+def support_of_raw(raw, labels, text, val_f=None, val_y=None, **kwargs):
+    """A Support as ``fit`` builds it from raw features: unit views plus their norms."""
+    dim = raw.shape[-1]
+    val_f = torch.empty(0, dim) if val_f is None else val_f
+    val_y = torch.empty(0, dtype=torch.long) if val_y is None else val_y
+    return Support(views=F.normalize(raw, dim=-1), labels=labels, val_features=val_f, val_labels=val_y, text=text,
+                   norms=raw.norm(dim=-1), **kwargs)
+
+
 def background_task(tiny, shots=12, val=6, test=300):
     """The zero-shot head, a Support and test features for the background type (4 unseen classes)."""
     names = [f"{b} background" for b in BACKGROUNDS]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from clipfold import errors
+from clipfold.compile.adapters.features import ViewConfig
 from clipfold.compile.adapters.fit import FitConfig, fit_adapter
 from clipfold.compile.tiny import data
 from clipfold.compile.tiny.samples import write_background_folder
@@ -152,3 +153,45 @@ def test_a_second_fit_encodes_nothing_and_every_fitter_runs_from_the_cli(support
     assert "encoding" not in proc.stderr and "'cached_features': 16" in proc.stdout
     proc = _cli("fit", "nope", *args, "--out", str(tmp_path / "x.safetensors"))
     assert proc.returncode != 0 and "invalid choice: 'nope'" in proc.stderr
+
+
+def test_every_method_refits_on_all_shots_after_a_held_out_choice():
+    from clipfold.compile.adapters import registry
+
+    assert set(registry.REFITTERS) == set(registry.FITTERS)
+    for method in registry.FITTERS:
+        assert callable(registry.refitter(method))
+
+
+def test_proker_refit_is_the_closed_form_on_every_shot(support, tmp_path):
+    """Values chosen on a held-out quarter, then trainers/proker.py's closed form on every shot's augmented
+    views: alpha_i = solve(K / lambda + I, Y - vecs @ clip_weights) with the chosen beta and lambda."""
+    out = tmp_path / "proker.safetensors"
+    adapter = fit_adapter(FitConfig("proker", support, out, shots=4, views=ViewConfig(views=3), cache_dir=None,
+                                    templates=("a photo on a {}.", "a {}.")))
+    hp = adapter.hyperparameters
+    assert hp["selected_on"] == "held-out support" and hp["refit_on_all_shots"]
+    cache = adapter.head.caches[0]
+    assert cache.keys.shape[0] == 4 * 4 * 2  # 4 classes x 4 shots x 2 augmented views, not 3 of the 4 shots
+    vecs, clip_weights = cache.keys.double(), adapter.head.linears[0].weight.double().T
+    labels = torch.arange(4).repeat_interleave(4).repeat(2)  # read_folder's class-sorted order, pass by pass
+    kernel = (-hp["beta"] * (1 - vecs @ vecs.T)).exp()
+    official = torch.linalg.solve(kernel / hp["lmbda"] + torch.eye(len(vecs), dtype=torch.float64),
+                                  torch.nn.functional.one_hot(labels).double() - vecs @ clip_weights)
+    assert (cache.values.double() - official).abs().max() <= 1e-4 * official.abs().max()
+
+
+def test_fit_options_reach_the_method_and_unknown_ones_are_refused(support, tmp_path):
+    """`clipfold fit --set`: a dataset's official search range (Tip-Adapter's configs/*.yaml search_scale)."""
+    out = tmp_path / "tip.safetensors"
+    proc = _cli("fit", "tip-adapter", "--support", str(support), "--out", str(out), "--shots", "4", "--views", "2",
+                "--no-cache", "--templates", str(_templates(tmp_path)), "--set", "search_scale=3,2",
+                "--set", "search_step=20,5")
+    assert proc.returncode == 0, proc.stderr
+    from clipfold.compile.adapters.store import load_adapter
+
+    hp = load_adapter(out).hyperparameters
+    assert hp["search_scale"] == [3.0, 2.0] and hp["search_step"] == [20, 5] and hp["options"]["search_scale"] == "3,2"
+    assert 0.1 <= hp["beta"] < 3.0 and 0.1 <= hp["alpha"] < 2.0
+    with pytest.raises(errors.ConfigError, match=r"tip-adapter has no option feat_num; it takes search_scale, search_step"):
+        FitConfig("tip-adapter", support, out, options={"feat_num": "5"})

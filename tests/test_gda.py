@@ -99,3 +99,24 @@ def test_beats_zero_shot_on_a_task_the_model_was_not_trained_to_name(tiny, tmp_p
 def test_bad_support_is_refused(features, labels, classes, pattern):
     with pytest.raises(errors.ConfigError, match=pattern):
         fit_gaussian(features, labels, classes)
+
+
+def test_one_shot_statistics_come_from_the_augmented_passes():
+    """main_few_shots.py run(): vecs = unit features of augment_epoch passes of train_tranform over the
+    shots (no plain view), labels repeated per pass; mus and the KS covariance from those. At 1 shot a
+    plain view alone has zero covariance and leaves zero-shot; the augmented passes do not."""
+    from clipfold.compile.adapters.gda import fit_gda
+
+    from .fewshot_helpers import raw_views, support_of_raw
+
+    raw, labels, text = raw_views(shots=1, views=11)
+    fitted = fit_gda(support_of_raw(raw, labels, text))
+    vecs = F.normalize(raw[1:].reshape(-1, raw.shape[-1]), dim=-1)  # 10 passes, each stacked as the loader yields
+    vec_labels = labels.repeat(10)
+    f = F.normalize(torch.randn(30, raw.shape[-1], generator=torch.Generator().manual_seed(1)), dim=-1)
+    reference = official_gda_logits(f, vecs, vec_labels, text.T, 0.1)  # no val: best_alpha = 0.1
+    ours = fitted.head.fold().logits(f).double()
+    assert fitted.hyperparameters["alpha"] == 0.1
+    assert (ours - reference).abs().max() / reference.abs().max() <= 1e-5
+    assert torch.equal(ours.topk(2).indices, reference.topk(2).indices)
+    assert (reference - 100.0 * f.double() @ text.double().T).abs().max() > 1e-2  # not zero-shot

@@ -100,6 +100,21 @@ def test_init_alpha_is_each_class_against_its_own_text():
     assert abs(expected - all_pairs) > 0.1 * abs(expected)  # the two starts differ on this task
 
 
+def test_refit_on_every_shot_stops_at_the_chosen_epoch():
+    """After the epoch is chosen on held-out shots, the official loop (LinearProbe_P2.forward) runs on all
+    the shots, without validation data, for best_epoch + 1 epochs: its last state is the head."""
+    from clipfold.compile.adapters.lpp import refit_lpp
+
+    views, labels, val_f, val_y, text = synthetic_task(classes=5, dim=32, shots=4, views=2, val_per_class=2)
+    support = Support(views=views, labels=labels, val_features=val_f[:0], val_labels=val_y[:0], text=text, seed=3)
+    refit = refit_lpp(support, {"epochs": 300, "best_epoch": 37, "val_accuracy": 0.8})
+    state = official_lpp(views[1], labels, text.T, 4, val_f[:0], val_y[:0], 38, seed=3)
+    f = F.normalize(torch.randn(30, 32, generator=torch.Generator().manual_seed(4)), dim=-1)
+    reference = official_logits(f, state, text.T)
+    assert rel_diff(refit.head.logits(f), reference) <= 1e-5
+    assert refit.hyperparameters["best_epoch"] == 37 and refit.hyperparameters["val_accuracy"] == 0.8
+
+
 def test_on_real_features_beats_zero_shot(tiny):
     zero_shot, support, test_f, test_y = background_task(tiny)
     text, shots_f, shots_y = support.text, support.features, support.labels

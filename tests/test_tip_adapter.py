@@ -69,3 +69,19 @@ def test_bad_cache_is_refused(labels, pattern):
 def test_nan_features_are_refused():
     with pytest.raises(errors.ConfigError, match="NaN or inf"):
         cache_keys(torch.full((2, 3, 4), float("nan")))
+
+
+def test_fit_keys_are_the_normalized_mean_of_raw_augmented_features():
+    """utils.py build_cache_model: cache_keys = mean over augment_epoch passes of the *raw*
+    clip_model.encode_image features (train_tranform only, no plain view), then divided by the norm."""
+    from clipfold.compile.adapters.tip import fit_tip
+
+    from .fewshot_helpers import raw_views, support_of_raw
+
+    raw, labels, text = raw_views(shots=2, views=5)
+    fitted = fit_tip(support_of_raw(raw, labels, text))
+    official = raw[1:].mean(0)
+    official = official / official.norm(dim=-1, keepdim=True)
+    assert (fitted.head.caches[0].keys.double() - official.double()).abs().max() <= 1e-6
+    unit_mean = F.normalize(F.normalize(raw, dim=-1).mean(0), dim=-1)  # the plain view and unit rows: not it
+    assert (unit_mean - official).abs().max() > 1e-3

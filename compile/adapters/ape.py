@@ -16,6 +16,10 @@ The values are refined by how much each shot disagrees with its class text on th
 
 ``beta``, ``alpha`` and ``gamma`` come from the official grids on the validation split (first best
 in the official loop order: beta, then alpha, then gamma); without one the config's init values.
+``feat_num`` is set per dataset by the official configs (``training_free_feat_num``: 400, 500, 700
+or 800 of RN50's 1024 channels); with validation data each of those fractions of the width is tried
+(first best), without it the ImageNet config's 500/1024; ``--set feat_num=N[,N...]`` gives the
+channel count(s) to try, ``search_scale`` / ``search_step`` a dataset's grid.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch.nn.functional as F
 from clipfold.errors import ConfigError
 
 from ..heads import Cache, Head, Linear
-from .base import Fitted, Support
+from .base import Fitted, Support, floats_option
 from .tip import cache_keys, search_grid
 
 TEXT_SCALE = 100.0
@@ -34,7 +38,9 @@ SEARCH_SCALE = (7.0, 7.0, 0.5)  # (beta, alpha, gamma): the official ImageNet co
 SEARCH_STEP = (200, 20, 5)
 INIT = {"beta": 1.0, "alpha": 2.0, "gamma": 0.1}
 CRITERION_WEIGHTS = (0.7, 0.3)  # w_training_free
-FEAT_FRACTION = 500 / 1024  # the official feat_num of 500 on RN50's 1024 channels
+FEAT_FRACTION = 500 / 1024  # the ImageNet config's feat_num of 500 on RN50's 1024 channels
+FEAT_CANDIDATES = (400 / 1024, 500 / 1024, 700 / 1024, 800 / 1024)  # training_free_feat_num over configs/*.yaml
+FIT_OPTIONS = ("feat_num", "search_scale", "search_step")
 
 
 def select_channels(text: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, feat_num: int,
@@ -68,11 +74,12 @@ def ape_head(text: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, chann
 
 
 @torch.no_grad()
-def search(text, sub_keys, values, divergence, channels, features, targets) -> tuple[dict[str, float], float]:
+def search(text, sub_keys, values, divergence, channels, features, targets, scale=SEARCH_SCALE,
+           step=SEARCH_STEP) -> tuple[dict[str, float], float]:
     """The official 200 x 20 x 5 grid, first best in (beta, alpha, gamma) loop order."""
-    betas = search_grid(SEARCH_SCALE[0], SEARCH_STEP[0])
-    alphas = torch.tensor(search_grid(SEARCH_SCALE[1], SEARCH_STEP[1]), dtype=torch.float64)
-    gammas = [i * SEARCH_SCALE[2] / SEARCH_STEP[2] for i in range(SEARCH_STEP[2])]
+    betas = search_grid(scale[0], step[0])
+    alphas = torch.tensor(search_grid(scale[1], step[1]), dtype=torch.float64)
+    gammas = [i * scale[2] / step[2] for i in range(step[2])]
     text_logits = TEXT_SCALE * features.double() @ text.double().T
     affinity = F.normalize(features[:, channels], dim=-1).double() @ sub_keys.double().T
     acc = torch.empty(len(betas), len(alphas), len(gammas), dtype=torch.float64)
@@ -87,27 +94,40 @@ def search(text, sub_keys, values, divergence, channels, features, targets) -> t
     return {"beta": betas[b], "alpha": float(alphas[a]), "gamma": gammas[g]}, float(acc.flatten()[best])
 
 
+def _feat_nums(support: Support, dim: int) -> list[int]:
+    if "feat_num" in support.options:
+        return [int(v) for v in floats_option(support.options, "feat_num", ())]
+    fractions = FEAT_CANDIDATES if support.has_val else (FEAT_FRACTION,)
+    return list(dict.fromkeys(max(1, round(f * dim)) for f in fractions))
+
+
 def fit_ape(support: Support) -> Fitted:
-    keys = cache_keys(support.views)
+    keys = cache_keys(support.augmented_raw)
     values = F.one_hot(support.labels, support.num_classes).float()
-    feat_num = max(1, round(FEAT_FRACTION * keys.shape[1]))
-    channels = select_channels(support.text, keys, support.labels, feat_num)
-    divergence = refined_values(support.text, keys, values, channels)
-    hyper: dict = {"feat_num": feat_num, "criterion_weights": list(CRITERION_WEIGHTS),
-                   "search_scale": list(SEARCH_SCALE), "search_step": list(SEARCH_STEP)}
-    chosen = dict(INIT)
-    if support.has_val:
-        sub_keys = F.normalize(keys[:, channels], dim=-1)
-        chosen, acc = search(support.text, sub_keys, values, divergence, channels,
-                             support.val_features, support.val_labels)
+    scale = floats_option(support.options, "search_scale", SEARCH_SCALE, 3)
+    step = tuple(int(s) for s in floats_option(support.options, "search_step", SEARCH_STEP, 3))
+    hyper: dict = {"criterion_weights": list(CRITERION_WEIGHTS), "search_scale": list(scale), "search_step": list(step)}
+    best: tuple | None = None
+    for feat_num in _feat_nums(support, keys.shape[1]):
+        channels = select_channels(support.text, keys, support.labels, feat_num)
+        divergence = refined_values(support.text, keys, values, channels)
+        chosen, acc = dict(INIT), None
+        if support.has_val:
+            sub_keys = F.normalize(keys[:, channels], dim=-1)
+            chosen, acc = search(support.text, sub_keys, values, divergence, channels,
+                                 support.val_features, support.val_labels, scale, step)
+        if best is None or (acc is not None and acc > best[1]):
+            best = (feat_num, acc, chosen, channels, divergence)
+    feat_num, acc, chosen, channels, divergence = best
+    hyper.update(feat_num=feat_num, **chosen)
+    if acc is not None:
         hyper["val_accuracy"] = acc
-    hyper.update(chosen)
     return Fitted(ape_head(support.text, keys, values, channels, divergence, **chosen), hyper)
 
 
 def refit_ape(support: Support, hyperparameters: dict) -> Fitted:
     """Channels, values and cache recomputed on every shot, with beta/alpha/gamma already chosen."""
-    keys = cache_keys(support.views)
+    keys = cache_keys(support.augmented_raw)
     values = F.one_hot(support.labels, support.num_classes).float()
     channels = select_channels(support.text, keys, support.labels, hyperparameters["feat_num"])
     divergence = refined_values(support.text, keys, values, channels)

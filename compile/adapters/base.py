@@ -36,11 +36,19 @@ class Support:
     text: torch.Tensor  # (C, D) unit class embeddings of the prompt ensemble
     logit_scale: float = 100.0  # exp(logit_scale) of the model, CLIP's 100
     seed: int = 0
+    norms: torch.Tensor | None = None  # (E, N) norms of the raw (unnormalized) features; None: all 1
+    options: Mapping[str, str] = field(default_factory=dict)  # `clipfold fit --set key=value`, e.g. search ranges
 
     def __post_init__(self) -> None:
         if self.views.ndim == 2:
             object.__setattr__(self, "views", self.views[None])
         e, n, d = self.views.shape
+        if self.norms is not None:
+            norms = self.norms[None] if self.norms.ndim == 1 else self.norms
+            if norms.shape != (e, n) or not torch.isfinite(norms).all() or (norms <= 0).any():
+                raise ConfigError(f"feature norms must be positive and finite of shape ({e}, {n}); got "
+                                  f"{tuple(self.norms.shape)}")
+            object.__setattr__(self, "norms", norms)
         if self.labels.shape != (n,):
             raise ConfigError(f"support has {n} shots but labels of shape {tuple(self.labels.shape)}")
         if self.text.ndim != 2 or self.text.shape[1] != d:
@@ -59,6 +67,19 @@ class Support:
     def features(self) -> torch.Tensor:
         """(N, D): the plain view of every shot."""
         return self.views[0]
+
+    @property
+    def augmented(self) -> torch.Tensor:
+        """(E-1, N, D) the augmented views the official recipes use (their caches and GDA's statistics
+        come from ``augment_epoch`` passes of the training transform, no plain view); the plain view
+        (1, N, D) when there is no other."""
+        return self.views[1:] if self.views.shape[0] > 1 else self.views
+
+    @property
+    def augmented_raw(self) -> torch.Tensor:
+        """:attr:`augmented` before normalization (the official cache keys average these)."""
+        raw = self.views if self.norms is None else self.views * self.norms[..., None]
+        return raw[1:] if raw.shape[0] > 1 else raw
 
     @property
     def num_classes(self) -> int:
@@ -110,6 +131,21 @@ def option(request: ImportRequest, name: str, default: str, choices: tuple[str, 
     if choices is not None and value not in choices:
         raise ConfigError(f"option {name}={value!r} is not one of {', '.join(choices)}")
     return value
+
+
+def floats_option(options: Mapping[str, str], name: str, default: tuple[float, ...],
+                  count: int | None = None) -> tuple[float, ...]:
+    """A comma list of numbers from ``--set name=a,b,...`` (``count`` of them when given)."""
+    raw = options.get(name)
+    if raw is None:
+        return tuple(default)
+    try:
+        values = tuple(float(v) for v in raw.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"option {name}={raw!r} is not a comma list of numbers") from None
+    if not values or (count is not None and len(values) != count):
+        raise ConfigError(f"option {name}={raw!r} needs {count or 'at least one'} comma-separated number(s)")
+    return values
 
 
 def float_option(request: ImportRequest, name: str, default: float) -> float:

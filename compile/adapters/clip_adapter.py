@@ -76,8 +76,8 @@ def fit_clip_adapter(support: Support, epochs: int = EPOCHS) -> Fitted:
             layer.weight.uniform_(-bound, bound, generator=gen)
     params = [down.weight, up.weight]
     optimizer = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    x = support.views.reshape(-1, dim)
-    y = support.labels.repeat(support.views.shape[0])
+    x = support.augmented.reshape(-1, dim)  # the official trainer sees training-transform images only
+    y = support.labels.repeat(support.augmented.shape[0])
     steps = (len(x) + BATCH - 1) // BATCH
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps)
     weight = support.logit_scale * support.text
@@ -98,3 +98,9 @@ def fit_clip_adapter(support: Support, epochs: int = EPOCHS) -> Fitted:
     if support.has_val:
         hyper["val_accuracy"] = float((head.logits(support.val_features).argmax(1) == support.val_labels).float().mean())
     return Fitted(head, hyper)
+
+
+def refit_clip_adapter(support: Support, hyperparameters: dict) -> Fitted:
+    """Trained again on every shot (nothing is chosen on the held-out ones; they only measure it)."""
+    refit = fit_clip_adapter(support, hyperparameters.get("epochs", EPOCHS))
+    return Fitted(refit.head, {**hyperparameters, **refit.hyperparameters})

@@ -2,7 +2,9 @@
 baseline for training-free CLIP-based adaptation"), with inference as in the official code.
 
 Class means ``mu`` of the unit support features, one shared covariance estimated from the
-class-centred features, and its precision by the paper's KS estimator
+class-centred features (``main_few_shots.py`` ``run``: both from ``augment_epoch`` augmented passes
+over the shots, every pass's unit features stacked with their labels, no plain view; at one shot a
+plain view alone leaves a zero covariance), and its precision by the paper's KS estimator
 ``P = D * pinv((N - 1) S + tr(S) I)`` with ``S`` the unbiased covariance (``torch.cov``). Then
 
     logits = text_scale * f @ W_zs.T + alpha * (f @ (mu P).T + b),   b_k = log(1/K) - mu_k P mu_k / 2
@@ -22,9 +24,11 @@ import torch
 from clipfold.errors import ConfigError
 
 from ..heads import Head, Linear
-from .base import Fitted, Support
+from .base import Fitted, Support, floats_option
 
+FIT_OPTIONS = ("alpha_grid",)  # clipfold fit --set alpha_grid=0.01,0.1,1
 ALPHA_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+DEFAULT_ALPHA = 0.1  # main_few_shots.py: best_alpha = 0.1 before the search (kept when nothing beats it)
 
 
 @dataclass(frozen=True)
@@ -82,16 +86,24 @@ def select_alpha(zero_shot: Head, fit: GaussianFit, features: torch.Tensor, labe
         logits = gda_head(zero_shot, fit, alpha, text_scale).logits(features)
         accuracy[alpha] = float((logits.argmax(1) == labels).float().mean())
     best = max(grid, key=lambda a: (accuracy[a], -grid.index(a)))
-    return best, accuracy
+    # the official loop starts at best_alpha = 0.1, best_val_acc = 0 and takes `acc > best_val_acc`
+    return (best if accuracy[best] > 0 else DEFAULT_ALPHA), accuracy
+
+
+def _statistics_input(support: Support) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every augmented pass's features with their labels, stacked pass by pass as the official ``vecs``."""
+    e, n, d = support.augmented.shape
+    return support.augmented.reshape(e * n, d), support.labels.repeat(e)
 
 
 def fit_gda(support: Support) -> Fitted:
-    """alpha chosen on the validation split (the fit part of the shots); the official defaults otherwise."""
+    """alpha chosen on the validation split; without one the official loop's initial ``best_alpha`` (0.1)."""
     zero_shot = Head(linears=(Linear(support.logit_scale * support.text),))
-    alpha, hyper = 1.0, {"alpha_grid": list(ALPHA_GRID)}
+    alpha_grid = floats_option(support.options, "alpha_grid", ALPHA_GRID)
+    alpha, hyper = DEFAULT_ALPHA, {"alpha_grid": list(alpha_grid), "views": int(support.augmented.shape[0])}
     if support.has_val:
-        alpha, grid = select_alpha(zero_shot, fit_gaussian(support.features, support.labels, support.num_classes),
-                                   support.val_features, support.val_labels)
+        alpha, grid = select_alpha(zero_shot, fit_gaussian(*_statistics_input(support), support.num_classes),
+                                   support.val_features, support.val_labels, alpha_grid)
         hyper["val_accuracy"] = grid[alpha]
     hyper["alpha"] = alpha
     return refit_gda(support, hyper)
@@ -100,5 +112,5 @@ def fit_gda(support: Support) -> Fitted:
 def refit_gda(support: Support, hyperparameters: dict) -> Fitted:
     """The head on every shot of ``support`` with alpha already chosen."""
     zero_shot = Head(linears=(Linear(support.logit_scale * support.text),))
-    fit = fit_gaussian(support.features, support.labels, support.num_classes)
+    fit = fit_gaussian(*_statistics_input(support), support.num_classes)
     return Fitted(gda_head(zero_shot, fit, hyperparameters["alpha"]), dict(hyperparameters))

@@ -73,7 +73,8 @@ def lpp_head(weight: torch.Tensor, bias: torch.Tensor, alpha: torch.Tensor, text
     return Head(linears=(Linear(folded.float(), bias.float()),), method="lp++")
 
 
-def fit_lpp(support: Support, epochs: int = EPOCHS) -> Fitted:
+def fit_lpp(support: Support, epochs: int = EPOCHS, keep_epoch: int | None = None) -> Fitted:
+    """The official loop; ``keep_epoch`` (a refit on every shot) keeps that epoch's state, chosen before."""
     num_classes = support.num_classes
     view = min(1, support.views.shape[0] - 1)
     f = support.views[view].double()
@@ -93,7 +94,7 @@ def fit_lpp(support: Support, epochs: int = EPOCHS) -> Fitted:
     text_logits = f @ text.T
     val_text = support.val_features.double() @ text.T
     best: dict[str, Any] | None = None
-    for epoch in range(epochs):
+    for epoch in range(epochs if keep_epoch is None else keep_epoch + 1):
         loss = F.cross_entropy(f @ weight.T + bias + alpha * text_logits, labels)
         optimizer.zero_grad()  # W and b only: alpha's gradient accumulates, as in the official loop
         loss.backward()
@@ -109,6 +110,11 @@ def fit_lpp(support: Support, epochs: int = EPOCHS) -> Fitted:
                 state = [t.detach().clone() for t in (weight, bias, alpha)]
                 best = {"val_accuracy": acc, "epoch": epoch, "state": state}
     state = best["state"] if best else [t.detach() for t in (weight, bias, alpha)]
+    if keep_epoch is not None:
+        return Fitted(lpp_head(weight.detach(), bias.detach(), alpha.detach(), text),
+                      {"epochs": epochs, "best_epoch": keep_epoch, "lr_w": step_w, "lr_alpha": step_alpha,
+                       "init_alpha": alpha0, "momentum": MOMENTUM, "view": view,
+                       "alpha_mean": float(alpha.detach().mean())})
     hyper: dict[str, Any] = {"epochs": epochs, "lr_w": step_w, "lr_alpha": step_alpha, "init_alpha": alpha0,
                              "momentum": MOMENTUM, "view": view, "alpha_mean": float(state[2].mean())}
     if best:
@@ -116,3 +122,9 @@ def fit_lpp(support: Support, epochs: int = EPOCHS) -> Fitted:
     else:
         hyper["best_epoch"] = epochs - 1
     return Fitted(lpp_head(state[0], state[1], state[2], text), hyper)
+
+
+def refit_lpp(support: Support, hyperparameters: dict) -> Fitted:
+    """The loop on every shot of ``support``, stopped at the epoch chosen on the held-out shots."""
+    refit = fit_lpp(support, hyperparameters["epochs"], keep_epoch=hyperparameters["best_epoch"])
+    return Fitted(refit.head, {**hyperparameters, **refit.hyperparameters})

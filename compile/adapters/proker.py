@@ -8,7 +8,7 @@ f2ecb3d: ``trainers/proker.py`` ``ProKeR``/``RBF_Kernel``, ``main.py`` ``run``,
 
 Kernel ridge regression of the residual between the one-hot labels ``Y`` and the zero-shot text
 logits, with the proximal (text) prior, solved in closed form on the cache ``S`` of every
-augmented shot feature (all views, not their mean; labels repeated per view):
+augmented shot feature (every augmented view, not their mean, no plain view; labels repeated per view):
 
     k(x, y) = exp(-beta (1 - x . y))
     A       = (K_SS / lambda + I)^-1 (Y - S @ T.T)           (N_views*N, C)
@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from clipfold.errors import ConfigError
 
 from ..heads import Cache, Head, Linear
-from .base import Fitted, Support
+from .base import Fitted, Support, floats_option
 
 BETA_GRID = (0.5, 3.0, 20)  # (start, end, steps) of configs/RN50/configs_proker/caltech101.yaml
 LAMBDA_GRID = (0.001, 1.0, 10)
+FIT_OPTIONS = ("beta_grid", "lambda_grid")  # a dataset config's (start, end, steps): --set beta_grid=0.5,3,20
 IMAGENET_HP = {1: (3.0, 0.05), 2: (2.6, 0.05), 4: (1.5, 0.05), 8: (1.66, 0.07), 16: (1.7, 0.1)}  # shots: (beta, lambda)
 
 
@@ -56,9 +57,9 @@ def proker_head(text: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, be
 
 
 def cache_of(support: Support) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every view of every shot, view-major as the official augment loop appends them."""
-    e, n, d = support.views.shape
-    return support.views.reshape(e * n, d), support.labels.repeat(e)
+    """Every augmented view of every shot (no plain view), view-major as the official augment loop appends them."""
+    e, n, d = support.augmented.shape
+    return support.augmented.reshape(e * n, d), support.labels.repeat(e)
 
 
 def imagenet_hp(shots: int) -> tuple[float, float]:
@@ -67,7 +68,9 @@ def imagenet_hp(shots: int) -> tuple[float, float]:
 
 
 def grid(spec: tuple[float, float, int]) -> list[float]:
-    return [float(v) for v in torch.linspace(spec[0], spec[1], spec[2])]
+    if int(spec[2]) < 1:
+        raise ConfigError(f"a (start, end, steps) grid needs steps >= 1, got {tuple(spec)}")
+    return [float(v) for v in torch.linspace(spec[0], spec[1], int(spec[2]))]
 
 
 @torch.no_grad()
@@ -94,15 +97,24 @@ def fit_proker(support: Support) -> Fitted:
     keys, labels = cache_of(support)
     targets = F.one_hot(labels, support.num_classes)
     shots = int(counts.min())
-    hyper: dict[str, Any] = {"beta_grid": list(BETA_GRID), "lambda_grid": list(LAMBDA_GRID),
-                             "cache_size": len(keys), "views": int(support.views.shape[0])}
+    beta_spec = floats_option(support.options, "beta_grid", BETA_GRID, 3)
+    lambda_spec = floats_option(support.options, "lambda_grid", LAMBDA_GRID, 3)
+    hyper: dict[str, Any] = {"beta_grid": list(beta_spec), "lambda_grid": list(lambda_spec),
+                             "cache_size": len(keys), "views": int(support.augmented.shape[0])}
     if support.has_val:
         beta, lmbda, acc = search(keys, targets, support.text, support.val_features, support.val_labels,
-                                  grid(BETA_GRID), grid(LAMBDA_GRID))
+                                  grid(beta_spec), grid(lambda_spec))
         hyper["val_accuracy"] = acc
     else:
         beta, lmbda = imagenet_hp(shots)
         hyper["defaults"] = f"official ImageNet values for {shots} shots"
     hyper.update(beta=beta, lmbda=lmbda)
-    values = solve_values(keys, targets, support.text, beta, lmbda)
-    return Fitted(proker_head(support.text, keys, values, beta), hyper)
+    return refit_proker(support, hyper)
+
+
+def refit_proker(support: Support, hyperparameters: dict) -> Fitted:
+    """The closed form on every shot of ``support`` with beta and lambda already chosen."""
+    keys, labels = cache_of(support)
+    beta, lmbda = hyperparameters["beta"], hyperparameters["lmbda"]
+    values = solve_values(keys, F.one_hot(labels, support.num_classes), support.text, beta, lmbda)
+    return Fitted(proker_head(support.text, keys, values, beta), {**hyperparameters, "cache_size": len(keys)})

@@ -23,10 +23,16 @@ FITTERS: dict[str, str] = {
     "clip-adapter": "clip_adapter:fit_clip_adapter",
 }
 
+# Every fitter: after a choice on held-out shots, the head is rebuilt on all of them with the chosen values.
 REFITTERS: dict[str, str] = {
     "gda": "gda:refit_gda",
     "tip-adapter": "tip:refit_tip",
+    "tip-adapter-f": "tip_f:refit_tip_f",
     "ape": "ape:refit_ape",
+    "proker": "proker:refit_proker",
+    "lp++": "lpp:refit_lpp",
+    "taskres": "taskres:refit_taskres",
+    "clip-adapter": "clip_adapter:refit_clip_adapter",
 }
 
 IMPORTERS: dict[str, str] = {
@@ -68,6 +74,14 @@ def _resolve(table: dict[str, str], name: str, what: str) -> Callable:
 
 def fitter(name: str) -> Callable:
     return _resolve(FITTERS, name, "fitting")
+
+
+def fit_options(name: str) -> tuple[str, ...]:
+    """The ``--set`` keys a fitter reads (its module's ``FIT_OPTIONS``)."""
+    module = FITTERS[name].split(":")[0] if name in FITTERS else None
+    if module is None:
+        raise ConfigError(f"unknown method {name!r} for fitting; expected one of {', '.join(sorted(FITTERS))}")
+    return tuple(getattr(importlib.import_module(f"{__package__}.{module}"), "FIT_OPTIONS", ()))
 
 
 def refitter(name: str) -> Callable | None:

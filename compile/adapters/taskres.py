@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from clipfold.errors import CheckpointError, ConfigError
 
 from ..heads import Head, Linear
-from .base import Fitted, Imported, ImportRequest, Support, float_option, require_keys
+from .base import Fitted, Imported, ImportRequest, Support, float_option, floats_option, require_keys
 from .dassl import load_dassl_state, run_config
 
 IMPORT_ALPHA = 0.5  # scripts/taskres/main.sh's SCALE for 10 of the 11 datasets (train.py's default is 1.0)
@@ -45,6 +45,7 @@ LR, EPOCHS, BATCH = 2e-3, 100, 256  # adam_lr2e-3_B256_ep100.yaml
 WEIGHT_DECAY, BETAS = 5e-4, (0.9, 0.999)  # Dassl OPTIM defaults
 WARMUP_EPOCHS, WARMUP_LR = 1, 1e-5
 KEYS = ("base_text_features", "text_feature_residuals")
+FIT_OPTIONS = ("alpha_grid",)
 
 
 def taskres_head(base: torch.Tensor, residuals: torch.Tensor, alpha: float, logit_scale: float) -> Head:
@@ -89,7 +90,8 @@ def _accuracy(head: Head, features: torch.Tensor, labels: torch.Tensor) -> float
     return float((head.logits(features).argmax(1) == labels).float().mean())
 
 
-def fit_taskres(support: Support, alpha_grid: Sequence[float] = ALPHA_GRID, epochs: int = EPOCHS) -> Fitted:
+def fit_taskres(support: Support, alpha_grid: Sequence[float] | None = None, epochs: int = EPOCHS) -> Fitted:
+    alpha_grid = floats_option(support.options, "alpha_grid", ALPHA_GRID) if alpha_grid is None else alpha_grid
     grid = tuple(alpha_grid) if support.has_val else (DEFAULT_FIT_ALPHA,)
     hyper: dict[str, Any] = {"alpha_grid": list(alpha_grid), "lr": LR, "epochs": epochs, "batch_size": BATCH,
                              "optimizer": f"Adam(weight_decay={WEIGHT_DECAY})",
@@ -111,6 +113,14 @@ def fit_taskres(support: Support, alpha_grid: Sequence[float] = ALPHA_GRID, epoc
         hyper["val_accuracy"] = accuracy[alpha]
         hyper["val_accuracy_by_alpha"] = {str(a): acc for a, acc in accuracy.items()}
     return Fitted(head, hyper)
+
+
+def refit_taskres(support: Support, hyperparameters: dict) -> Fitted:
+    """The residual trained on every shot of ``support`` with alpha already chosen."""
+    alpha, epochs = hyperparameters["alpha"], hyperparameters["epochs"]
+    residuals = train_residuals(support.views, support.labels, support.text, alpha, support.logit_scale,
+                                support.seed, epochs)
+    return Fitted(taskres_head(support.text, residuals, alpha, support.logit_scale), dict(hyperparameters))
 
 
 def _alpha(request: ImportRequest, file) -> tuple[float, str]:

@@ -1,7 +1,8 @@
 """Tip-Adapter (training-free; Zhang et al., ECCV 2022), with inference as in the official code.
 
-The cache holds the support set: keys are the unit image features of the shots (the mean over
-augmented views, renormalized), values their one-hot labels. Then
+The cache holds the support set: keys are the shots' features as the official ``build_cache_model``
+makes them: the mean of the *raw* image features of ``augment_epoch`` augmented passes (no plain
+view), then normalized; values their one-hot labels. Then
 
     logits = text_scale * f @ W_zs.T + alpha * exp(-(beta - beta * f @ K.T)) @ L
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from clipfold.errors import ConfigError
 
 from ..heads import Cache, Head, Linear
-from .base import Fitted, Support
+from .base import Fitted, Support, floats_option
 
 # (beta, alpha) search ranges. The official configs set them per dataset: alpha up to 3 for ImageNet
 # and Oxford Pets, 10 for EuroSAT and Food-101, 13 for DTD, 50 for Flowers. Without a dataset to
@@ -30,10 +31,12 @@ from .base import Fitted, Support
 # only adds candidates.
 SEARCH_SCALE = (7.0, 10.0)
 SEARCH_STEP = (200, 20)
+FIT_OPTIONS = ("search_scale", "search_step")  # a dataset's config: --set search_scale=7,3 search_step=200,20
 
 
 def cache_keys(views: torch.Tensor) -> torch.Tensor:
-    """Keys from the features of ``E`` augmented views of ``N`` shots, ``(E, N, D)`` -> ``(N, D)``."""
+    """Keys from the raw features of ``E`` augmented views of ``N`` shots, ``(E, N, D)`` -> ``(N, D)``:
+    their mean, normalized (pass :attr:`Support.augmented_raw`)."""
     if views.ndim == 2:
         views = views[None]
     if views.ndim != 3:
@@ -81,16 +84,18 @@ def search_hp(zero_shot: Head, keys: torch.Tensor, labels: torch.Tensor, feature
 def fit_tip(support: Support) -> Fitted:
     """beta and alpha from the official grid on the validation split; (1, 1) without one."""
     zero_shot = Head(linears=(Linear(support.logit_scale * support.text),))
-    hyper: dict = {"beta": 1.0, "alpha": 1.0, "search_scale": list(SEARCH_SCALE), "search_step": list(SEARCH_STEP)}
+    scale = floats_option(support.options, "search_scale", SEARCH_SCALE, 2)
+    steps = tuple(int(s) for s in floats_option(support.options, "search_step", SEARCH_STEP, 2))
+    hyper: dict = {"beta": 1.0, "alpha": 1.0, "search_scale": list(scale), "search_step": list(steps)}
     if support.has_val:
-        beta, alpha, acc = search_hp(zero_shot, cache_keys(support.views), support.labels,
-                                     support.val_features, support.val_labels)
+        beta, alpha, acc = search_hp(zero_shot, cache_keys(support.augmented_raw), support.labels,
+                                     support.val_features, support.val_labels, scale, steps)
         hyper.update(beta=beta, alpha=alpha, val_accuracy=acc)
     return refit_tip(support, hyper)
 
 
 def refit_tip(support: Support, hyperparameters: dict) -> Fitted:
     zero_shot = Head(linears=(Linear(support.logit_scale * support.text),))
-    head = tip_adapter_head(zero_shot, cache_keys(support.views), support.labels,
+    head = tip_adapter_head(zero_shot, cache_keys(support.augmented_raw), support.labels,
                             alpha=hyperparameters["alpha"], beta=hyperparameters["beta"])
     return Fitted(head, dict(hyperparameters))

@@ -37,7 +37,7 @@ from clipfold.errors import CheckpointError, ConfigError
 
 from ..head import build_zero_shot_head
 from ..heads import Cache, Head, Linear
-from .base import Fitted, Imported, ImportRequest, Support, float_option, load_torch_checkpoint
+from .base import Fitted, Imported, ImportRequest, Support, float_option, floats_option, load_torch_checkpoint
 from .tip import SEARCH_SCALE, SEARCH_STEP, cache_keys, search_hp
 
 TEXT_SCALE = 100.0
@@ -45,6 +45,7 @@ INIT_BETA, INIT_ALPHA = 1.0, 1.17  # configs/imagenet.yaml
 LR, EPS, WEIGHT_DECAY = 1e-3, 1e-4, 0.01  # AdamW(lr=cfg['lr'], eps=1e-4), torch's default decay
 EPOCHS, BATCH = 20, 256
 FILE_PATTERN = re.compile(r"best_F_(\d+)shots\.pt$")
+FIT_OPTIONS = ("search_scale", "search_step")
 
 
 def tip_f_head(text: torch.Tensor, adapter: torch.Tensor, values: torch.Tensor, beta: float, alpha: float) -> Head:
@@ -61,8 +62,10 @@ def _training_view(views: torch.Tensor, n: int, gen: torch.Generator) -> torch.T
 
 def train_adapter(views: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, keys: torch.Tensor, seed: int,
                   epochs: int = EPOCHS, val: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  beta: float = INIT_BETA, alpha: float = INIT_ALPHA) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The adapter weight (N, D) after the official loop, and the epoch it comes from."""
+                  beta: float = INIT_BETA, alpha: float = INIT_ALPHA,
+                  keep_epoch: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The adapter weight (N, D) after the official loop, and the epoch it comes from; ``keep_epoch``
+    (a refit on every shot) returns that epoch's weight, chosen before on held-out shots."""
     gen = torch.Generator().manual_seed(seed)
     views, text = views.double(), F.normalize(text.double(), dim=-1)
     values = F.one_hot(labels, text.shape[0]).double()
@@ -84,6 +87,8 @@ def train_adapter(views: torch.Tensor, labels: torch.Tensor, text: torch.Tensor,
             loss.backward()
             optimizer.step()
             scheduler.step()
+        if epoch == keep_epoch:
+            return weight.detach().clone(), {"epoch": epoch}
         if val is not None:
             with torch.no_grad():
                 vf = val[0].double()
@@ -98,22 +103,34 @@ def train_adapter(views: torch.Tensor, labels: torch.Tensor, text: torch.Tensor,
 
 
 def fit_tip_f(support: Support, epochs: int = EPOCHS) -> Fitted:
-    keys = cache_keys(support.views)
+    keys = cache_keys(support.augmented_raw)
     val = (support.val_features, support.val_labels) if support.has_val else None
+    scale = floats_option(support.options, "search_scale", SEARCH_SCALE, 2)
+    steps = tuple(int(s) for s in floats_option(support.options, "search_step", SEARCH_STEP, 2))
     adapter, chosen = train_adapter(support.views, support.labels, support.text, keys, support.seed, epochs, val)
     hyper: dict[str, Any] = {"epochs": epochs, "lr": LR, "eps": EPS, "weight_decay": WEIGHT_DECAY, "batch_size": BATCH,
                              "schedule": "cosine per step", "train_beta": INIT_BETA, "train_alpha": INIT_ALPHA,
                              "best_epoch": chosen["epoch"], "views": int(support.views.shape[0]),
-                             "search_scale": list(SEARCH_SCALE), "search_step": list(SEARCH_STEP)}
+                             "search_scale": list(scale), "search_step": list(steps)}
     beta, alpha = INIT_BETA, INIT_ALPHA
     if val is not None:
         hyper["epoch_val_accuracy"] = chosen["val_accuracy"]
         zero_shot = Head(linears=(Linear(support.text),))
-        beta, alpha, acc = search_hp(zero_shot, adapter.float(), support.labels, *val)
+        beta, alpha, acc = search_hp(zero_shot, adapter.float(), support.labels, *val, scale, steps)
         hyper["val_accuracy"] = acc
     hyper.update(beta=beta, alpha=alpha)
     values = F.one_hot(support.labels, support.num_classes)
     return Fitted(tip_f_head(support.text, adapter, values, beta, alpha), hyper)
+
+
+def refit_tip_f(support: Support, hyperparameters: dict) -> Fitted:
+    """The adapter trained on every shot of ``support`` up to the chosen epoch, with the chosen beta/alpha."""
+    keys = cache_keys(support.augmented_raw)
+    adapter, _ = train_adapter(support.views, support.labels, support.text, keys, support.seed,
+                               hyperparameters["epochs"], keep_epoch=hyperparameters["best_epoch"])
+    values = F.one_hot(support.labels, support.num_classes)
+    return Fitted(tip_f_head(support.text, adapter, values, hyperparameters["beta"], hyperparameters["alpha"]),
+                  dict(hyperparameters))
 
 
 def _tensor(obj: Any, path: Path, what: str) -> torch.Tensor:
