@@ -6,7 +6,7 @@ CLI    := $(VENV)/bin/clipfold
 STAMP  := $(VENV)/.clipfold-installed
 DEMO   ?= out/demo
 
-.PHONY: install browser demo test test-all bench bench-kernels bench-serve bench-ray fewshot train-tiny clean
+.PHONY: install browser demo test test-all test-families test-tokenizer-sweep bench bench-kernels bench-serve bench-ray fewshot train-tiny clean
 
 $(STAMP): pyproject.toml kernels/_topk.c kernels/_vit.c kernels/_exp8.h
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,15 @@ test: $(STAMP) browser
 # Includes the tests marked slow.
 test-all: $(STAMP) browser
 	$(PY) -m pytest -q -m "slow or not slow"
+
+# One registered model of every open_clip family compiled with --text, random weights (tests/test_families.py):
+# each passes parity or is refused in one line. Long: a few minutes per model on 2 cores, under 6 GB.
+test-families: $(STAMP)
+	$(PY) -m pytest -q -m slow tests/test_families.py
+
+# The bundled CLIP tokenizer against open_clip.tokenize on all 1,112,064 code points (about 10 minutes).
+test-tokenizer-sweep: $(STAMP)
+	$(PY) -m pytest -q -m slow tests/test_tokenizer_parity.py
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks/test_bench_image_topk.py -q --benchmark-only --benchmark-columns=median,iqr,min,rounds \
