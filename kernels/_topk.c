@@ -397,42 +397,56 @@ static int have_avx2(void) {
     }
     return cached;
 }
+
+#include "_topk_avx512.h"
 #else
 static int have_avx2(void) { return 0; }
+static int have_avx512(void) { return 0; }
+enum { DOT_MAX_QUERIES = 0 };
 #endif
 
 /* --- entry points (ctypes) ------------------------------------------------------------------ */
 
-/* 1 when the AVX2 + FMA tile runs on this CPU, 0 for the portable loops. */
-int clipfold_topk_isa(void) { return have_avx2(); }
+enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+
+/* The best scoring path this CPU runs: 2 AVX-512 (F/BW/DQ/VL), 1 AVX2 + FMA + F16C, 0 portable. */
+int clipfold_topk_isa(void) { return have_avx512() ? ISA_AVX512 : have_avx2() ? ISA_AVX2 : ISA_PORTABLE; }
 
 /* Top-k of rows [0, n) for nq queries. Outputs (nq x k) must be preallocated; rows beyond n are
  * -inf / -1 when n < k. With `out_lse` (nq), also the log-sum-exp of all n scores per query.
- * Returns 0, or -1 when scratch memory could not be allocated. */
+ * `isa`: the path to run (ISA_*), or -1 for the best this CPU has.
+ * Returns 0, -1 when scratch memory could not be allocated, -2 when `isa` is beyond this CPU. */
 int clipfold_topk(const float *queries, int64_t nq, int64_t d, const void *rows, int storage,
                   const float *scales, int64_t n, int64_t index_base, int64_t k, float *out_scores,
-                  int64_t *out_indices, float *out_lse, int force_portable) {
-    int avx2 = have_avx2() && !force_portable;
-    int packed = avx2 && nq >= PACKED_MIN_QUERIES;
-    int direct = avx2 && nq == 1; /* one query: rows read as stored, one stream (score_one_query) */
+                  int64_t *out_indices, float *out_lse, int isa) {
+    if (isa < 0) isa = clipfold_topk_isa();
+    if (isa > clipfold_topk_isa()) return -2;
+    if (nq == 0) return 0;
+    int avx2 = isa == ISA_AVX2, simd = isa >= ISA_AVX2; /* simd: the AVX2 widening / log-sum-exp helpers */
+    int dot512 = isa == ISA_AVX512 && nq <= DOT_MAX_QUERIES; /* rows read as stored, dot tiles */
+    int bc512 = isa == ISA_AVX512 && !dot512;                    /* query panels x broadcast rows */
+    int packed = (avx2 && nq >= PACKED_MIN_QUERIES) || bc512;
+    int direct = (avx2 && nq == 1) || dot512; /* rows read as stored, never widened into `wide` */
     int64_t panels = (nq + PANEL_Q - 1) / PANEL_Q;
     int64_t stride = packed ? panels * PANEL_Q : nq; /* scores are [row][query], rows `stride` apart */
     size_t qbytes = (size_t)((packed ? panels * PANEL_Q : nq) * d) * sizeof(float);
     int status = -1;
-    float *scores = (float *)alloc(sizeof(float) * (size_t)(stride * ROW_BLOCK));
-    float *wide = NULL, *run_max = NULL, *qcopy = NULL, *rp = NULL;
+    float *scores = (float *)alloc64(sizeof(float) * (size_t)(stride * ROW_BLOCK));
+    float *wide = NULL, *run_max = NULL, *qcopy = NULL, *rp = NULL, *thr = NULL;
     double *run_sum = NULL;
     if (!scores) goto done;
-    if (storage != STORAGE_FP32 && !(wide = (float *)alloc64(sizeof(float) * (size_t)(ROW_BLOCK * d))))
+    if (storage != STORAGE_FP32 && !direct && !(wide = (float *)alloc64(sizeof(float) * (size_t)(ROW_BLOCK * d))))
         goto done;
     if (out_lse && (!(run_max = (float *)alloc(sizeof(float) * (size_t)nq)) ||
                     !(run_sum = (double *)alloc(sizeof(double) * (size_t)nq))))
         goto done;
     if (packed) {
+        /* AVX2: rows packed per block into `rp`; AVX-512: `rp` holds a zero-padded ragged row tile */
         if (!(qcopy = (float *)alloc64(qbytes)) ||
             !(rp = (float *)alloc64(sizeof(float) * (size_t)(ROW_BLOCK * d))))
             goto done;
-        pack_queries(queries, nq, d, qcopy);
+        if (bc512) pack_queries_bc(queries, nq, d, qcopy);
+        else pack_queries(queries, nq, d, qcopy);
     } else if (((uintptr_t)queries & 63) != 0) {
         /* Queries are re-read for every row tile: a 64-byte aligned copy keeps their loads from
          * straddling cache lines (numpy's large arrays start 16 bytes into a line). */
@@ -440,6 +454,11 @@ int clipfold_topk(const float *queries, int64_t nq, int64_t d, const void *rows,
             goto done;
         memcpy(qcopy, queries, qbytes);
         queries = qcopy;
+    }
+    if (bc512) {
+        if (!(thr = (float *)alloc64(sizeof(float) * (size_t)stride)))
+            goto done;
+        for (int64_t i = 0; i < stride; i++) thr[i] = -INFINITY;
     }
     for (int64_t i = 0; out_lse && i < nq; i++) {
         run_max[i] = -INFINITY;
@@ -456,14 +475,16 @@ int clipfold_topk(const float *queries, int64_t nq, int64_t d, const void *rows,
         const float *g = (const float *)src;
         if (storage != STORAGE_FP32 && !direct) {
 #ifdef CLIPFOLD_X86
-            if (avx2) widen_avx2(src, storage, count * d, wide);
+            if (simd) widen_avx2(src, storage, count * d, wide);
             else
 #endif
                 widen_portable(src, storage, count * d, wide);
             g = wide;
         }
 #ifdef CLIPFOLD_X86
-        if (direct) score_one_query(queries, d, src, storage, count, scores);
+        if (dot512) score_block_dot512(queries, nq, d, src, storage, count, scores);
+        else if (bc512) score_block_bc512(qcopy, nq, d, g, count, rp, scores, stride, storage == STORAGE_FP32);
+        else if (direct) score_one_query(queries, d, src, storage, count, scores);
         else if (packed) score_block_packed(qcopy, panels, d, g, count, rp, scores, stride);
         else if (avx2) score_block_avx2(queries, nq, d, g, count, scores);
         else
@@ -472,10 +493,14 @@ int clipfold_topk(const float *queries, int64_t nq, int64_t d, const void *rows,
         if (storage == STORAGE_INT8)
             for (int64_t r = 0; r < count; r++)
                 for (int64_t i = 0; i < nq; i++) scores[r * stride + i] *= scales[r0 + r];
-        select_block(scores, stride, nq, count, index_base + r0, out_scores, out_indices, k);
+#ifdef CLIPFOLD_X86
+        if (bc512) select_block512(scores, stride, nq, count, index_base + r0, out_scores, out_indices, k, thr);
+        else
+#endif
+            select_block(scores, stride, nq, count, index_base + r0, out_scores, out_indices, k);
         if (out_lse) {
 #ifdef CLIPFOLD_X86
-            if (avx2) logsumexp_block_avx2(scores, stride, nq, count, run_max, run_sum);
+            if (simd) logsumexp_block_avx2(scores, stride, nq, count, run_max, run_sum);
             else
 #endif
                 logsumexp_columns(scores, stride, nq, count, run_max, run_sum);
@@ -491,5 +516,6 @@ done:
     free(run_sum);
     free(qcopy);
     free(rp);
+    free(thr);
     return status;
 }

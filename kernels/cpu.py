@@ -132,13 +132,34 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
+ISAS = ("portable", "avx2", "avx512")  # the kernel's scoring paths, in the C side's order
+ISA_ENV = "CLIPFOLD_TOPK_ISA"  # forces one path (benchmarks, tests); unset: the best this CPU runs
+
+
 def kernel_isa() -> str:
-    """Which scoring tile runs here: ``avx2`` (AVX2 + FMA + F16C) or ``portable`` (plain C loops)."""
-    return "avx2" if _library().clipfold_topk_isa() else "portable"
+    """The best scoring path this CPU runs: ``avx512`` (AVX-512 F/BW/DQ/VL), ``avx2`` (AVX2 + FMA +
+    F16C) or ``portable`` (plain C loops). Chosen at run time from cpuid, so one build runs anywhere."""
+    return ISAS[_library().clipfold_topk_isa()]
+
+
+def available_isas() -> tuple[str, ...]:
+    """Every path this CPU can run, slowest first (each one is tested against the oracle)."""
+    return ISAS[: _library().clipfold_topk_isa() + 1]
+
+
+def resolve_isa(isa: str | None = None) -> str:
+    """``isa``, else ``$CLIPFOLD_TOPK_ISA``, else :func:`kernel_isa`; refused when this CPU lacks it."""
+    name = isa or os.environ.get(ISA_ENV) or kernel_isa()
+    if name not in ISAS:
+        raise ConfigError(f"unknown top-k kernel path {name!r}; expected one of {list(ISAS)}")
+    if name not in available_isas():
+        raise ConfigError(f"this CPU cannot run the {name} top-k path (it runs {list(available_isas())}); "
+                          f"unset {ISA_ENV} or pick one of those")
+    return name
 
 
 def _run(queries: np.ndarray, rows: np.ndarray, scales: np.ndarray | None, storage: str, base: int, k: int,
-         portable: bool, logsumexp: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+         isa: str, logsumexp: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """One kernel call over ``rows`` (contiguous): each query's best ``k`` (and the log-sum-exp of
     all its scores when asked)."""
     # The C side trusts these: raw pointers, float32 queries, rows of the storage's dtype and width.
@@ -160,21 +181,24 @@ def _run(queries: np.ndarray, rows: np.ndarray, scales: np.ndarray | None, stora
     status = _library().clipfold_topk(
         queries.ctypes.data, nq, queries.shape[1], rows.ctypes.data, STORAGE_CODES[storage],
         None if scales is None else scales.ctypes.data, len(rows), base, k,
-        out_scores.ctypes.data, out_indices.ctypes.data, None if lse is None else lse.ctypes.data, int(portable))
+        out_scores.ctypes.data, out_indices.ctypes.data, None if lse is None else lse.ctypes.data, ISAS.index(isa))
+    if status == -2:  # resolve_isa checked it: only a CPU that changed under us gets here
+        raise ConfigError(f"this CPU cannot run the {isa} top-k path")
     if status != 0:
         raise MemoryError(f"the top-k kernel could not allocate its scratch for {nq} queries x {queries.shape[1]} dims")
     return out_scores, out_indices, lse
 
 
 def topk_cpu(queries: np.ndarray, gallery: Gallery, k: int, block_rows: int | None = None,
-             threads: int | None = None, portable: bool = False, logsumexp: bool = False):
+             threads: int | None = None, isa: str | None = None, logsumexp: bool = False):
     """(scores (Q, min(k, N)) float32 descending, indices (Q, min(k, N)) int64), streamed; with
     ``logsumexp``, also (Q,) float32: log of the sum of exp over every score (softmax's normalizer).
 
     Each shard is split into one contiguous range per thread (fewer for small work, see
     :data:`MIN_TASK_MACS`), or into ranges of ``block_rows`` rows;
-    ``portable=True`` forces the plain-C tile (the AVX2 tile's own reference in tests).
+    ``isa`` forces one scoring path (see :func:`resolve_isa`; tests run each against the oracle).
     """
+    isa = resolve_isa(isa)
     n, nq = len(gallery), len(queries)
     kk = min(int(k), n)
     if kk == 0:
@@ -192,7 +216,7 @@ def topk_cpu(queries: np.ndarray, gallery: Gallery, k: int, block_rows: int | No
     def score(task):
         shard, offset, lo, hi = task
         scales = None if shard.scales is None else shard.scales[lo:hi]
-        return _run(queries, shard.rows[lo:hi], scales, gallery.storage, offset + lo, min(kk, hi - lo), portable,
+        return _run(queries, shard.rows[lo:hi], scales, gallery.storage, offset + lo, min(kk, hi - lo), isa,
                     logsumexp)
 
     if len(tasks) == 1:  # small work: one call on this thread, its k-list is the answer

@@ -12,7 +12,7 @@ import pytest
 
 from clipfold import errors
 from clipfold.kernels import Gallery, topk_reference, topk_similarity
-from clipfold.kernels.cpu import kernel_isa, topk_cpu
+from clipfold.kernels.cpu import ISAS, available_isas, kernel_isa, resolve_isa, topk_cpu
 from clipfold.kernels.gallery import Shard, quantize_rows
 from clipfold.kernels.reference import same_topk
 
@@ -105,21 +105,29 @@ def test_sharded_folder_round_trip_with_ids(tmp_path):
         Gallery.open(tmp_path)
 
 
+def _need(isa: str) -> None:
+    if isa not in available_isas():
+        pytest.skip(f"this CPU lacks the {isa} path (it runs {list(available_isas())})")
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
 @pytest.mark.parametrize("storage", ["fp32", "fp16", "int8"])
-def test_simd_tiles_match_the_portable_loops(storage):
-    """Every tile shape of the AVX2 path against the plain-C loops: query counts 1-9 leave each
-    remainder of 4 in the dot-product tiles, widths that are not multiples of 8 exercise their
-    scalar tail, and 64 or 67 queries take the packed 16 x 6 panels (a ragged query panel, 301
-    rows a ragged row panel)."""
-    if kernel_isa() != "avx2":
-        pytest.skip("this CPU runs the portable loops only")
+def test_simd_tiles_match_the_portable_loops(storage, isa):
+    """Every tile shape of each SIMD path, forced on this CPU, against the plain-C loops and the
+    oracle. AVX2: query counts 1-9 leave each remainder of 4 in the dot-product tiles, widths that
+    are not multiples of 8 exercise their scalar tail, 64 or 67 queries take the packed 16 x 6
+    panels. AVX-512: 1-4 queries take the dot tiles (4 rows + 1-row tails, masked width tails),
+    more the 16-query panels (1 panel: 24-row tiles; 2+: 2 x 12 and a 1 x 12 for an odd one out;
+    ragged query panels; 301 rows end in a ragged row tile)."""
+    _need(isa)
     rng = np.random.default_rng(7)
-    for nq, d in ((1, 64), (1, 37), (2, 37), (3, 8), (5, 100), (9, 13), (37, 100), (64, 8), (67, 20)):
+    for nq, d in ((1, 64), (1, 37), (2, 37), (3, 8), (4, 17), (5, 100), (9, 13), (16, 33), (37, 100),
+                  (48, 16), (64, 8), (67, 20)):
         queries = rng.standard_normal((nq, d)).astype(np.float32)
         gallery = rng.standard_normal((301, d)).astype(np.float32)
         g = Gallery.from_array(gallery, storage=storage)
-        simd = topk_cpu(queries, g, 17, threads=1)
-        plain = topk_cpu(queries, g, 17, threads=1, portable=True)
+        simd = topk_cpu(queries, g, 17, threads=1, isa=isa)
+        plain = topk_cpu(queries, g, 17, threads=1, isa="portable")
         assert np.allclose(simd[0], plain[0], atol=1e-4), (nq, d)
         exact = _stored(gallery, storage)
         ref_scores, _ = topk_reference(queries, exact, 17)
@@ -146,11 +154,12 @@ def test_logsumexp_is_the_softmax_normalizer_over_every_row(storage):
     full = queries.astype(np.float64) @ _stored(gallery, storage).T
     expected = np.log(np.exp(full - full.max(1, keepdims=True)).sum(1)) + full.max(1)
     ref = np.sort(np.exp(full - expected[:, None]), axis=1)[:, ::-1][:, :7]
-    for portable, rows in ((False, slice(0, 13)), (False, slice(None)), (True, slice(None))):
-        scores, indices, lse = topk_cpu(queries[rows], g, 7, block_rows=500, portable=portable, logsumexp=True)
-        assert np.allclose(lse, expected[rows], atol=1e-4, rtol=0), portable
-        probs = np.exp(scores - lse[:, None])  # the top-7 softmax probabilities
-        assert np.allclose(probs, ref[rows], atol=1e-5, rtol=1e-4), portable
+    for isa in available_isas():
+        for rows in (slice(0, 1), slice(0, 3), slice(0, 13), slice(None)):
+            scores, indices, lse = topk_cpu(queries[rows], g, 7, block_rows=500, isa=isa, logsumexp=True)
+            assert np.allclose(lse, expected[rows], atol=1e-4, rtol=0), (isa, rows)
+            probs = np.exp(scores - lse[:, None])  # the top-7 softmax probabilities
+            assert np.allclose(probs, ref[rows], atol=1e-5, rtol=1e-4), (isa, rows)
     assert np.allclose(topk_similarity(queries, g, 7, logsumexp=True)[2], expected, atol=1e-4, rtol=0)
     with pytest.raises(errors.ConfigError, match="cannot be combined with oversample"):
         topk_similarity(queries, Gallery.from_array(gallery, "int8", keep_exact=True), 3, oversample=2, logsumexp=True)
@@ -175,14 +184,16 @@ def test_malformed_galleries_are_refused_before_the_kernel_reads_them(tmp_path):
         topk_cpu(queries.astype(np.float64), Gallery.from_array(gallery), 3)
 
 
-@pytest.mark.parametrize("portable", [False, True])
-def test_non_finite_scores_never_enter_the_top_k_or_the_normalizer(portable):
+@pytest.mark.parametrize("queries", [2, 9, 40])
+@pytest.mark.parametrize("isa", ISAS)
+def test_non_finite_scores_never_enter_the_top_k_or_the_normalizer(isa, queries):
     """A memory-mapped gallery is not scanned for NaN at open: such rows count for nothing."""
-    queries, gallery = _data(n=200, d=16, q=9, seed=12)
+    _need(isa)
+    queries, gallery = _data(n=200, d=16, q=queries, seed=12)
     bad = gallery.copy()
     bad[95] = np.nan  # the last row of the first block of 96
     g = Gallery([Shard(bad, None, None, None)], 16, "fp32")
-    scores, indices, lse = topk_cpu(queries, g, 5, portable=portable, logsumexp=True)
+    scores, indices, lse = topk_cpu(queries, g, 5, isa=isa, logsumexp=True)
     kept = np.delete(np.arange(200), 95)
     full = queries.astype(np.float64) @ gallery[kept].T.astype(np.float64)
     expected = np.log(np.exp(full - full.max(1, keepdims=True)).sum(1)) + full.max(1)
@@ -209,3 +220,55 @@ def test_a_forked_child_runs_the_threaded_kernel():
         os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     assert answer == b"1", "the forked child hung or answered wrongly"
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags as the kernel's dispatcher must see them (Linux: /proc/cpuinfo)."""
+    try:
+        text = open("/proc/cpuinfo", encoding="ascii", errors="replace").read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to check the dispatcher against")
+    line = next((row for row in text.splitlines() if row.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def test_the_best_path_this_cpu_has_is_the_default_and_others_can_be_forced(monkeypatch):
+    flags = _cpu_flags()
+    expected = ("avx512" if {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "f16c"} <= flags
+                else "avx2" if {"avx2", "fma", "f16c"} <= flags else "portable")
+    assert kernel_isa() == expected and available_isas()[-1] == expected
+    assert available_isas() == ISAS[: ISAS.index(expected) + 1]
+    monkeypatch.delenv("CLIPFOLD_TOPK_ISA", raising=False)
+    assert resolve_isa() == expected
+    monkeypatch.setenv("CLIPFOLD_TOPK_ISA", "portable")  # what the benchmarks use to force a path
+    assert resolve_isa() == "portable" and resolve_isa(expected) == expected  # an argument beats the variable
+    queries, gallery = _data(n=500, d=24, q=3, seed=14)
+    ref_scores, _ = topk_reference(queries, gallery, 4)
+    assert same_topk(*topk_similarity(queries, gallery, 4), ref_scores, queries, gallery, atol=1e-4)
+    monkeypatch.setenv("CLIPFOLD_TOPK_ISA", "avx9")
+    with pytest.raises(errors.ConfigError, match=r"unknown top-k kernel path 'avx9'; expected one of"):
+        topk_similarity(queries, gallery, 4)
+    missing = [isa for isa in ISAS if isa not in available_isas()]
+    if missing:  # e.g. avx512 on an AVX2-only CPU: refused by name, never emulated
+        with pytest.raises(errors.ConfigError, match=f"this CPU cannot run the {missing[0]} top-k path"):
+            topk_cpu(queries, Gallery.from_array(gallery), 4, isa=missing[0])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_each_path_on_a_large_unaligned_gallery_with_many_blocks(isa):
+    """Every path over thousands of rows (many 96-row blocks, prefetches running past a range's
+    end), a gallery that starts 16 bytes into a cache line (as numpy's large arrays do), 1, 4, 16
+    and 40 queries, two threads, int8 scales: the answer is the oracle's."""
+    _need(isa)
+    rng = np.random.default_rng(15)
+    buffer = np.empty(4099 * 64 + 4, np.float32)
+    gallery = buffer[4:].reshape(4099, 64)  # 16 bytes past the buffer's start
+    gallery[:] = rng.standard_normal(gallery.shape)
+    for storage in ("fp32", "int8"):
+        g = Gallery.from_array(gallery, storage=storage)
+        exact = _stored(gallery, storage)
+        for nq in (1, 4, 16, 40):
+            queries = rng.standard_normal((nq, 64)).astype(np.float32)
+            scores, indices = topk_cpu(queries, g, 12, threads=2, block_rows=1500, isa=isa)
+            assert same_topk(scores, indices, topk_reference(queries, exact, 12)[0], queries, exact, atol=1e-3), \
+                (storage, nq)
