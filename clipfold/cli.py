@@ -570,7 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("serve", help="serve bundles over HTTP (Open Inference Protocol v2 + JSON) with dynamic batching")
+    p = sub.add_parser("serve", help="serve bundles over HTTP and gRPC (Open Inference Protocol v2), JSON and a page at /ui, "
+                       "with dynamic batching")
     p.add_argument("bundles", nargs="+", type=Path, help="bundles to serve; each is a model named after its folder")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
