@@ -152,7 +152,7 @@ def test_a_poisoned_fit_cache_is_rebuilt_not_run(tmp_path, tiny, kind):
     from clipfold.compile.tiny.samples import write_background_folder
 
     marker = tmp_path / "marker"
-    cache = FeatureCache(tiny, "0" * 64, ViewConfig(), tmp_path / "cache")
+    cache = FeatureCache(tiny, "0" * 64, ViewConfig(views=1), tmp_path / "cache")
     cache.path.parent.mkdir(parents=True)
     write_payload(tmp_path / "payload.pt", kind, marker).rename(cache.path)
     folder = write_background_folder(tmp_path / "support", data.per_background(1, 3))
