@@ -75,6 +75,21 @@ def test_page_and_its_files_are_served_with_a_strict_policy(live):
     assert _get(live.url + "/ui/index.py")[0] == 404 and _get(live.url + "/ui/../server.py")[0] == 404
 
 
+def test_the_page_files_ship_in_the_package_and_load_nothing_from_elsewhere():
+    from fnmatch import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "clipfold.runtime"]
+    files = sorted(p.relative_to(root / "runtime").as_posix() for p in (root / "runtime" / "ui").iterdir())
+    assert {"ui/index.html", "ui/app.js", "ui/style.css"} <= set(files)
+    assert all(any(fnmatch(f, pattern) for pattern in patterns) for f in files), (files, patterns)
+    for f in files:  # no framework, font or script from a CDN: the page works offline
+        text = (root / "runtime" / f).read_text()
+        assert "http:" not in text and "https:" not in text and "//cdn" not in text, f
+
+
 def test_models_show_the_bundle_identity_from_the_manifest(live, demo):
     _, bundle, _, index = demo
     engine = Engine.open(bundle)
