@@ -108,6 +108,10 @@ class Gallery:
             arrays = {}
             for name in ("rows", "scales", "exact", "ids"):
                 if name in entry:
+                    if not isinstance(entry[name], str) or Path(entry[name]).name != entry[name] \
+                            or entry[name] in ("", ".", ".."):  # nothing outside the folder is read
+                        raise ConfigError(f"gallery shard file {entry[name]!r} in {folder / MANIFEST} must be a "
+                                          "plain file name inside the folder")
                     path = folder / entry[name]
                     if not path.is_file():
                         raise ConfigError(f"gallery shard file {path} is missing")

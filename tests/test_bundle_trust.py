@@ -126,6 +126,29 @@ def test_a_symlink_inside_the_bundle_is_allowed(bundle):
     assert engine.classify([Image.new("RGB", (40, 40), (200, 30, 30))], k=1)[0][0].label in engine.labels
 
 
+def test_a_kernel_head_folder_holds_nothing_unlisted_and_names_nothing_outside(tmp_path, tiny_labels):
+    from clipfold.compile.config import CompileConfig
+    from clipfold.compile.pipeline import compile_bundle
+
+    bundle = compile_bundle(CompileConfig(labels=tiny_labels, out=tmp_path / "k.bundle", templates="label", top_k=3,
+                                          kernel_head_classes=2)).path
+    folder = bundle / Engine.open(bundle).manifest.head.kernel
+    (folder / "extra.npy").write_bytes(b"unlisted")
+    with pytest.raises(errors.ChecksumError, match=r"extra\.npy"):
+        Engine.open(bundle)
+    (folder / "extra.npy").unlink()
+    # gallery.json naming a shard outside its folder (with every checksum made to match)
+    rows = sorted(folder.glob("*.rows.npy"))[0]
+    shutil.copy(rows, bundle.parent / "outside.rows.npy")
+    meta = json.loads((folder / "gallery.json").read_text())
+    meta["shards"][0]["rows"] = "../../outside.rows.npy"
+    (folder / "gallery.json").write_text(json.dumps(meta))
+    rel = (folder / "gallery.json").relative_to(bundle).as_posix()
+    _edit(bundle, lambda d: d["files"].update({rel: _sha(folder / "gallery.json")}))
+    with pytest.raises(errors.BundleError, match="plain file name inside the folder"):
+        Engine.open(bundle)
+
+
 @pytest.mark.parametrize("version", [0, -3, "8", 7.5, True, None])
 def test_schema_version_must_be_a_positive_integer(bundle, version):
     _edit(bundle, lambda data: data.update(schema_version=version))
