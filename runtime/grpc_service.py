@@ -240,9 +240,10 @@ class GrpcService(_Servicer):
         alternatives = (IMAGE_INPUT,) if m.kind == "image" else ()
         loop = asyncio.get_running_loop()
         if any(t.HasField("contents") for t in request.inputs):  # typed values: numpy conversion off the loop
-            req = await loop.run_in_executor(None, parse_request, request, m.inputs, m.outputs, alternatives)
+            req = await loop.run_in_executor(None, parse_request, request, m.inputs, m.outputs, alternatives,
+                                             self.config.max_batch)
         else:
-            req = parse_request(request, m.inputs, m.outputs, alternatives)
+            req = parse_request(request, m.inputs, m.outputs, alternatives, self.config.max_batch)
         rows = len(next(iter(req.inputs.values())))
         if rows > self.config.max_batch:  # the model config's max_batch_size, enforced as Triton does
             raise RequestError(f"{rows} rows in one request; model {m.name!r} takes at most {self.config.max_batch} "

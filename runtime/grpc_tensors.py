@@ -35,11 +35,12 @@ class GrpcInferRequest:
 
 
 def parse_request(request, inputs: Sequence[TensorMeta], outputs: Sequence[TensorMeta],
-                  alternatives: Sequence[TensorMeta] = ()) -> GrpcInferRequest:
+                  alternatives: Sequence[TensorMeta] = (), max_rows: int | None = None) -> GrpcInferRequest:
     """Decode ``request`` (a ``ModelInferRequest``) against the model's inputs and outputs.
 
     ``alternatives`` are inputs the model takes instead of all of ``inputs`` (an image model takes
-    either ``pixels`` or encoded ``image`` BYTES): the request must give exactly one of the groups."""
+    either ``pixels`` or encoded ``image`` BYTES): the request must give exactly one of the groups.
+    A batch over ``max_rows`` is refused from its shape, before its contents are read."""
     wanted = {meta.name: meta for meta in (*inputs, *alternatives)}
     names = sorted(wanted)
     if not request.inputs:
@@ -54,7 +55,7 @@ def parse_request(request, inputs: Sequence[TensorMeta], outputs: Sequence[Tenso
             raise RequestError(f"unknown input {tensor.name[:100]!r}; this model takes {names}")
         if tensor.name in tensors:
             raise RequestError(f"input {tensor.name!r} is given twice")
-        tensors[tensor.name] = _decode(tensor, wanted[tensor.name], raw[i] if raw else None)
+        tensors[tensor.name] = _decode(tensor, wanted[tensor.name], raw[i] if raw else None, max_rows)
     given = set(tensors)
     groups = [{m.name for m in inputs}] + ([{m.name for m in alternatives}] if alternatives else [])
     if not any(given == group for group in groups):
@@ -83,7 +84,7 @@ def _takes(inputs: Sequence[TensorMeta], alternatives: Sequence[TensorMeta]) -> 
     return first + " or " + " + ".join(f"{m.name} ({m.datatype} {list(m.shape)})" for m in alternatives)
 
 
-def _decode(tensor, meta: TensorMeta, raw: bytes | None) -> np.ndarray:
+def _decode(tensor, meta: TensorMeta, raw: bytes | None, max_rows: int | None = None) -> np.ndarray:
     name = meta.name
     if tensor.datatype != meta.datatype:
         raise RequestError(f"input {name!r} must have datatype {meta.datatype}, got {tensor.datatype[:40]!r}")
@@ -93,6 +94,8 @@ def _decode(tensor, meta: TensorMeta, raw: bytes | None) -> np.ndarray:
         raise RequestError(f"input {name!r} must have shape {list(meta.shape)} (-1: any size), got {shape}")
     if shape[0] < 1:
         raise RequestError(f"input {name!r} has an empty batch; send at least one row")
+    if max_rows is not None and shape[0] > max_rows:
+        raise RequestError(f"{shape[0]} rows in one request; this model takes at most {max_rows} (its max_batch_size)")
     count = int(np.prod(shape, dtype=object))
     dtype = DATATYPES[meta.datatype]
     field = CONTENTS_FIELD[meta.datatype]

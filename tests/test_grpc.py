@@ -370,6 +370,19 @@ def test_full_queue_answers_resource_exhausted(bundle, reference):
         live.stop()
 
 
+def test_a_batch_over_max_batch_is_refused_from_its_shape_before_its_contents_are_read():
+    from clipfold.errors import RequestError
+    from clipfold.runtime.grpc_tensors import parse_request
+    from clipfold.runtime.oip import TensorMeta
+
+    text = TensorMeta("text", "BYTES", (-1,))
+    request = pb.ModelInferRequest(model_name="tiny-text", inputs=[_tensor("text", "BYTES", (100_000,))],
+                                   raw_input_contents=[bytes(4 * 100_000)])  # 100,000 empty texts
+    with pytest.raises(RequestError, match="100000 rows in one request; this model takes at most 8"):
+        parse_request(request, (text,), (), max_rows=8)
+    assert len(parse_request(request, (text,), ()).inputs["text"]) == 100_000  # without a limit: read
+
+
 def test_status_of_each_failure():
     assert status_of(QueueFullError("full"))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert status_of(BatcherClosedError("closed"))[0] == grpc.StatusCode.UNAVAILABLE
