@@ -354,3 +354,37 @@ def test_a_manifest_commit_is_fsynced_and_renamed(bundle, monkeypatch):
     bundle_module.update_manifest(bundle, lambda m: m)
     assert calls[:2] == ["fsync", "replace manifest.json"]
     assert Manifest.read(bundle).labels
+
+
+def test_an_engine_build_keeps_a_head_added_while_it_built(bundle, tiny_labels, monkeypatch):
+    """engine build commits through the same locked re-read: a head committed during its (here
+    simulated, CPU-only) TensorRT build survives, and the engine record and files are added."""
+    from clipfold.compile import engines
+    from clipfold.compile.extra_head import HeadAddConfig, add_head
+    from clipfold.runtime import backend as backends
+    from clipfold.runtime import tensorrt_backend
+
+    _edit(bundle, lambda d: d["variants"][0].update(backends=["onnxruntime", "tensorrt"]))
+    here = {"tensorrt": "10.0.0", "gpu": "a test GPU", "compute_capability": "9.0"}
+
+    def fake_build(onnx_path, plan_path, cache_path, input_name, image_size, profile, workspace_gib, say,
+                   cache_out=None):
+        plan_path.write_bytes(b"plan")
+        (cache_out or cache_path).write_bytes(b"cache")
+        add_head(HeadAddConfig(bundle=bundle, name="meanwhile", labels=tuple(tiny_labels[:3]), top_k=2))
+        return {**here, "file": plan_path.name, "timing_cache": Path(cache_out).name,
+                "profile": {"min": profile.min, "opt": profile.opt, "max": profile.max}, "build_seconds": 0.0}
+
+    class FakeTensorRT(backends.OnnxRuntimeBackend):  # the fp32 graph stands in for the plan
+        def __init__(self, path, inputs, outputs, record):
+            super().__init__(bundle / "model.onnx", inputs, outputs)
+
+    monkeypatch.setattr(engines, "gpu_identity", lambda: here)
+    monkeypatch.setattr(engines, "build_engine", fake_build)
+    monkeypatch.setattr(tensorrt_backend, "TensorRTBackend", FakeTensorRT)
+    updated = engines.build_engines(engines.EngineBuildConfig(bundle))
+    assert [h.name for h in updated.heads] == ["meanwhile"]
+    (record,) = updated.variants[0].engines
+    assert record.gpu == "a test GPU" and (bundle / record.file).read_bytes() == b"plan"
+    reread = Engine.open(bundle).manifest  # every checksum, the new plan's included
+    assert reread == updated and record.file in reread.files
