@@ -354,6 +354,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
                          max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                          max_image_pixels=args.max_image_pixels, max_items=args.max_items, timeout_s=args.timeout_s,
+                         max_text_bytes=args.max_text_bytes, max_pixels_in_flight=args.max_pixels_in_flight,
+                         max_header_bytes=args.max_header_bytes, header_timeout_s=args.header_timeout_s,
+                         max_connections=args.max_connections,
                          threads=args.threads, spin=args.spin, preferred_batch=args.preferred_batch,
                          grpc_port=args.grpc_port, ui=args.ui)
     serve(args.bundles, config, variant=args.variant, indexes=args.index, expect_digests=_digests(args.expect_digest),
@@ -582,6 +585,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-pixels", type=int, default=40_000_000, help="largest decoded image (default 40M)")
     p.add_argument("--max-items", type=int, default=64, help="images or texts per classify/embed request (default 64)")
     p.add_argument("--timeout-s", type=float, default=30.0, help="per-request time limit (default 30)")
+    p.add_argument("--max-text-bytes", type=int, default=8 * 1024, help="UTF-8 bytes per text query (default 8192)")
+    p.add_argument("--max-pixels-in-flight", type=int, default=None,
+                   help="decoded image pixels held at once across all requests (default: twice --max-image-pixels)")
+    p.add_argument("--max-header-bytes", type=int, default=64 * 1024,
+                   help="request line and headers of one request (default 65536)")
+    p.add_argument("--header-timeout-s", type=float, default=10.0,
+                   help="time for a request's headers to arrive (default 10)")
+    p.add_argument("--max-connections", type=int, default=512,
+                   help="open HTTP connections; at the cap the oldest one without a request is closed (default 512)")
     p.add_argument("--variant", default=None, help="variant of every bundle to serve (default: each bundle's default)")
     p.add_argument("--index", action="append", default=[], type=Path,
                    help="an index (clipfold index) to answer /search with; repeatable")

@@ -80,7 +80,7 @@ class ServeConfig:
     max_body_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_items: int = 64  # images or texts in one classify/embed request
-    max_text_bytes: int = 16 * 1024  # UTF-8 bytes per text query (only the first context-length tokens count)
+    max_text_bytes: int = 8 * 1024  # UTF-8 bytes per text query (only the first context-length tokens count)
     # decoded pixels held at once across all requests; None: twice max_image_pixels
     max_pixels_in_flight: int | None = None
     max_header_bytes: int = 64 * 1024  # request line + headers of one request

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import html
 import string
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 from clipfold.errors import BackendUnavailableError, BundleError, ConfigError
 
 from .manifest import TextTower
+from .text_bound import clean_enough
 
 CACHE_SIZE = 4096
 
@@ -162,13 +164,27 @@ class TextEncoder:
                                         (TensorSpec("text_embedding", "float32", ("batch", "dim")),), threads, spin)
         self.cache: OrderedDict[str, tuple[np.ndarray, bool]] = OrderedDict()
         self.cache_size = cache_size
+        self._lock = threading.Lock()  # the cache and the graph call; cleaning runs outside it
+
+    def clean(self, text: str) -> str:
+        """The tokenizer's cleanup of ``text`` (the cache key); CLIP's tokenizer cleans only as many
+        whole lines as fill the context (text_bound.py: the same ids as cleaning it all)."""
+        if not isinstance(self.tokenizer, ClipTokenizer):  # another tokenizer's split: the whole text
+            return clean_enough(text, self.tokenizer.clean, None)
+        need = self.tokenizer.context_length - 1  # content tokens that fill the context and show the cut
+        return clean_enough(text, self.tokenizer.clean, lambda cleaned: len(self.tokenizer.encode(cleaned)) >= need)
 
     def embed(self, texts: Sequence[str]) -> TextEmbeddings:
+        """Thread-safe: concurrent callers clean their texts in parallel and share the cache."""
         if isinstance(texts, str):
             raise ConfigError("embed_text takes a list of strings; wrap a single query in a list")
-        keys = [self.tokenizer.clean(t) for t in texts]
+        keys = [self.clean(t) for t in texts]
         if not keys or not all(keys):
             raise ConfigError("a text query is empty (or only whitespace); expected at least one word per query")
+        with self._lock:
+            return self._embed_cleaned(keys)
+
+    def _embed_cleaned(self, keys: list[str]) -> TextEmbeddings:
         found = {k: self.cache[k] for k in keys if k in self.cache}
         missing = [k for k in dict.fromkeys(keys) if k not in found]
         if missing:
