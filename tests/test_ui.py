@@ -214,9 +214,32 @@ def test_page_in_headless_chromium_classifies_an_upload_and_searches_the_index(l
     assert [float(f.find_element(By.CLASS_NAME, "score").text) for f in figures] == \
         pytest.approx([h.score for h in hits], abs=6e-4)
     _wait(driver, lambda: driver.execute_script(
-        "return [...document.querySelectorAll('#hits img')].every(i => i.complete && i.naturalWidth > 0)"),
+        "return [...document.querySelectorAll('#hits img')].every(i => i.complete && (i.naturalWidth > 0 "
+        "|| i.alt === 'zz_link.png'))"),
         "every thumbnail to load")
     assert all("green" in h.path or "triangle" in h.path for h in hits[:3])  # the tiny model knows its shapes
+
+    # a query image dropped on the search (here: picked): the photo itself comes first
+    query = photos / hits[-1].path
+    by_image = Index.open(index).search(engine, image=query, k=12).hits
+    driver.find_element(By.ID, "search-image").send_keys(str(query))
+    _wait(driver, lambda: driver.execute_script(
+        "const f = document.querySelector('#hits .hit'); return f && f.dataset.id === arguments[0]", hits[-1].path),
+        "the image search results")
+    figures = driver.find_elements(By.CSS_SELECTOR, "#hits .hit")
+    assert [f.get_attribute("data-id") for f in figures] == [h.path for h in by_image]
+    assert float(figures[0].find_element(By.CLASS_NAME, "score").text) == pytest.approx(by_image[0].score, abs=6e-4)
+
+    box.clear()  # back to the text search for the screenshot
+    box.send_keys(SEARCH)
+    driver.find_element(By.ID, "search-button").click()
+    _wait(driver, lambda: driver.execute_script(
+        "const f = document.querySelector('#hits .hit'); return f && f.dataset.id === arguments[0]", hits[0].path),
+        "the text search results again")
+    _wait(driver, lambda: driver.execute_script(
+        "return [...document.querySelectorAll('#hits img')].every(i => i.complete && (i.naturalWidth > 0 "
+        "|| i.alt === 'zz_link.png'))"),
+        "every thumbnail to load")
 
     shot = tmp_path / "ui.png"
     driver.execute_script("window.scrollTo(0, 0)")
