@@ -4,12 +4,16 @@ Each benchmark records ``extra_info = {"pair": NAME, "role": "reference" | "cand
 ``{"pairs": {NAME: ROLE, ...}}`` when it serves several comparisons); at the
 end of the session every complete pair is reported as a ratio of medians (reference / candidate,
 so > 1 means clipfold is faster) and written to ``benchmarks/results/ratios-<host>.json``,
-tagged with the machine and library versions.
+tagged with the machine (CPU model and flags), library versions and the load average before and
+after the run (other processes' load slows everything measured; ratios are of the same run).
+When several benchmarks take the same role in a pair (the peers of a "best peer" comparison),
+the fastest of them takes it, and the ratio names which one (``reference`` / ``candidate``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from clipfold.compile.profile import machine
@@ -17,8 +21,12 @@ from clipfold.compile.profile import machine
 RESULTS = Path(__file__).parent / "results"
 
 
+LOAD_AT_START = os.getloadavg() if hasattr(os, "getloadavg") else None
+
+
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     pairs: dict[str, dict[str, float]] = {}
+    names: dict[tuple[str, str], str] = {}  # (pair, role) -> the benchmark that took it
     for bench in benchmarks:
         extra = bench.get("extra_info", {}) if isinstance(bench, dict) else bench.extra_info
         stats = bench["stats"] if isinstance(bench, dict) else bench.stats
@@ -27,10 +35,13 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         if "pair" in extra:
             roles[extra["pair"]] = extra["role"]
         for pair, role in roles.items():
-            pairs.setdefault(pair, {})[role] = median
+            if median < pairs.setdefault(pair, {}).get(role, float("inf")):  # the fastest of several takes the role
+                pairs[pair][role] = median
+                names[pair, role] = (bench["fullname"] if isinstance(bench, dict) else bench.fullname).split("::")[-1]
     ratios = {
         name: {"reference_median_s": p["reference"], "candidate_median_s": p["candidate"],
-               "speedup": p["reference"] / p["candidate"]}
+               "speedup": p["reference"] / p["candidate"], "reference": names[name, "reference"],
+               "candidate": names[name, "candidate"]}
         for name, p in sorted(pairs.items()) if {"reference", "candidate"} <= set(p)
     }
     gates, extras, modules = {}, {}, set()
@@ -44,6 +55,8 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
             extras[name.split("::")[-1]] = figures
     output_json["clipfold_ratios"] = ratios
     output_json["clipfold_machine"] = machine()
+    if LOAD_AT_START is not None:  # `uptime`'s 1/5/15-minute load averages, before and after
+        output_json["clipfold_machine"]["load_average"] = {"start": LOAD_AT_START, "end": os.getloadavg()}
     RESULTS.mkdir(exist_ok=True)
     payload = json.dumps({"machine": output_json["clipfold_machine"], "ratios": ratios, "gates": gates,
                           "figures": extras}, indent=2) + "\n"
@@ -52,4 +65,5 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     (RESULTS / target).write_text(payload)
     for name, r in ratios.items():
         print(f"\n{name}: reference/candidate = {r['speedup']:.2f}x "
-              f"({r['reference_median_s'] * 1e3:.1f} ms vs {r['candidate_median_s'] * 1e3:.1f} ms)")
+              f"({r['reference']} {r['reference_median_s'] * 1e3:.1f} ms vs {r['candidate']} "
+              f"{r['candidate_median_s'] * 1e3:.1f} ms)")
