@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from clipfold.kernels import Gallery
+from clipfold.kernels.cpu import kernel_isa
 from clipfold.runtime.kernel_head import KernelHead
 
 D, K = 512, 10
@@ -79,5 +80,5 @@ def test_dense_head(benchmark, heads, classes, batch):
 @pytest.mark.parametrize("classes", CLASSES)
 def test_kernel_head(benchmark, heads, classes, batch):
     emb = _embeddings(batch)
-    benchmark.extra_info.update(pairs={f"head_c{classes}_b{batch}": "candidate"})
+    benchmark.extra_info.update(pairs={f"head_c{classes}_b{batch}": "candidate"}, isa=kernel_isa())
     benchmark.pedantic(heads[classes][1].run, args=(emb,), rounds=15, warmup_rounds=2)

@@ -4,7 +4,8 @@
  * query's best k (scores descending, indices offset by `index_base`). Python runs one call per
  * thread on disjoint row ranges (ctypes releases the GIL) and merges the k-lists.
  *
- * Cost model (AVX2 + FMA, the CPUs this project targets): a tile of MQ queries x NR rows keeps
+ * The AVX-512 paths live in _topk_avx512.h (chosen at run time where the CPU has AVX-512; same
+ * blocks, heaps and log-sum-exp). Cost model of the AVX2 paths (AVX2 + FMA): a tile of MQ queries x NR rows keeps
  * MQ*NR accumulators of 8 lanes in registers (3 x 4 = 12 of the 16 ymm registers) and, per 8
  * dimensions, loads NR row vectors and MQ query vectors for MQ*NR FMAs: 7 loads for 12 FMAs, so
  * the FMA ports (2 per cycle), not the load ports, set the pace. A block of ROW_BLOCK rows stays in

@@ -1,11 +1,14 @@
 """Streamed similarity + top-k on the CPU: the score matrix is never materialized.
 
 The work is a small C kernel (``_topk.c``, built at install): it walks a range of gallery rows in
-blocks of 96, scores each block for the whole query batch in registers (AVX2 + FMA: one query
-streams the rows one by one; a few use tiles of 4 queries x 3 rows; 64 or more, packed 16 x 6
-panels), and pushes every score into its query's running top-k (a min-heap; one compare against
-the k-th best per score). Python splits the gallery into one row range per thread (ctypes
-releases the GIL) and merges the threads' k-lists.
+blocks of 96, scores each block for the whole query batch in registers, and pushes every score
+into its query's running top-k (a min-heap; one compare against the k-th best per score). The
+scoring path is chosen at run time from cpuid (:func:`kernel_isa`), or forced per call (``isa=``)
+or per process (``CLIPFOLD_TOPK_ISA``): ``avx512`` (1-4 queries: dot tiles over the rows as
+stored; more: 16-query panels x rows broadcast from memory, ``_topk_avx512.h``), ``avx2`` (one
+query streams the rows one by one; a few use tiles of 4 queries x 3 rows; 64 or more, packed
+16 x 6 panels) or ``portable`` (plain C). Python splits the gallery into one row range per thread
+(ctypes releases the GIL) and merges the threads' k-lists.
 
 Cost model (1M x 512 fp32, Q queries): the gallery is read from memory once (2 GB) whatever Q, and
 2*Q*N*D flops (1 GFLOP per query) run at the FMA ports' pace once Q is past a few queries; numpy's
