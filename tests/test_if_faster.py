@@ -67,3 +67,10 @@ def test_time_pair_alternates_and_is_bounded():
 def test_if_faster_names_are_checked(tmp_path):
     with pytest.raises(errors.ConfigError, match=r"--if-faster takes fp32-native, bf16 .*'int8-dynamic'"):
         CompileConfig(labels=("a", "b"), out=tmp_path / "x", if_faster=("int8-dynamic",))
+
+
+def test_the_cli_passes_if_faster(tmp_path, capsys):
+    from clipfold import cli
+
+    assert cli.main(["compile", "--labels", "a,b", "--out", str(tmp_path / "x"), "--if-faster", "fp32-native,int4"]) == 2
+    assert "--if-faster takes fp32-native, bf16" in capsys.readouterr().err and not (tmp_path / "x").exists()
