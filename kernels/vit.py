@@ -3,7 +3,10 @@ unit embeddings out, no ONNX Runtime.
 
 On the 2-core AVX2 machines this project targets, the tower's GEMMs at batch 1 (50 rows each for
 ViT-B/32) are where ONNX Runtime's MLAS leaves speed behind when it streams the weights from memory;
-the kernel's 4 x 24 tiles with panel prefetch run those shapes faster (see ``_vit.c``). What it
+the kernel's 4 x 24 tiles with panel prefetch run those shapes faster (see ``_vit.c``). On CPUs with
+AVX-512 and AMX it is the slower fp32 engine (ONNX Runtime's MLAS uses AVX-512 there, and bf16 runs
+on AMX), so it is dispatched only where it measures faster: ``compile --if-faster fp32-native``
+(:mod:`clipfold.compile.speed_check`) and ``variant="auto"`` (:mod:`clipfold.runtime.variant_choice`). What it
 runs is fixed: open_clip's ``VisionTransformer`` with a class token, pre-norm blocks (GELU or
 QuickGELU MLP, optional layer scale folded in), the last block for the class token alone, then
 ``ln_post`` and the projection. :func:`pack_tower` refuses anything else.
