@@ -17,7 +17,8 @@ from typing import Sequence
 import numpy as np
 
 from clipfold.errors import ConfigError, ImageError
-from clipfold.runtime.backend import Backend, OnnxRuntimeBackend
+from clipfold.runtime.backend import Backend
+from clipfold.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from clipfold.runtime.folders import IMAGE_SUFFIXES, read_folder
 from clipfold.runtime.images import load_image
 from clipfold.runtime.kernel_head import KernelHead, KernelHeadBackend

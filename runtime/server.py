@@ -23,10 +23,7 @@ lets in-flight requests finish, then drains the batchers.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
-import json
 import logging
 import re
 import threading
@@ -46,80 +43,28 @@ from .images import load_image, open_image
 from .limits import (HttpLimits, PayloadTooLarge, PixelBudget, RequestTimeout, UnsupportedEncoding, compress_response,
                      decode_body, limited_http_protocol, pick_encoding)
 from .index import Index, bundle_identity
-from .oip import HEADER_LENGTH, TensorMeta, datatype_of, encode_infer_response, load_json, parse_infer_request
+from .oip import HEADER_LENGTH, TensorMeta, datatype_of, encode_infer_response, parse_infer_request
 from .preprocess import preprocess_one
+from .serve_config import ServeConfig
 
 try:  # the serve extra: pip install clipfold[serve]
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
+
+    # bodies above INLINE_PARSE_BYTES are parsed, decompressed or compressed in the thread pool
+    from .http_query import INLINE_PARSE_BYTES, int_param, read_query
+    from .serve_metrics import JsonLogFormatter, Metrics
     _MISSING: ImportError | None = None
 except ImportError as exc:  # reported by create_app, so `import clipfold.runtime.server` always works
     _MISSING = exc
 
 log = logging.getLogger("clipfold.serve")
 VERSION = "1"  # every model has one version
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """Server options; every limit is per request unless it says otherwise."""
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_batch: int = 32  # rows per engine call
-    max_delay_ms: float = 5.0  # how long the oldest waiting row may wait for others
-    # rows at which a batch starts without waiting longer; None: measured per model at start-up
-    # (the smallest batch within 10 % of the engine's best time per image, see batcher.py)
-    preferred_batch: int | None = None
-    max_queue: int = 512  # rows waiting per model; more answers 503
-    max_body_bytes: int = 32 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
-    max_items: int = 64  # images or texts in one classify/embed request
-    max_text_bytes: int = 8 * 1024  # UTF-8 bytes per text query (only the first context-length tokens count)
-    # decoded pixels held at once across all requests; None: twice max_image_pixels
-    max_pixels_in_flight: int | None = None
-    max_header_bytes: int = 64 * 1024  # request line + headers of one request
-    header_timeout_s: float = 10.0  # a request's headers must arrive within this time
-    max_connections: int = 512  # open HTTP connections; at the cap the oldest one without a request is closed
-    timeout_s: float = 30.0
-    threads: int | None = None  # ONNX Runtime threads per graph
-    # ONNX Runtime threads busy-wait between calls: off, as the event loop needs the same cores.
-    # bench_serve measures both: off costs less server CPU per request and serves more requests/s
-    # from 16 clients up; spinning answers a few clients faster (README, Serving).
-    spin: bool = False
-    # the Open Inference Protocol over gRPC on its own port (grpc_service.py); 0: off (the CLI's default is 8001)
-    grpc_port: int = 0
-    # the page at /ui (webui.py); None: on when the server listens on loopback only
-    ui: bool | None = None
-
-    def __post_init__(self) -> None:
-        ints = {"port": (self.port, 0, 65535), "grpc_port": (self.grpc_port, 0, 65535), "max_batch": (self.max_batch, 1, 4096),
-                "max_queue": (self.max_queue, self.max_batch, 1 << 20), "max_body_bytes": (self.max_body_bytes, 1, 1 << 34),
-                "max_image_pixels": (self.max_image_pixels, 1, 1 << 34), "max_items": (self.max_items, 1, 1 << 16),
-                "max_text_bytes": (self.max_text_bytes, 1, 1 << 30), "max_header_bytes": (self.max_header_bytes, 1024, 1 << 30),
-                "max_connections": (self.max_connections, 1, 1 << 20)}
-        if self.max_pixels_in_flight is not None:  # an image must fit the budget alone
-            ints["max_pixels_in_flight"] = (self.max_pixels_in_flight, self.max_image_pixels, 1 << 40)
-        if self.preferred_batch is not None:  # None: measured at start-up
-            ints["preferred_batch"] = (self.preferred_batch, 1, self.max_batch)
-        for name, (value, lo, hi) in ints.items():
-            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-                raise ConfigError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-        if not 0 <= self.max_delay_ms <= 10_000:
-            raise ConfigError(f"max_delay_ms must be between 0 and 10000, got {self.max_delay_ms!r}")
-        if not 0 < self.timeout_s <= 3600:
-            raise ConfigError(f"timeout_s must be in (0, 3600], got {self.timeout_s!r}")
-        if not 0 < self.header_timeout_s <= 3600:
-            raise ConfigError(f"header_timeout_s must be in (0, 3600], got {self.header_timeout_s!r}")
-
-    @property
-    def pixels_in_flight(self) -> int:
-        return self.max_pixels_in_flight or 2 * self.max_image_pixels
 
 
 class UnknownModel(RequestError):
@@ -184,42 +129,12 @@ def open_models(bundles: Sequence[str | Path], *, variant: str | None = None, in
     return engines, attached
 
 
-class _Metrics:
-    """Prometheus metrics in a registry of their own (one per app, so tests can run several)."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("clipfold_requests", "HTTP requests by endpoint, model and status code",
-                                ["endpoint", "model", "code"], registry=r)
-        self.latency = Histogram("clipfold_request_duration_seconds", "request latency by endpoint", ["endpoint"],
-                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30), registry=r)
-        self.batch = Histogram("clipfold_batch_size", "rows per engine call", ["model"],
-                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
-        self.engine = Histogram("clipfold_batch_duration_seconds", "engine time per batch", ["model"],
-                                buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5), registry=r)
-        self.queue = Gauge("clipfold_queue_depth", "rows waiting for a batch", ["model"], registry=r)
-        self.aborts = Counter("clipfold_client_aborts", "requests whose client disconnected before the answer",
-                              ["endpoint"], registry=r)
-        self.refused = Counter("clipfold_connections_refused", "connections closed by a limit, by HTTP status "
-                               "(408 header time, 431 header size, 503 connection cap)", ["code"], registry=r)
-        self.pixels = Gauge("clipfold_pixels_in_flight", "decoded image pixels held by requests", registry=r)
-
-    def on_batch(self, model: str):
-        batch, engine = self.batch.labels(model=model), self.engine.labels(model=model)
-
-        def record(rows: int, seconds: float) -> None:
-            batch.observe(rows)
-            engine.observe(seconds)
-        return record
-
-
 class ClipfoldServer:
     """The served models, their batchers and the request handlers (see :func:`create_app`)."""
 
     def __init__(self, engines: Mapping[str, Engine], config: ServeConfig, indexes: Mapping[str, Index] | None = None):
         self.config = config
-        self.metrics = _Metrics()
+        self.metrics = Metrics()
         self.models: dict[str, ServedModel] = {}
         self.ready = False
         self.pixel_budget = PixelBudget(config.pixels_in_flight)
@@ -409,7 +324,7 @@ class ClipfoldServer:
     async def classify(self, request: Request) -> Response:
         m = self.model(request, "image")
         images, params = await self._images_and_params(request)
-        k = _int_param(params, "k", min(5, m.engine.max_k), 1, m.engine.max_k)
+        k = int_param(params, "k", min(5, m.engine.max_k), 1, m.engine.max_k)
         pixels = await run_in_threadpool(self._pixels, m, images, request.state.deadline)
         out = await self.rows(m, pixels)
         labels = m.engine.labels
@@ -433,7 +348,7 @@ class ClipfoldServer:
         if m.index is None:
             raise RequestError(f"model {m.name!r} has no index; start the server with --index INDEX built from it")
         texts, images, params = await self._query(request, allow_many=False)
-        k = _int_param(params, "k", 10, 1, 10_000)
+        k = int_param(params, "k", 10, 1, 10_000)
         if texts is not None:
             result = await run_in_threadpool(self._search_text, m, texts[0], k)
         else:
@@ -501,58 +416,12 @@ class ClipfoldServer:
         except ImageError as exc:
             raise type(exc)(f"image 0: {exc}") from None
 
+    async def _query(self, request: Request, allow_many: bool, allow_text: bool = True):
+        return await read_query(request, await self.body(request), self.config.max_items, allow_many, allow_text)
+
     async def _images_and_params(self, request: Request) -> tuple[list[bytes], dict]:
         texts, images, params = await self._query(request, allow_many=True, allow_text=False)
         return images, params
-
-    async def _query(self, request: Request, allow_many: bool, allow_text: bool = True):
-        """(texts or None, images or None, params) from a multipart form, a JSON object or a raw image body."""
-        body = await self.body(request)
-        params: dict[str, Any] = dict(request.query_params)
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        texts, images = None, []
-        if ctype == "multipart/form-data":
-            form = await _form(request, body, self.config.max_items)
-            try:
-                for key, value in form.multi_items():
-                    if hasattr(value, "read"):
-                        images.append(await value.read())
-                    elif key in ("text", "texts"):
-                        texts = (texts or []) + [value]
-                    else:
-                        params[key] = value
-            finally:
-                await form.close()  # spooled upload files
-        elif ctype == "application/json":  # a large body is parsed off the event loop
-            obj = load_json(body) if len(body) <= INLINE_PARSE_BYTES else await run_in_threadpool(load_json, body)
-            if not isinstance(obj, dict):
-                raise RequestError(f"the request must be a JSON object, got {type(obj).__name__}")
-            for key in ("image", "images"):
-                if key in obj:
-                    values = obj[key] if isinstance(obj[key], list) else [obj[key]]
-                    images += [_b64(v, f"{key}[{i}]") for i, v in enumerate(values)]
-            for key in ("text", "texts"):
-                if key in obj:
-                    values = obj[key] if isinstance(obj[key], list) else [obj[key]]
-                    if not all(isinstance(t, str) for t in values):
-                        raise RequestError(f"'{key}' must be a string or a list of strings")
-                    texts = (texts or []) + values
-            params.update({k: v for k, v in obj.items() if k not in ("image", "images", "text", "texts")})
-        elif body:
-            images = [body]  # a raw image body: image/png, image/jpeg, application/octet-stream...
-        if texts is not None and not allow_text:
-            raise RequestError("this endpoint takes images, not text")
-        if texts == []:
-            raise RequestError("'text' is an empty list; send at least one text query")
-        if (texts is None) == (not images):
-            raise RequestError("send exactly one kind of query: images (multipart files, JSON 'image'/'images' in "
-                               "base64, or a raw image body)" + (" or text (JSON 'text')" if allow_text else ""))
-        count = len(texts if texts is not None else images)
-        limit = self.config.max_items if allow_many else 1
-        if count > limit:
-            raise RequestError(f"{count} queries in one request; this endpoint takes at most {limit}")
-        return texts, (images or None), params
-
 
 def _require_text(m: ServedModel) -> None:
     if m.engine.manifest.text is None:
@@ -563,42 +432,6 @@ def _error(status: int, message: str, headers: Mapping[str, str] | None = None) 
     return JSONResponse({"error": message}, status_code=status, headers=dict(headers or {}))
 
 
-def _b64(value, what: str) -> bytes:
-    if not isinstance(value, str):
-        raise RequestError(f"{what} must be a base64 string, got {type(value).__name__}")
-    if value.startswith("data:") and "," in value:  # a data URL
-        value = value.split(",", 1)[1]
-    try:
-        data = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise RequestError(f"{what} is not valid base64: {exc}") from None
-    if not data:
-        raise RequestError(f"{what} is empty")
-    return data
-
-
-def _int_param(params: Mapping[str, Any], key: str, default: int, lo: int, hi: int) -> int:
-    value = params.get(key, default)
-    if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,9}", value.strip()):
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise RequestError(f"'{key}' must be an integer in [{lo}, {hi}], got {value!r}")
-    return value
-
-
-async def _form(request: Request, body: bytes, max_files: int):
-    async def replay() -> dict:
-        return {"type": "http.request", "body": body, "more_body": False}
-    try:
-        return await Request(request.scope, replay).form(max_files=max_files, max_fields=max_files + 16)
-    except HTTPException:
-        raise
-    except Exception as exc:  # noqa: BLE001 - python-multipart's parse errors
-        raise RequestError(f"the multipart form cannot be parsed: {exc}") from None
-
-
-# Above this many bytes a body is parsed, decompressed or compressed in the thread pool, not on the event loop.
-INLINE_PARSE_BYTES = 64 * 1024
 COMPRESS_MIN_BYTES = 1024  # smaller answers go uncompressed whatever Accept-Encoding allows
 
 
@@ -684,17 +517,6 @@ def create_app(server: ClipfoldServer):
         await run_in_threadpool(s.close)
 
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
-
-
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message and the record's ``fields``."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
-                 "msg": record.getMessage(), **getattr(record, "fields", {})}
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
 
 
 def serve(bundles: Sequence[str | Path], config: ServeConfig, *, variant: str | None = None,

@@ -149,7 +149,7 @@ class TextEncoder:
 
     def __init__(self, bundle: Path, tower: TextTower, threads: int | None = None, cache_size: int = CACHE_SIZE,
                  variant: str | None = None, spin: bool = True, files: dict[str, str] | None = None):
-        from .backend import OnnxRuntimeBackend
+        from .onnxruntime_backend import OnnxRuntimeBackend
         from .bundle_files import verified
         from .manifest import TensorSpec
 

@@ -149,19 +149,32 @@ def test_large_images_keep_the_server_under_1_gib_and_8_requests_under_1_5_gib(s
     body, headers = _json({"images": [base64.b64encode(png).decode()] * 16})
     status, _, raw = served.request("POST", "/v1/models/tiny/classify", body, headers, timeout=120)
     assert status in (200, 504), raw
+    _wait_idle(served)  # the peak counts work left running after the answer too
     single = served.status("VmHWM")
     assert single < 1 * GiB, f"one request of 16 large images took the server to {single / 2**20:.0f} MiB"
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda _: served.request("POST", "/v1/models/tiny/classify", body, headers,
                                                          timeout=120)[0], range(8)))
     assert set(answers) <= {200, 504}, answers
+    idle_after = _wait_idle(served)
     eight = served.status("VmHWM")
-    print(f"peak RSS: one request {single / 2**20:.0f} MiB, eight at once {eight / 2**20:.0f} MiB")
+    print(f"peak RSS: one request {single / 2**20:.0f} MiB, eight at once {eight / 2**20:.0f} MiB; "
+          f"idle {idle_after:.1f} s after the answers")
     assert eight < 1.5 * GiB, f"8 such requests took the server to {eight / 2**20:.0f} MiB"
-    before = served.cpu_seconds()
-    time.sleep(1.0)
-    assert served.cpu_seconds() - before < 0.5, "timed-out requests kept decoding"
     assert 'clipfold_pixels_in_flight 0.0' in served.metrics()
+
+
+def _wait_idle(server: ServerProcess, limit_s: float = 60) -> float:
+    """Seconds until the server uses under 0.05 s of CPU in 0.5 s (a decoding thread on a busy
+    2-core machine still gets about 0.15); fails if it is still busy after ``limit_s`` (a request
+    past its time limit must stop decoding)."""
+    start = time.monotonic()
+    while True:
+        before = server.cpu_seconds()
+        time.sleep(0.5)
+        if server.cpu_seconds() - before < 0.05:
+            return time.monotonic() - start
+        assert time.monotonic() - start < limit_s, "requests past their time limit kept decoding"
 
 
 def test_large_images_are_preprocessed_as_the_engine_does(served, bundle):
