@@ -50,7 +50,7 @@ from clipfold.compile.precision import GateConfig, QuantConfig
 from clipfold.compile.tiny import data
 from clipfold.compile.tiny.samples import write_background_folder
 from clipfold.runtime import Engine
-from clipfold.runtime.backend import cpu_session_options
+from clipfold.runtime.onnxruntime_backend import cpu_session_options
 from clipfold.runtime.openvino_backend import bf16_refusal
 from clipfold.runtime.preprocess import preprocess
 

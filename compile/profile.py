@@ -304,7 +304,7 @@ def _plot(rows: Sequence[Row], front: Sequence[Row], batch: int, path: Path, qua
 
 def check_backend(name: str) -> None:
     """Refuse an unknown backend name up front; an uninstalled one is reported per row."""
-    from clipfold.runtime.backend import BACKENDS, GPU_BACKENDS
+    from clipfold.runtime.backend_registry import BACKENDS, GPU_BACKENDS
 
     known = set(BACKENDS) | set(GPU_BACKENDS)
     if name not in known:

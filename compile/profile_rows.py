@@ -89,7 +89,7 @@ def measure_eager(job: dict, cfg: dict) -> dict:
 
     from clipfold.compile.head import build_zero_shot_head
     from clipfold.compile.load import load_model
-    from clipfold.runtime.backend import default_threads
+    from clipfold.kernels.cpu import default_threads
     from clipfold.runtime.manifest import Manifest
 
     from clipfold.compile.profile import eager_name

@@ -87,7 +87,7 @@ def keep_if_faster(conditional: Sequence[str], fp32: Variant, built: Sequence[Va
                    pixels: np.ndarray, say: Callable[[str], None]) -> list[Variant]:
     """``built`` without the ``conditional`` variants that are not faster than ``fp32`` at batch 1
     (their files removed from ``stage``)."""
-    from clipfold.runtime.backend import open_backend
+    from clipfold.runtime.backend_registry import open_backend
 
     if not any(v.name in conditional for v in built):
         return list(built)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from clipfold.errors import VerificationError
-from clipfold.runtime.backend import OnnxRuntimeBackend
+from clipfold.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from clipfold.runtime.kernel_head import KernelHead, KernelHeadBackend
 from clipfold.runtime.manifest import Parity, PreprocessSpec, TensorSpec
 from clipfold.runtime.preprocess import preprocess

@@ -17,7 +17,8 @@ import numpy as np
 
 from clipfold.errors import BundleError, ConfigError
 
-from .backend import Backend, open_backend
+from .backend import Backend
+from .backend_registry import open_backend
 from .images import ImageSource, load_image
 from .kernel_head import KernelHead, KernelHeadBackend
 from .bundle_files import check_folder_listed, contained
@@ -80,7 +81,7 @@ class Engine:
         ONNX Runtime beside a native variant.
 
         ``spin=False`` stops ONNX Runtime's threads busy-waiting between calls (see
-        :class:`~clipfold.runtime.backend.OnnxRuntimeBackend`): for processes that share their
+        :class:`~clipfold.runtime.onnxruntime_backend.OnnxRuntimeBackend`): for processes that share their
         cores with other work, such as a server.
 
         ``expect_digest``: open only the bundle of this digest (``clipfold inspect`` prints it; see

@@ -18,8 +18,9 @@ import numpy as np
 from clipfold.errors import BundleError
 from clipfold.kernels.vit import VitTower, VitWeights
 
-from .backend import Backend, OnnxRuntimeBackend
+from .backend import Backend
 from .manifest import TensorSpec
+from .onnxruntime_backend import OnnxRuntimeBackend
 
 HEAD_FILE = "head.onnx"
 

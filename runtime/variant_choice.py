@@ -110,7 +110,7 @@ def write_record(bundle: Path, variants: dict[str, dict], threads: int | None, c
 
 def runnable(variant: Variant) -> str | None:
     """Why ``variant`` cannot run on this machine with its own backend, or None when it can."""
-    from .backend import GPU_BACKENDS
+    from .backend_registry import GPU_BACKENDS
 
     backend = variant.backends[0]
     if backend in (*GPU_BACKENDS, "tensorrt"):

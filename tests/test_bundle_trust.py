@@ -361,7 +361,7 @@ def test_an_engine_build_keeps_a_head_added_while_it_built(bundle, tiny_labels, 
     simulated, CPU-only) TensorRT build survives, and the engine record and files are added."""
     from clipfold.compile import engines
     from clipfold.compile.extra_head import HeadAddConfig, add_head
-    from clipfold.runtime import backend as backends
+    from clipfold.runtime.onnxruntime_backend import OnnxRuntimeBackend
     from clipfold.runtime import tensorrt_backend
 
     _edit(bundle, lambda d: d["variants"][0].update(backends=["onnxruntime", "tensorrt"]))
@@ -375,7 +375,7 @@ def test_an_engine_build_keeps_a_head_added_while_it_built(bundle, tiny_labels, 
         return {**here, "file": plan_path.name, "timing_cache": Path(cache_out).name,
                 "profile": {"min": profile.min, "opt": profile.opt, "max": profile.max}, "build_seconds": 0.0}
 
-    class FakeTensorRT(backends.OnnxRuntimeBackend):  # the fp32 graph stands in for the plan
+    class FakeTensorRT(OnnxRuntimeBackend):  # the fp32 graph stands in for the plan
         def __init__(self, path, inputs, outputs, record):
             super().__init__(bundle / "model.onnx", inputs, outputs)
 

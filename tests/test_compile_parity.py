@@ -174,7 +174,7 @@ def test_runtime_sessions_keep_the_split_layernorms(tiny_bundle, tmp_path):
     import onnxruntime as ort
 
     from clipfold.compile.optimize import op_counts
-    from clipfold.runtime.backend import cpu_session_options
+    from clipfold.runtime.onnxruntime_backend import cpu_session_options
 
     graph = tiny_bundle.path / tiny_bundle.manifest.variant("fp32").file
     assert "SkipLayerNormalization" not in op_counts(graph)
