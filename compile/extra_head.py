@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from clipfold.errors import BundleError, CheckpointError, ConfigError, VerificationError
-from clipfold.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from clipfold.runtime.backend import OnnxRuntimeBackend
 from clipfold.runtime.engine import Engine
 from clipfold.runtime.manifest import DEFAULT_HEAD, ExtraHead, HeadInfo, HeadParity, Manifest, sha256_file
 
@@ -164,7 +164,7 @@ def add_head(config: HeadAddConfig, progress: Callable[[str], None] | None = Non
 
     def change(current: Manifest) -> Manifest:
         # The manifest as committed now (another head add may have finished meanwhile), not as read above.
-        if current.model != manifest.model:
+        if current.model != manifest.model or not (config.bundle / rel).is_file():
             raise BundleError(f"bundle {config.bundle} was replaced by another compile while head {config.name!r} "
                               "was built; add the head again")
         before = [h for h in current.heads if h.name == config.name]
