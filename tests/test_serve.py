@@ -4,6 +4,7 @@ batching, limits and bad input, metrics, graceful shutdown, and a fuzz run."""
 from __future__ import annotations
 
 import base64
+import gzip
 import http.client
 import io
 import json
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -506,9 +508,13 @@ def _mutations(rng: random.Random, png: bytes):
     paths = ["/v2/models/tiny/infer", "/v2/models/tiny-text/infer", "/v1/models/tiny/classify",
              "/v1/models/tiny/embed", "/v1/models/tiny/search", "/v2/models/tiny/versions/1/infer"]
     values = [None, True, -1, 0, 2 ** 70, 1.5, "x", "", [], {}, [[]], [-1], ["pixels"], {"a": 1}, "BYTES", "FP16"]
+    texts = ["a red circle", "\n" * 3000 + "a star", "e" + "\u0301" * 900, "\ufeff\n" * 500 + "word", "x" * 9000,
+             "&amp;amp;\n" * 300, "<b>\r\n" * 200, "\x00\x1b[31m\n" * 100, "Ã©" * 500, "🐈" * 2100]
     while True:
-        kind = rng.randrange(7)
+        kind = rng.randrange(10)
         path, headers = rng.choice(paths), {}
+        if rng.random() < 0.2:
+            headers["Accept-Encoding"] = rng.choice(["gzip", "deflate", "br", "gzip;q=0", "*", "deflate, gzip;q=0.5"])
         if kind == 0:  # flipped bytes in a valid JSON request
             body = bytearray(valid.encode())
             for _ in range(rng.randint(1, 8)):
@@ -538,10 +544,31 @@ def _mutations(rng: random.Random, png: bytes):
             body = json.dumps({rng.choice(["image", "images", "text", "texts", "k"]): rng.choice(values + ["aGk="]),
                                rng.choice(["k", "image", "x"]): rng.choice(values)}).encode()
             headers["Content-Type"] = "application/json"
-        else:  # random bytes under a random content type
+        elif kind == 6:  # random bytes under a random content type
             body = bytes(rng.randrange(256) for _ in range(rng.randrange(200)))
             headers["Content-Type"] = rng.choice(["multipart/form-data; boundary=x", "application/json", "text/plain",
                                                   "multipart/form-data"])
+        elif kind == 7:  # compressed bodies: valid, cut, damaged, a small bomb, an unknown encoding
+            name = rng.choice(["gzip", "deflate", "br", "gzip, gzip", "x-gzip"])
+            raw = rng.choice([valid.encode(), json.dumps({"text": rng.choice(texts)}).encode(), b"\0" * (2 << 20)])
+            body = gzip.compress(raw) if "gzip" in name else zlib.compress(raw)
+            if rng.random() < 0.3:
+                body = body[:rng.randrange(len(body))]
+            elif rng.random() < 0.3:
+                body = bytes(b ^ 0x55 if rng.random() < 0.05 else b for b in body)
+            headers.update({"Content-Encoding": name, "Content-Type": "application/json"})
+        elif kind == 8:  # long, multi-line, blank-line and over-limit texts, as JSON or as a BYTES tensor
+            chosen = [rng.choice(texts) for _ in range(rng.randint(1, 4))]
+            if rng.random() < 0.5:
+                path = rng.choice(["/v1/models/tiny/embed", "/v1/models/tiny/search"])
+                body = json.dumps({"text": chosen if path.endswith("embed") else chosen[0]}).encode()
+                headers["Content-Type"] = "application/json"
+            else:
+                path, body = "/v2/models/tiny-text/infer", json.dumps({"inputs": [
+                    {"name": "text", "datatype": "BYTES", "shape": [len(chosen)], "data": chosen}]}).encode()
+        else:  # a header past the server's limit
+            body = valid.encode()
+            headers["X-Padding"] = "a" * rng.choice([100, 70_000, 200_000])
         yield path, body, headers
 
 
