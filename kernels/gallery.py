@@ -24,6 +24,7 @@ from clipfold.errors import ConfigError
 
 STORAGES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}
 MANIFEST = "gallery.json"
+QUANTIZE_ROWS = 1 << 14  # rows quantized at a time (32 MB of fp32 temporaries at D=512)
 VERSION = 1
 
 
@@ -199,7 +200,9 @@ def quantize_rows(x: np.ndarray, storage: str) -> tuple[np.ndarray, np.ndarray |
         return x.astype(np.float16), None
     peak = np.abs(x).max(axis=1) if x.size else np.zeros(len(x), dtype=np.float32)
     scales = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(x / scales[:, None]), -127, 127).astype(np.int8)
+    q = np.empty(x.shape, np.int8)
+    for lo, hi in _spans(len(x), QUANTIZE_ROWS):  # fp32 temporaries of one span, not of the gallery
+        q[lo:hi] = np.clip(np.rint(x[lo:hi] / scales[lo:hi, None]), -127, 127)
     return q, scales
 
 
