@@ -171,6 +171,7 @@ def test_importing_kernels_loads_neither_torch_nor_triton():
         import clipfold.kernels
         from clipfold.kernels import triton_topk
         assert 'torch' not in sys.modules and 'triton' not in sys.modules
+        assert 'clipfold.kernels.triton_topk_kernel' not in sys.modules
         assert triton_topk.available() is False
         try:
             triton_topk.topk_similarity_triton([[1.0]], None, 1)
@@ -180,3 +181,19 @@ def test_importing_kernels_loads_neither_torch_nor_triton():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("BackendUnavailableError") and "pip install triton" in proc.stdout
+
+
+def test_the_kernels_are_module_level_in_their_own_module():
+    """The jit kernel and its helpers live at the top of kernels/triton_topk_kernel.py, imported on
+    the first call; the launcher's namespace is never written into."""
+    from triton.runtime.jit import KernelInterface  # JITFunction on a GPU, InterpretedFunction here
+
+    before = set(vars(triton_topk))
+    queries, gallery = _data(40, 16, 3)
+    _check(*_run(queries, gallery, "fp16", 5))
+    from clipfold.kernels import triton_topk_kernel
+
+    assert triton_topk._kernel() is triton_topk_kernel.topk_kernel
+    for name in ("_bit", "_merge", "_topk_rows", "_merge_sorted", "topk_kernel"):
+        assert isinstance(getattr(triton_topk_kernel, name), KernelInterface), name
+    assert set(vars(triton_topk)) == before  # no tl, no helpers put into the launcher's globals
