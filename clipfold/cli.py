@@ -62,7 +62,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                           keep_float=DEFAULT_KEEP_FLOAT + tuple(args.keep_float or ())),
         gate=GateConfig(min_cosine=args.gate_min_cosine, min_top1_agreement=args.gate_min_top1,
                         min_top5_overlap=args.gate_min_top5, max_accuracy_drop=args.gate_max_accuracy_drop,
-                        data=args.gate_data, images=args.gate_images),
+                        data=args.gate_data, images=args.gate_images, search_data=args.search_data),
     )
     result = compile_bundle(config, progress=_progress(time.perf_counter()))
     variant = result.manifest.variant()
@@ -448,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-search", action="store_true", help="fail instead of returning sensitive nodes to float")
     q.add_argument("--gate-data", type=Path, default=None, help="labelled folder (class sub-folders) for the gate; adds accuracy")
     q.add_argument("--gate-images", type=int, default=128, help="generated gate images without --gate-data (default 128)")
+    q.add_argument("--search-data", type=Path, default=None,
+                   help="labelled folder for the sensitivity search's choices (default: half of --gate-data, "
+                        "which the gate then does not report on)")
     q.add_argument("--gate-min-cosine", type=float, default=0.99, help="minimum embedding cosine vs fp32 (default 0.99)")
     q.add_argument("--gate-min-top1", type=float, default=0.99, help="minimum top-1 agreement with fp32 (default 0.99)")
     q.add_argument("--gate-min-top5", type=float, default=0.0, help="minimum top-5 overlap with fp32 (default 0)")

@@ -104,7 +104,9 @@ class GateConfig:
 
     ``data`` is a labelled image folder (class sub-folders named like the labels): it adds
     accuracy, held to ``max_accuracy_drop`` below fp32's. Without it, ``images`` generated images
-    are used, disjoint from the calibration images.
+    are used, disjoint from the calibration images. ``search_data`` (optional) is a labelled folder
+    for the sensitivity search's choices; without it half of ``data`` (or generated images of
+    another seed) is set apart for them, and the gate reports only on the rest (:mod:`.gate`).
     """
 
     min_cosine: float = 0.99
@@ -114,6 +116,7 @@ class GateConfig:
     data: Path | None = None
     images: int = 128
     seed: int = 1234
+    search_data: Path | None = None
 
     def __post_init__(self) -> None:
         for name in ("min_cosine", "min_top1_agreement", "min_top5_overlap", "max_accuracy_drop"):
@@ -124,6 +127,8 @@ class GateConfig:
             raise ConfigError(f"the gate needs at least one image, got {self.images}")
         if self.data is not None:
             object.__setattr__(self, "data", Path(self.data))
+        if self.search_data is not None:
+            object.__setattr__(self, "search_data", Path(self.search_data))
 
     def thresholds(self) -> dict[str, float]:
         return {"min_cosine": self.min_cosine, "min_top1_agreement": self.min_top1_agreement,

@@ -7,6 +7,10 @@ the fewest that pass; needing all of them is a miss (that would be fp32 under an
 that still misses raises :class:`~clipfold.errors.GateError` naming every figure that missed and
 what the search left in float; the whole compile then writes nothing.
 
+Every choice (whether to search, the ranking, each bisection step) is made on the *search*
+images; the figures recorded and held to the limits come from the disjoint *gate* images, on which
+nothing was chosen (:func:`~.gate.selection_images`; the split is recorded in ``Gate.selection``).
+
 Sensitivity of a quantized node = how much error it *adds*: one minus the cosine of its output
 against fp32, minus the same for its activation input, both measured with every node quantized.
 That ranks the node where error appears, not the later nodes that merely inherit it.
@@ -71,6 +75,8 @@ def check_early(precisions: Sequence[str], quant: QuantConfig, gate_cfg: GateCon
         gating.calibration_paths(quant)
     if wanted and gate_cfg.data is not None:
         read_folder(gate_cfg.data)
+    if wanted and gate_cfg.search_data is not None:
+        read_folder(gate_cfg.search_data)
 
 
 def build_variants(precisions: Sequence[str], stage: Path, sources: Sources, spec: PreprocessSpec,
@@ -82,12 +88,17 @@ def build_variants(precisions: Sequence[str], stage: Path, sources: Sources, spe
         return []
     check_early(precisions, quant, gate_cfg)
     say = progress or (lambda message: None)
-    held = gating.held_out_images(spec, labels, gate_cfg)
-    say(f"gate: fp32 on {held.source}")
-    fp32_out = gating.run_graph(sources.fused, sources.inputs, sources.outputs, held.pixels, head=sources.head)
     calib = calib_source = None
-    if set(CALIBRATED) & set(wanted):
+    calibrated = bool(set(CALIBRATED) & set(wanted))
+    if calibrated:
         calib, calib_source = gating.calibration_images(spec, quant)
+    calib_files = gating.calibration_paths(quant) if calibrated and quant.calib is not None else ()
+    selection = gating.selection_images(spec, labels, gate_cfg, calib_files)
+    held, search = selection.gate, selection.search
+    record = {"calibration": calib_source, **selection.record} if calibrated else dict(selection.record)
+    say(f"gate: fp32 on {held.source}; choices on {search.source}")
+    fp32_out = gating.run_graph(sources.fused, sources.inputs, sources.outputs, held.pixels, head=sources.head)
+    fp32_search = gating.run_graph(sources.fused, sources.inputs, sources.outputs, search.pixels, head=sources.head)
     variants = []
     with quantize.scratch_dir(stage) as scratch:
         scratch = Path(scratch)
@@ -105,19 +116,25 @@ def build_variants(precisions: Sequence[str], stage: Path, sources: Sources, spe
             if precision == "bf16":  # the fp32 graph itself, run in bf16: gated, nothing built
                 from .bf16 import build_bf16
 
-                variants.append(build_bf16(sources, held, fp32_out, gate_cfg, verify.tie_tolerance,
+                # bf16 makes no choice: every held-out image judges it (the search share included)
+                every = gating.held_out_images(spec, labels, gate_cfg)
+                every_out = gating.run_graph(sources.fused, sources.inputs, sources.outputs, every.pixels,
+                                             head=sources.head)
+                variants.append(build_bf16(sources, every, every_out, gate_cfg, verify.tie_tolerance,
                                            lambda run: _eager_parity(run, reference, verify), say))
                 continue
             builder = _Builder(precision, stage / variant_file(precision), scratch, source, quant, calib,
-                               held.pixels[:8])
+                               search.pixels[:32])
             details, figures, kept = builder.build_and_gate(
-                lambda path: _run_variant(precision, path, sources, held.pixels),
-                lambda out: gating.measure(fp32_out, out, held, gate_cfg, verify.tie_tolerance), gate_cfg, say)
+                lambda path: gating.measure(fp32_out, _run_variant(precision, path, sources, held.pixels), held,
+                                            gate_cfg, verify.tie_tolerance),
+                lambda path: gating.measure(fp32_search, _run_variant(precision, path, sources, search.pixels), search,
+                                            gate_cfg, verify.tie_tolerance), gate_cfg, say)
             if "tensorrt" in PRECISIONS[precision][1]:
                 check_tensorrt_graph(stage / variant_file(precision), precision)
             if calib_source is not None and "calibration" in details:
                 details["calibration_source"] = calib_source
-            figures = Gate(**{**figures.__dict__, "kept_float": tuple(kept)})
+            figures = Gate(**{**figures.__dict__, "kept_float": tuple(kept), "selection": record})
             built = stage / variant_file(precision)
             parity = _eager_parity(lambda pixels: _run_variant(precision, built, sources, pixels), reference, verify)
             say(f"  {precision}: min cosine {figures.embedding_cosine_min:.5f}, top-1 agreement "
@@ -181,22 +198,24 @@ class _Builder:
             return float16.convert(self.src, self.out, exclude, q, residual_fp32=p == "fp16")
         raise AssertionError(p)
 
-    def build_and_gate(self, run, measure, cfg: GateConfig, say) -> tuple[dict, Gate, list[str]]:
-        """Build with every candidate quantized; if the gate misses, return nodes to float by rank
-        (1, 2, 4, ... of them, then bisect) and keep the fewest that pass."""
+    def build_and_gate(self, gate, search, cfg: GateConfig, say) -> tuple[dict, Gate, list[str]]:
+        """Build with every candidate quantized; if it misses on the search images, return nodes to float
+        by rank (1, 2, 4, ... of them, then bisect, all on the search images) and keep the fewest that pass
+        there. ``gate(path)`` / ``search(path)`` measure a built file on the gate / search images; the
+        returned figures and the final verdict are the gate's, on images no choice was made on."""
         details = self._build(())
-        figures = measure(run(self.out))
-        first = missed = gating.failures(figures, cfg)
+        first = missed = gating.failures(search(self.out), cfg)
         ranked: list[str] = []
         returned: list[str] = []
         if missed and self.quant.search:
             ranked = self._rank()
             passing, failing, count = None, 0, 1
-            say(f"  {self.precision}: {'; '.join(missed)}; searching {len(ranked)} nodes for the fewest to keep in float")
+            say(f"  {self.precision}: {'; '.join(missed)} on the search images; searching {len(ranked)} nodes for "
+                "the fewest to keep in float")
             while failing < len(ranked) - 1 and (passing is None or passing - failing > 1):
                 count = min(count, len(ranked) - 1) if passing is None else (failing + passing) // 2
                 self._build(ranked[:count])
-                missed = gating.failures(measure(run(self.out)), cfg)
+                missed = gating.failures(search(self.out), cfg)
                 say(f"  {self.precision}: {count} of {len(ranked)} in float: {'; '.join(missed) or 'passes'}")
                 if missed:
                     failing, count = count, count * 2
@@ -205,23 +224,30 @@ class _Builder:
             if passing is not None:
                 returned = ranked[:passing]
                 details = self._build(returned)
-                figures = measure(run(self.out))
-                missed = gating.failures(figures, cfg)
-            else:
-                missed = missed or first
+        figures = gate(self.out)
+        missed = gating.failures(figures, cfg)
+        if ranked and not returned:  # no passing count on the search images: a miss whatever the gate says
+            missed = missed or first
+        if missed and not first:
+            first = missed
         if missed:
             self.out.unlink(missing_ok=True)
             if not self.quant.search:
-                search = "The sensitivity search was off (--no-search)."
+                note = "The sensitivity search was off (--no-search)."
+            elif returned:
+                note = (f"The search kept {len(returned)} of {len(ranked)} quantizable nodes in float, which passes on "
+                        f"the search images, but the gate's own images missed: {'; '.join(missed)}. A larger "
+                        "--search-data folder makes the search's choice carry over.")
             elif not ranked:
-                search = "No node could be returned to float: all quantized nodes are outside the search."
+                note = "No node could be returned to float: all quantized nodes are outside the search."
             else:
-                search = (f"The search returned up to {len(ranked) - 1} of {len(ranked)} quantizable nodes to float "
-                          f"(most sensitive first: {', '.join(ranked[:4])}{' ...' if len(ranked) > 4 else ''}) and "
-                          "the gate still missed; all of them would leave the fp32 graph under another name.")
+                note = (f"The search returned up to {len(ranked) - 1} of {len(ranked)} quantizable nodes to float "
+                        f"(most sensitive first: {', '.join(ranked[:4])}{' ...' if len(ranked) > 4 else ''}) and "
+                        "the gate still missed; all of them would leave the fp32 graph under another name.")
             raise GateError(
                 f"variant {self.precision!r} misses the accuracy gate against fp32 on {figures.images} images "
-                f"({figures.source}); fully quantized:\n  - " + "\n  - ".join(first) + f"\n{search}\n"
+                f"({figures.source}); fully quantized (on the search images):\n  - " + "\n  - ".join(first) +
+                f"\n{note}\n"
                 "Lower the limits (--gate-min-cosine, --gate-min-top1), gate on labelled data (--gate-data), "
                 "keep operator types in float (--keep-float), or drop the variant.", first)
         if returned:

@@ -100,7 +100,8 @@ class Gate:
     ``accuracy`` and ``reference_accuracy`` are top-1 on labelled images (``None`` without labels);
     ``top5_overlap`` compares the first min(5, top_k) indices;
     ``thresholds`` are the limits it was held to, ``kept_float`` the quantizable nodes the
-    sensitivity search returned to float.
+    sensitivity search returned to float. ``selection`` (optional) records which images made the
+    choices (calibration, the search) and which judged the result (the gate): they do not overlap.
     """
 
     reference: str
@@ -114,6 +115,7 @@ class Gate:
     reference_accuracy: float | None
     thresholds: dict[str, float]
     kept_float: tuple[str, ...] = ()
+    selection: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kept_float", tuple(self.kept_float))

@@ -12,6 +12,8 @@ from clipfold.compile.gate import held_out_images, run_graph
 from clipfold.compile.optimize import op_counts
 from clipfold.compile.pipeline import compile_bundle
 from clipfold.compile.precision import GateConfig, QuantConfig, parse_precisions
+from clipfold.compile.tiny import data
+from clipfold.compile.tiny.samples import write_background_folder
 from clipfold.compile.quantize import prepare
 from clipfold.runtime import Engine
 from clipfold.runtime.manifest import Manifest
@@ -26,9 +28,11 @@ SIGNATURE = {"int8-dynamic": "QAttention", "int8-static": "QuantizeLinear", "int
 @pytest.fixture(scope="module")
 def variants_bundle(gda_task):
     tmp, adapter, test = gda_task
-    # No --calib: the adapter's own support folder is the default calibration set.
+    # No --calib: the adapter's own support folder is the default calibration set. The search's choices
+    # are made on their own folder, so all 80 test images judge (none of them chose anything).
+    search = write_background_folder(tmp / "search", data.per_background(20, 98))
     return compile_bundle(CompileConfig(labels=None, adapter=adapter, out=tmp / "all.bundle", precisions=("fp32", *ALL),
-                                        gate=GateConfig(data=test)))
+                                        gate=GateConfig(data=test, search_data=search)))
 
 
 def test_fp32_graph_is_fused_for_onnxruntime(variants_bundle):
@@ -52,9 +56,8 @@ def test_every_precision_is_built_gated_and_recorded(variants_bundle):
     assert [v.name for v in manifest.variants] == ["fp32", *ALL]
     for v in manifest.variants[1:]:
         g = v.gate
-        # 80 labelled images: a quarter of each class (5 of 20) makes the search's choices, 60 judge
-        assert g.reference == "fp32" and g.images == 60 and g.accuracy is not None
-        assert g.selection["search"].startswith("20 labelled images") and g.selection["dropped_overlap"] == 0
+        assert g.reference == "fp32" and g.images == 80 and g.accuracy is not None
+        assert g.selection["search"] == "80 labelled images from search/" and g.selection["dropped_overlap"] == 0
         assert g.embedding_cosine_min >= 0.99 and g.top1_agreement >= 0.99, (v.name, g)
         assert g.reference_accuracy - g.accuracy <= 0.01, (v.name, g)
         assert v.quantization and v.quantization["method"], v.name
@@ -141,22 +144,29 @@ def test_the_search_keeps_the_fewest_nodes_in_float_or_refuses(tiny_labels, tmp_
     AVX-512/AMX Xeon), so the case is built from what this machine's kernels give: the gate asks for
     half the fully quantized graph's worst embedding error. That misses by construction and is in
     reach with sensitive nodes back in float; a limit of cosine 1.0 misses even with all but one (any
-    quantized node adds error), and the search must not pass off an all-float graph."""
+    quantized node adds error), and the search must not pass off an all-float graph.
+    The search decides on its own generated images (gate seed + SEARCH_SEED_OFFSET), so the limit is
+    taken from those; the gate then judges on its own 128, where a 30-class top-1 can flip on a tie
+    (hence 0.95 for top-1 agreement: the cosine limit is what drives this search)."""
+    from clipfold.compile.gate import SEARCH_SEED_OFFSET
+
     full = compile_bundle(CompileConfig(labels=tiny_labels, out=tmp_path / "full", precisions="int8-static",
                                         quant=QuantConfig(search=False),
-                                        gate=GateConfig(min_cosine=0.0, min_top1_agreement=0.0)))
+                                        gate=GateConfig(min_cosine=0.0, min_top1_agreement=0.0,
+                                                        seed=GateConfig().seed + SEARCH_SEED_OFFSET)))
     worst = full.manifest.variant("int8-static").gate.embedding_cosine_min
     assert not full.manifest.variant("int8-static").gate.kept_float and worst < 1.0
     limit = 1.0 - (1.0 - worst) / 2
 
     said: list[str] = []
     result = compile_bundle(CompileConfig(labels=tiny_labels, out=tmp_path / "searched", precisions="int8-static",
-                                          gate=GateConfig(min_cosine=limit)), progress=said.append)
+                                          gate=GateConfig(min_cosine=limit, min_top1_agreement=0.95)),
+                            progress=said.append)
     v = result.manifest.variant("int8-static")
     quantizable = v.quantization["quantizable"]
     kept = len(v.gate.kept_float)
     assert 0 < kept == v.quantization["returned_to_float"] < quantizable
-    assert v.gate.embedding_cosine_min >= limit and v.gate.top1_agreement >= 0.99
+    assert v.gate.embedding_cosine_min >= limit and v.gate.top1_agreement >= 0.95
     assert v.fused_ops.get("QuantizeLinear", 0) > 0
     # The fewest: one node fewer in float was tried and missed (or none fewer: fully quantized missed).
     tried = [m.strip() for m in said if m.strip().startswith(f"int8-static: {kept - 1} of {quantizable} in float: ")]
