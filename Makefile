@@ -89,7 +89,6 @@ bench-kernels: $(STAMP)
 fewshot: $(STAMP)
 	$(PY) -m benchmarks.fewshot
 
-# Re-train the embedded tiny model (deterministic; about 40 minutes on 2 cores).
 # clipfold serve under load (loopback): dynamic batching vs batch-1 at concurrency 1-64, about 2 minutes.
 bench-serve: $(STAMP)
 	$(PY) -m benchmarks.bench_serve
@@ -98,6 +97,7 @@ bench-serve: $(STAMP)
 bench-ray: $(STAMP)
 	$(PY) -m benchmarks.bench_ray
 
+# Re-train the embedded tiny model (deterministic, one thread; about 40 minutes on 2 cores).
 train-tiny: $(STAMP)
 	$(PY) -m clipfold.compile.tiny.train --out compile/tiny/clipfold-tiny.safetensors --steps 6000 --threads 1
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -119,10 +119,6 @@ class Imported:
     def __post_init__(self) -> None:
         if (self.head is None) == (self.logits_module is None):
             raise ConfigError("an imported adapter needs exactly one of a head or an image-conditioned logits module")
-
-
-Fitter = Callable[[Support], Fitted]
-Importer = Callable[[ImportRequest], Imported]
 
 
 def option(request: ImportRequest, name: str, default: str, choices: tuple[str, ...] | None = None) -> str:

@@ -167,8 +167,3 @@ def build_prompts(tower: PromptTextTower, tokenizer, labels: Sequence[str], n_ct
                           f"tokens for classes {too_long[:5]}; use shorter class names")
     return Prompts(tokens=tokens, embeddings=tower.embed_tokens(tokens), pool_index=pool_index,
                    name_lens=name_lens, n_ctx=n_ctx)
-
-
-def text_width(model) -> int:
-    parts, _, _ = _text_parts(model)
-    return int(parts.positional_embedding.shape[1])
