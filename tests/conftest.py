@@ -39,6 +39,16 @@ def tiny_bundle(tmp_path_factory, tiny_labels):
     return compile_bundle(CompileConfig(labels=tiny_labels, out=out, top_k=5))
 
 
+@pytest.fixture(scope="session")
+def tiny_text_bundle(tmp_path_factory, tiny_labels):
+    """The same with its text tower: the serving tests' model ``tiny`` (and ``tiny-text``)."""
+    from clipfold.compile.config import CompileConfig
+    from clipfold.compile.pipeline import compile_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny.bundle"
+    return compile_bundle(CompileConfig(labels=tiny_labels, out=out, top_k=5, text=True))
+
+
 def compile_random(model: str, out, labels=("cat", "dog", "car", "tree", "boat", "house")):
     """A random-weight real architecture; one template keeps the text tower cheap."""
     from clipfold.compile.config import CompileConfig

@@ -22,8 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from clipfold.compile.config import CompileConfig
-from clipfold.compile.pipeline import compile_bundle
 from clipfold.compile.tiny import data
 from clipfold.errors import BatcherClosedError, ConfigError, QueueFullError, RequestError
 from clipfold.runtime import Engine
@@ -82,9 +80,9 @@ def _png(image) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_labels):
+def setup(tmp_path_factory, tiny_text_bundle):
     tmp = tmp_path_factory.mktemp("serve")
-    bundle = compile_bundle(CompileConfig(labels=tiny_labels, out=tmp / "tiny.bundle", top_k=5, text=True))
+    bundle = tiny_text_bundle
     photos = tmp / "photos"
     photos.mkdir()
     for i, s in enumerate(data.generate(12, seed=21)):

@@ -28,8 +28,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clipfold.compile.config import CompileConfig
-from clipfold.compile.pipeline import compile_bundle
 from clipfold.compile.tiny import data
 from clipfold.errors import RequestError
 from clipfold.runtime import Engine
@@ -120,9 +118,8 @@ def _solid_png(width: int, height: int, rgb=(200, 30, 40)) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory, tiny_labels):
-    tmp = tmp_path_factory.mktemp("limits")
-    return compile_bundle(CompileConfig(labels=tiny_labels, out=tmp / "tiny.bundle", top_k=5, text=True)).path
+def bundle(tiny_text_bundle):
+    return tiny_text_bundle.path
 
 
 @pytest.fixture(scope="module")
