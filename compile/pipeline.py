@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import gc
 import platform
 import time
 from dataclasses import dataclass
@@ -181,17 +182,31 @@ def compile_bundle(config: CompileConfig, progress: Callable[[str], None] | None
             graph = ClassifierGraph(visual, adaptation.head, top_k, adaptation.logits_module,
                                     adaptation.info.activation)
 
+        pixels = verification_pixels(spec, config.verify)
+        reference = eager_reference(adaptation.encoder, adaptation.reference, spec, pixels)
+        text = None
+        if config.text:
+            _say(progress, "exporting and verifying the text tower and its tokenizer")
+            prompts = [t.format(label) for label in labels[:64] for t in (templates or ("{}",))[:4]]
+            text = export_text(loaded, stage, prompts, config.opset)
+        # The eager model has done its work (head, reference, text tower): it goes before the export
+        # and ONNX Runtime, which hold copies of the weights of their own (peak memory, issue 24).
+        loaded = dataclasses.replace(loaded, model=None, tokenizer=None)
+        adaptation = dataclasses.replace(adaptation, encoder=None, visual=None)
+        gc.collect()
+
         _say(progress, "exporting ONNX (fp32, dynamic batch)")
         onnx_path, portable_path = stage / ONNX_FILE, stage / PORTABLE_FILE
         export_onnx(graph, portable_path if config.fuse else onnx_path, spec.image_size, config.opset)
+        if NATIVE not in config.precisions:  # the folded tower is needed by fp32-native only
+            del graph, visual
+            gc.collect()
         if config.fuse:
             _say(progress, "fusing attention, LayerNorm and GELU for ONNX Runtime")
             fuse_for_onnxruntime(portable_path, onnx_path)
 
         _say(progress, "verifying against the eager model and the unfolded head")
         inputs, outputs = io_specs(spec.image_size, top_k, loaded.info.embed_dim, embedding_only=kernel_head is not None)
-        pixels = verification_pixels(spec, config.verify)
-        reference = eager_reference(adaptation.encoder, adaptation.reference, spec, pixels)
         parity = verify_onnx(onnx_path, inputs, outputs, reference, config.verify, head=kernel_head)
         fused = {op: n for op, n in sorted(op_counts(onnx_path).items()) if op in FUSED_OPS}
 
@@ -205,16 +220,14 @@ def compile_bundle(config: CompileConfig, progress: Callable[[str], None] | None
                                            config.opset)]
             parity_min = native[0].parity.embedding_cosine_min
             _say(progress, f"  {NATIVE}: parity vs open_clip eager: cosine min {parity_min:.7f}")
+            del graph, visual
+            gc.collect()
         sources = Sources(onnx_path, portable_path if config.fuse else onnx_path, inputs, outputs, top_k, kernel_head)
         extra = build_variants([p for p in config.precisions if p != NATIVE], stage, sources, spec, labels, reference,
                                config.verify, _calibration_default(config, adapter_file), config.gate, progress)
         if config.fuse:
             portable_path.unlink()
-        text = None
-        if config.text:
-            _say(progress, "exporting and verifying the text tower and its tokenizer")
-            prompts = [t.format(label) for label in labels[:64] for t in (templates or ("{}",))[:4]]
-            text = export_text(loaded, stage, prompts, config.opset)
+        if text is not None:
             text = build_text_variants(stage, text, config.text_precisions, labels, config.quant, config.gate, progress)
         built = keep_if_faster(conditional, variant, (*native, *extra), stage, pixels,
                                lambda message: _say(progress, message))
