@@ -11,7 +11,7 @@ CORPUS = ["a photo of a cat", "a photo of a dog", "the car is red", "an image of
           "numbers 123 456", "zero shot classification of many objects", "a bad photo of the big thing"]
 
 
-def make_unigram_tokenizer(folder: Path, vocab_size: int = 300) -> Path:
+def make_unigram_tokenizer(folder: Path, vocab_size: int = 300, tokenizer_class: str = "PreTrainedTokenizerFast") -> Path:
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -24,7 +24,7 @@ def make_unigram_tokenizer(folder: Path, vocab_size: int = 300) -> Path:
     tok.train_from_iterator(CORPUS * 20, trainer)
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
     tok.save(str(folder / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "</s>", "eos_token": "</s>",
+    config = {"tokenizer_class": tokenizer_class, "pad_token": "</s>", "eos_token": "</s>",
               "unk_token": "<unk>", "model_max_length": 64}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return folder

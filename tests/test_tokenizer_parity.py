@@ -132,9 +132,12 @@ def siglip_folder(tmp_path_factory):
     return make_unigram_tokenizer(tmp_path_factory.mktemp("siglip-tokenizer"))
 
 
-def test_local_hf_tokenizer_and_bundled_copy_match_open_clips_hftokenizer(siglip_folder, tmp_path):
+@pytest.mark.parametrize("tokenizer_class", ["PreTrainedTokenizerFast", "T5Tokenizer"])  # T5: SigLIP's snapshots
+def test_local_hf_tokenizer_and_bundled_copy_match_open_clips_hftokenizer(tmp_path, tokenizer_class):
     pytest.importorskip("transformers")
     from open_clip.tokenizer import HFTokenizer
+
+    siglip_folder = make_unigram_tokenizer(tmp_path / "tokenizer", tokenizer_class=tokenizer_class)
 
     # ViT-B-16-SigLIP's config: context 64, clean "canonicalize" (open_clip/model_configs/ViT-B-16-SigLIP.json)
     official = HFTokenizer(str(siglip_folder), context_length=64, clean="canonicalize")
