@@ -308,7 +308,7 @@ class ClipfoldServer:
                 texts = [t.decode("utf-8") for t in req.inputs["text"]]
             except UnicodeDecodeError as exc:
                 raise RequestError(f"input 'text' must be UTF-8: {exc}") from None
-            embedded = await run_in_threadpool(self._embed_text, m, texts)
+            embedded = await run_in_threadpool(self._embed_text, m, texts, request.state.deadline)
             out = {"embedding": embedded.embeddings, "truncated": embedded.truncated}
         content, headers = encode_infer_response(m.name, VERSION, req.id, {n: (out[n], b) for n, b in req.outputs.items()})
         return Response(content, headers=headers,
@@ -336,7 +336,7 @@ class ClipfoldServer:
         m = self.model(request, "image")
         texts, images, _ = await self._query(request, allow_many=True)
         if texts is not None:
-            embedded = await run_in_threadpool(self._embed_text, m, texts)
+            embedded = await run_in_threadpool(self._embed_text, m, texts, request.state.deadline)
             return JSONResponse({"model": m.name, "embeddings": embedded.embeddings.tolist(),
                                  "truncated": embedded.truncated.tolist()})
         pixels = await run_in_threadpool(self._pixels, m, images, request.state.deadline)
@@ -375,10 +375,17 @@ class ClipfoldServer:
                 raise PayloadTooLarge(f"text {i} is {size:,} bytes; this server takes at most {limit:,} per text "
                                       "(only the first context-length tokens of a text count)")
 
-    def _embed_text(self, m: ServedModel, texts: list[str]):
+    def _embed_text(self, m: ServedModel, texts: list[str], deadline: float | None = None):
+        """Texts cleaned one at a time outside any lock; past ``deadline`` the rest are not cleaned."""
         self._check_texts(texts)
         self._text_ready(m)
-        return m.engine.embed_text(texts)
+        encoder = m.engine.text_encoder()
+        cleaned = []
+        for text in texts:
+            if deadline is not None and time.monotonic() > deadline:
+                raise RequestTimeout("the request passed its time limit; its remaining texts were not cleaned")
+            cleaned.append(encoder.clean(text))
+        return encoder.embed(cleaned, cleaned=True)
 
     def _search_text(self, m: ServedModel, text: str, k: int):
         self._check_texts([text])

@@ -174,11 +174,13 @@ class TextEncoder:
         need = self.tokenizer.context_length - 1  # content tokens that fill the context and show the cut
         return clean_enough(text, self.tokenizer.clean, lambda cleaned: len(self.tokenizer.encode(cleaned)) >= need)
 
-    def embed(self, texts: Sequence[str]) -> TextEmbeddings:
-        """Thread-safe: concurrent callers clean their texts in parallel and share the cache."""
+    def embed(self, texts: Sequence[str], cleaned: bool = False) -> TextEmbeddings:
+        """Thread-safe: concurrent callers clean their texts in parallel and share the cache.
+        ``cleaned=True``: the texts are :meth:`clean`'s results already (a caller that cleans
+        them one at a time, to stop between them)."""
         if isinstance(texts, str):
             raise ConfigError("embed_text takes a list of strings; wrap a single query in a list")
-        keys = [self.clean(t) for t in texts]
+        keys = list(texts) if cleaned else [self.clean(t) for t in texts]
         if not keys or not all(keys):
             raise ConfigError("a text query is empty (or only whitespace); expected at least one word per query")
         with self._lock:
