@@ -440,3 +440,19 @@ def test_decode_body_and_pick_encoding():
     assert pick_encoding("deflate;q=1, gzip;q=0.5") == "deflate"
     assert pick_encoding("gzip;q=0") is None and pick_encoding("br") is None and pick_encoding(None) is None
     assert pick_encoding("*") == "gzip" and pick_encoding("*, gzip;q=0") == "deflate"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("max_pixels_in_flight", 1_000, r"max_pixels_in_flight must be an integer in \[40000000"),
+    ("max_text_bytes", 0, "max_text_bytes must be an integer"),
+    ("max_header_bytes", 100, r"max_header_bytes must be an integer in \[1024"),
+    ("max_connections", True, "max_connections must be an integer"),
+    ("header_timeout_s", 0, r"header_timeout_s must be in \(0, 3600\]"),
+])
+def test_the_new_limits_are_checked_when_configured(field, value, message):
+    from clipfold.errors import ConfigError
+    from clipfold.runtime.serve_config import ServeConfig
+
+    with pytest.raises(ConfigError, match=message):
+        ServeConfig(**{field: value})
+    assert ServeConfig().pixels_in_flight == 80_000_000 and ServeConfig(max_image_pixels=10).pixels_in_flight == 20
