@@ -126,8 +126,8 @@ def pick_encoding(accept: str | None) -> str | None:
 
 def compress_response(body: bytes, encoding: str) -> bytes:
     """The body compressed as ``encoding`` (gzip or deflate = zlib format)."""
-    inflater = zlib.compressobj(6, zlib.DEFLATED, 31 if encoding == "gzip" else 15)
-    return inflater.compress(body) + inflater.flush()
+    packer = zlib.compressobj(6, zlib.DEFLATED, 31 if encoding == "gzip" else 15)
+    return packer.compress(body) + packer.flush()
 
 
 # --- connections -----------------------------------------------------------------------------------
@@ -143,7 +143,12 @@ _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large", 50
 
 def limited_http_protocol(limits: HttpLimits, on_refused=None):
     """A subclass of uvicorn's httptools protocol enforcing ``limits`` (pass it as ``http=``).
-    ``on_refused(reason)`` is called for each connection closed by a limit (metrics)."""
+    ``on_refused(status)`` is called for each connection closed by a limit (metrics).
+
+    uvicorn has no header-time limit, and its header-size limit exists for h11 only; this hooks
+    the parser callbacks it already has (``on_message_begin``, ``on_headers_complete``,
+    ``on_message_complete``). Bytes count toward the header limit while a request's headers are
+    incomplete, checked after each read (at most one 256 KiB read past the limit is parsed)."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class LimitedHttpProtocol(HttpToolsProtocol):
