@@ -78,12 +78,14 @@ bench: $(STAMP)
 	$(PY) -m pytest benchmarks/test_bench_head_build.py -q --benchmark-only --benchmark-columns=median,rounds \
 		--benchmark-json=benchmarks/results/latest-head-build.json
 
-# Similarity + top-k over 1M x 512 against numpy, torch and faiss (about 5 minutes, 4 GB of memory).
+# Similarity + top-k over 1M x 512 against numpy, torch, faiss and a read floor, CPU named (about 5 minutes
+# quiet, 6 GB of memory; CLIPFOLD_BENCH_TOPK_ROWS=500000 halves both), then the per-core cross-check.
 bench-kernels: $(STAMP)
 	$(PY) -m pytest benchmarks/test_bench_topk.py -q --benchmark-only --benchmark-columns=median,iqr,min,rounds \
 		--benchmark-json=benchmarks/results/latest-kernels.json
 	$(PY) -m pytest benchmarks/test_bench_kernel_head.py -q --benchmark-only --benchmark-columns=median,iqr,rounds \
 		--benchmark-json=benchmarks/results/latest-kernel-head.json
+	$(PY) -m benchmarks.topk_per_core
 
 # The few-shot table: every fitting method at 1/2/4/8/16 shots vs zero-shot, through real bundles.
 fewshot: $(STAMP)
