@@ -87,6 +87,9 @@ def input_readers(visual: nn.Module, image_size: tuple[int, int]) -> tuple[list,
     try:
         with torch.no_grad(), _Watch(x) as watch:
             visual(x)
+    except Exception as exc:  # the tower's own errors, of any type
+        raise ExportError(f"cannot trace {type(visual).__name__} on a {image_size[0]}x{image_size[1]} image to fold its "
+                          f"input normalization: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     finally:
         for h in hooks:
             h.remove()
@@ -161,8 +164,8 @@ def _sole_input_conv(visual: nn.Module, image_size: tuple[int, int]):
 
 def _image_size(visual: nn.Module) -> tuple[int, int]:
     size = next((m.image_size for m in visual.modules() if getattr(m, "image_size", None) is not None), None)
-    if size is None:
-        raise ExportError(f"cannot fold input normalization: {type(visual).__name__} names no image_size")
+    if size is None:  # a bare module (compile always passes the preprocessing's size): any size will do
+        return (224, 224)
     return (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
 
 
