@@ -253,6 +253,27 @@ __attribute__((target("avx2,fma,f16c"))) static void widen_avx2(const void *src,
 /* logsumexp_columns with 8 queries per vector (scores are stored row by row, queries contiguous). */
 __attribute__((target("avx2,fma"))) static void logsumexp_block_avx2(const float *scores, int64_t stride, int64_t nq,
                                                                      int64_t rows, float *run_max, double *run_sum) {
+    if (nq == 1 && stride == 1) { /* one query (a label head at batch 1): its scores are contiguous */
+        __m256 m8 = _mm256_set1_ps(run_max[0]);
+        int64_t r = 0;
+        for (; r + 8 <= rows; r += 8) m8 = _mm256_max_ps(_mm256_loadu_ps(scores + r), m8); /* NaN: keeps m8 */
+        float lanes[8], m = run_max[0];
+        _mm256_storeu_ps(lanes, m8);
+        for (int i = 0; i < 8; i++) m = lanes[i] > m ? lanes[i] : m;
+        for (int64_t t = r; t < rows; t++) m = scores[t] > m ? scores[t] : m;
+        if (m > run_max[0]) {
+            run_sum[0] *= exp((double)run_max[0] - (double)m);
+            run_max[0] = m;
+        }
+        if (m == -INFINITY) return;
+        __m256 sum = _mm256_setzero_ps(), mv = _mm256_set1_ps(m);
+        for (r = 0; r + 8 <= rows; r += 8) sum = _mm256_add_ps(sum, exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + r), mv)));
+        double total = hsum(sum);
+        for (; r < rows; r++)
+            if (scores[r] == scores[r]) total += expf(scores[r] - m);
+        run_sum[0] += total;
+        return;
+    }
     int64_t q0 = 0;
     for (; q0 + 8 <= nq; q0 += 8) {
         __m256 m = _mm256_loadu_ps(run_max + q0);

@@ -184,7 +184,7 @@ def test_malformed_galleries_are_refused_before_the_kernel_reads_them(tmp_path):
         topk_cpu(queries.astype(np.float64), Gallery.from_array(gallery), 3)
 
 
-@pytest.mark.parametrize("queries", [2, 9, 40])
+@pytest.mark.parametrize("queries", [1, 2, 9, 40])
 @pytest.mark.parametrize("isa", ISAS)
 def test_non_finite_scores_never_enter_the_top_k_or_the_normalizer(isa, queries):
     """A memory-mapped gallery is not scanned for NaN at open: such rows count for nothing."""
