@@ -28,8 +28,8 @@ import logging
 import time
 from typing import Any, Awaitable, Callable
 
-from clipfold.errors import (BatcherClosedError, ConfigError, DecompressionBombError, ImageError, QueueFullError,
-                             RequestError)
+from clipfold.errors import (BatcherClosedError, BundleError, ConfigError, DecompressionBombError, ImageError,
+                             QueueFullError, RequestError)
 
 from .grpc_tensors import parse_request, response_tensors
 from .oip import TensorMeta
@@ -70,6 +70,9 @@ def status_of(exc: BaseException) -> tuple[Any, str]:
         return grpc.StatusCode.DEADLINE_EXCEEDED, "the request took longer than the server's time limit"
     if isinstance(exc, (RequestError, ImageError, ConfigError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, BundleError):  # a bundle file changed or broke on disk after the server opened it
+        log.error("bundle refused: %s", exc, extra={"fields": {"error": type(exc).__name__}})
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
     log.exception("grpc request failed", exc_info=exc, extra={"fields": {"error": type(exc).__name__}})
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); the server logged it"
 

@@ -214,6 +214,9 @@ class ClipfoldServer:
             return _error(exc.status_code if 400 <= exc.status_code < 500 else 400, str(exc.detail))
         if isinstance(exc, (RequestError, ImageError, ConfigError)):
             return _error(400, str(exc))
+        if isinstance(exc, BundleError):  # a bundle file changed or broke on disk after the server opened it
+            log.error("bundle refused: %s", exc, extra={"fields": {"error": type(exc).__name__}})
+            return _error(503, str(exc))
         log.exception("request failed", extra={"fields": {"error": type(exc).__name__}})
         return _error(500, f"internal error ({type(exc).__name__}); the server logged it")
 

@@ -231,6 +231,42 @@ def test_a_tokenizer_changed_after_open_is_refused(bundle):
         engine.embed_text(["a red circle"])
 
 
+def test_a_server_answers_a_changed_tokenizer_with_503_naming_it_and_keeps_serving(bundle, caplog):
+    """Changed under a running server: HTTP 503 and gRPC UNAVAILABLE naming the file, one log line
+    without a traceback, and the image model still answers (on e4645d0: served, or a 500)."""
+    import logging
+    import urllib.error
+    import urllib.request
+
+    import grpc
+
+    from clipfold.runtime.grpc_service import status_of
+    from clipfold.runtime.serve_config import ServeConfig
+    from clipfold.runtime.server import ClipfoldServer, open_models
+    from tests.live_server import LiveServer
+
+    engines, _ = open_models([bundle])
+    running = LiveServer(ClipfoldServer(engines, ServeConfig(max_batch=4, max_delay_ms=1, grpc_port=0, ui=False)))
+    try:
+        data = json.loads((bundle / "tokenizer.json").read_text())
+        (bundle / "tokenizer.json").write_text(json.dumps(data))  # the same tokenizer, other bytes
+        request = urllib.request.Request(f"{running.url}/v1/models/t/embed", method="POST",
+                                         data=json.dumps({"texts": ["a red circle"]}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with caplog.at_level(logging.ERROR), pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(request, timeout=60)
+        assert answer.value.code == 503
+        assert "tokenizer.json" in json.loads(answer.value.read())["error"]
+        refused = [r for r in caplog.records if "tokenizer.json" in r.getMessage()]
+        assert refused and all(r.exc_info is None for r in refused)
+        with urllib.request.urlopen(f"{running.url}/v2/models/t/ready", timeout=30) as ready:
+            assert ready.status == 200
+    finally:
+        running.stop()
+    code, message = status_of(errors.ChecksumError("tokenizer.json was modified"))
+    assert code == grpc.StatusCode.UNAVAILABLE and "tokenizer.json" in message
+
+
 def test_an_unchanged_text_tower_opens_on_first_use(bundle):
     assert Engine.open(bundle).embed_text(["a red circle"]).embeddings.shape[0] == 1
 
