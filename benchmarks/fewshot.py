@@ -34,6 +34,16 @@ from clipfold.runtime import Engine
 from clipfold.runtime.folders import evaluate_folder
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 TEMPLATES = ("a photo on a {}.", "a {}.")
 
 
@@ -63,14 +73,17 @@ def run(shots: list[int], methods: list[str], views: int, test_images: int, seed
     return {"task": "background type of generated images (4 classes), embedded tiny model",
             "zero_shot": zero_shot, "top1": table, "fit_seconds": seconds, "shots": shots, "views": views,
             "val_per_class": val_per_class, "test_images": test_images, "seed": seed,
-            "machine": platform.machine(), "producer": producer_versions()}
+            "machine": platform.machine(), "cpu": cpu_name(), "producer": producer_versions()}
 
 
 def markdown(result: dict) -> str:
     shots = result["shots"]
     lines = [f"# Few-shot top-1 on the tiny model: {result['task']}", "",
              f"{result['test_images']} test images; hyperparameters on a separate validation folder "
-             f"({result['val_per_class']} per class); {result['views']} feature views per shot; seed {result['seed']}.",
+             f"({result['val_per_class']} per class); {result['views']} feature views per shot (the plain one and "
+             f"{result['views'] - 1} augmented: the official recipes use the augmented ones); every method fit on all "
+             f"the shots (its values chosen on the validation folder); seed {result['seed']}; "
+             f"CPU: {result.get('cpu', '?')}.",
              "Produced by `python -m benchmarks.fewshot` through fit -> compile -> the onnxruntime engine.", "",
              "| method | " + " | ".join(f"{k} shot{'s' if k > 1 else ''}" for k in shots) + " |",
              "|---|" + "---:|" * len(shots),
