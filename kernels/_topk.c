@@ -21,7 +21,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__x86_64__) || defined(__i386__)
+/* -DCLIPFOLD_NO_SIMD builds what a non-x86 CPU gets: the portable loops alone. */
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(CLIPFOLD_NO_SIMD)
 #include <immintrin.h>
 #define CLIPFOLD_X86 1
 #include "_exp8.h"
@@ -136,10 +137,12 @@ static void widen_portable(const void *src, int storage, int64_t count, float *d
 #ifdef CLIPFOLD_X86
 #include "_topk_avx2.h"
 #include "_topk_avx512.h"
-#else
+#else /* no SIMD path: the packing helpers are never called (packed is 0), only named */
 static int have_avx2(void) { return 0; }
 static int have_avx512(void) { return 0; }
-enum { DOT_MAX_QUERIES = 0 };
+enum { DOT_MAX_QUERIES = 0, PANEL_Q = 16, PACKED_MIN_QUERIES = 64 };
+static void pack_queries(const float *q, int64_t nq, int64_t d, float *out) { (void)q, (void)nq, (void)d, (void)out; }
+static void pack_queries_bc(const float *q, int64_t nq, int64_t d, float *out) { (void)q, (void)nq, (void)d, (void)out; }
 #endif
 
 /* --- entry points (ctypes) ------------------------------------------------------------------ */
@@ -160,6 +163,7 @@ int clipfold_topk(const float *queries, int64_t nq, int64_t d, const void *rows,
     if (isa > clipfold_topk_isa()) return -2;
     if (nq == 0) return 0;
     int avx2 = isa == ISA_AVX2, simd = isa >= ISA_AVX2; /* simd: the AVX2 widening / log-sum-exp helpers */
+    (void)simd;
     int dot512 = isa == ISA_AVX512 && nq <= DOT_MAX_QUERIES; /* rows read as stored, dot tiles */
     int bc512 = isa == ISA_AVX512 && !dot512;                    /* query panels x broadcast rows */
     int packed = (avx2 && nq >= PACKED_MIN_QUERIES) || bc512;
