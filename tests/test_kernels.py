@@ -272,3 +272,36 @@ def test_each_path_on_a_large_unaligned_gallery_with_many_blocks(isa):
             scores, indices = topk_cpu(queries, g, 12, threads=2, block_rows=1500, isa=isa)
             assert same_topk(scores, indices, topk_reference(queries, exact, 12)[0], queries, exact, atol=1e-3), \
                 (storage, nq)
+
+
+def test_the_portable_only_build_a_non_x86_cpu_gets(tmp_path, monkeypatch):
+    """Built with -DCLIPFOLD_NO_SIMD (no x86 path compiled in, as on ARM), the kernel still builds,
+    says it runs the portable loops only, and answers like the oracle (packed sizes included)."""
+    import ctypes
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import clipfold.kernels.cpu as cpu
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler on PATH")
+    source = Path(cpu.__file__).with_name("_topk.c")
+    built = subprocess.run([compiler, "-O1", "-shared", "-fPIC", "-DCLIPFOLD_NO_SIMD", "-o", str(tmp_path / "t.so"),
+                            str(source), "-lm"], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    lib = ctypes.CDLL(str(tmp_path / "t.so"))
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    lib.clipfold_topk.argtypes = [pointer, size, size, pointer, ctypes.c_int, pointer, size, size, size,
+                                  pointer, pointer, pointer, ctypes.c_int]
+    lib.clipfold_topk_isa.restype = ctypes.c_int
+    monkeypatch.setattr(cpu, "_library", lambda: lib)
+    monkeypatch.delenv("CLIPFOLD_TOPK_ISA", raising=False)
+    assert cpu.kernel_isa() == "portable" and cpu.available_isas() == ("portable",)
+    queries, gallery = _data(n=999, d=40, q=70, seed=16)
+    for nq in (1, 3, 70):
+        scores, indices = topk_cpu(queries[:nq], Gallery.from_array(gallery), 5)
+        assert same_topk(scores, indices, topk_reference(queries[:nq], gallery, 5)[0], queries[:nq], gallery, atol=1e-4)
+    with pytest.raises(errors.ConfigError, match="this CPU cannot run the avx2 top-k path"):
+        topk_cpu(queries, Gallery.from_array(gallery), 5, isa="avx2")
