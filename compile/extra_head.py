@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from clipfold.errors import BundleError, CheckpointError, ConfigError, VerificationError
-from clipfold.runtime.backend import OnnxRuntimeBackend
+from clipfold.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from clipfold.runtime.engine import Engine
 from clipfold.runtime.manifest import DEFAULT_HEAD, ExtraHead, HeadInfo, HeadParity, Manifest, sha256_file
 
