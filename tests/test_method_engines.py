@@ -56,8 +56,9 @@ def test_cocoop_engine_is_image_conditioned_and_flagged_slow(tiny, tmp_path):
 def test_maple_engine_runs_the_prompted_image_tower(tiny, tmp_path):
     state = test_maple.maple_state(tiny, depth=3)
     test_coop.write_dassl_checkpoint(tmp_path / "out", "MultiModalPromptLearner", state, epoch=5)
+    test_coop.write_dassl_log(tmp_path / "out", "MAPLE", test_maple.OFFICIAL_CONFIG)  # CTX_INIT "a photo of a"
     result = _compile(tmp_path, test_maple.LABELS, "maple", tmp_path / "out")
-    official = test_maple.OfficialMaPLe(tiny, test_maple.LABELS, state)
+    official = test_maple.OfficialMaPLe(tiny, test_maple.LABELS, state, ctx_init="a photo of a")
     assert_engine_matches(result.path, tiny.preprocess, official.logits)
 
 
