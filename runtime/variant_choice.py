@@ -153,7 +153,8 @@ def choose(bundle: Path, manifest: Manifest, batch_size: int, open_engine: Calla
         best = min(figures, key=lambda n: figures[n][1])
         listed = ", ".join(f"{n} {ms:.2f}" for n, (_, ms) in sorted(figures.items(), key=lambda kv: kv[1][1]))
         return best, (f"fastest in this CPU's profile record ({record['created']}, {signature['model']}): "
-                      f"ms per image at batch ~{batch_size}: {listed}{note}")
+                      f"ms per image at batch {figures[best][0]} (the recorded size nearest {batch_size}): "
+                      f"{listed}{note}")
     why = "no profile record for this CPU" if record is None else "this CPU's profile record lacks " + ", ".join(
         v.name for v in candidates if v.name not in record["variants"])
     measured = _measure(candidates, min(batch_size, MEASURE_BATCH), open_engine, budget_s, clock)
