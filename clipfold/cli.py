@@ -516,8 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+")
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--head", default=None, help="an extra head by name (default: the fused head)")
-    p.add_argument("--variant", default=None)
-    p.add_argument("--backend", default=None, help="onnxruntime, onnxruntime-cuda, tensorrt or native "
+    p.add_argument("--variant", default=None, help="a variant name, or auto: the fastest this CPU runs, from the "
+                   "bundle's profile for this CPU or a short measurement (default: the bundle's default)")
+    p.add_argument("--backend", default=None, help="onnxruntime, onnxruntime-cuda, tensorrt, native or openvino "
                    "(default: the variant's own, onnxruntime for ONNX variants)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
@@ -597,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time for a request's headers to arrive (default 10)")
     p.add_argument("--max-connections", type=int, default=512,
                    help="open HTTP connections; at the cap the oldest one without a request is closed (default 512)")
-    p.add_argument("--variant", default=None, help="variant of every bundle to serve (default: each bundle's default)")
+    p.add_argument("--variant", default=None, help="variant of every bundle to serve, or auto: the fastest this CPU "
+                   "runs, from the bundle's profile for this CPU or a short measurement (default: each bundle's default)")
     p.add_argument("--index", action="append", default=[], type=Path,
                    help="an index (clipfold index) to answer /search with; repeatable")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per graph")
