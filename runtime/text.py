@@ -8,8 +8,7 @@ case, case-insensitive contractions, the same Unicode tables), so the ids are op
 prompt longer than the context is cut, keeping the end token last, and the result says so.
 A Hugging Face tokenizer (SigLIP's) is its own ``tokenizers`` file with truncation and padding
 to the context set in it, after open_clip's cleanup of that model (:class:`PaddedTokenizer`).
-Embeddings are cached by cleaned text (LRU): a server sees the same queries
-again and again.
+Embeddings are cached by cleaned text (LRU): a server sees the same queries again and again.
 """
 
 from __future__ import annotations
