@@ -93,7 +93,10 @@ class Gallery:
             for name, array in (("rows", self.take("rows", lo, hi)), ("scales", self.take("scales", lo, hi)),
                                 ("exact", self.take("exact", lo, hi)), ("ids", self.take("ids", lo, hi))):
                 if array is not None:
-                    np.save(folder / f"{stem}.{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
+                    with open(folder / f"{stem}.{name}.npy", "wb") as fh:
+                        np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
+                        fh.flush()
+                        os.fsync(fh.fileno())  # on disk before any JSON that names it
                     entry[name] = f"{stem}.{name}.npy"
             shards.append(entry)
         write_json(folder / MANIFEST, {"version": VERSION, "dim": self.dim, "storage": self.storage, "shards": shards})
@@ -169,10 +172,24 @@ class Gallery:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write ``data`` as JSON atomically (a temporary file renamed over ``path``)."""
+    """Write ``data`` as JSON atomically and durably: a temporary file, fsynced, renamed over
+    ``path``, then the directory fsynced (so a power loss leaves the old or the new file, and
+    never one naming shards that are not on disk: :meth:`Gallery.save` fsyncs them first)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(data, indent=1) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_json(path: Path, what: str, version: int) -> dict:

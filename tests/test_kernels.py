@@ -6,6 +6,7 @@ import json
 import os
 import select
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,6 +104,27 @@ def test_sharded_folder_round_trip_with_ids(tmp_path):
     assert opened.ids_of(indices)[0, 0] == f"img-{indices[0, 0]}"
     with pytest.raises(errors.ConfigError, match="not a clipfold gallery folder"):
         Gallery.open(tmp_path)
+
+
+def test_a_saved_folder_is_on_disk_before_its_json_names_it(tmp_path, monkeypatch):
+    """Durability, not only atomicity: every shard file is fsynced before the JSON naming it is
+    renamed into place, and the folder after (on e4645d0 nothing was fsynced, so a power loss could
+    leave gallery.json naming shards that never reached the disk)."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b))[1])
+    _, gallery = _data(n=2500, d=16, q=1, seed=4)
+    Gallery.from_array(gallery, storage="int8", keep_exact=True).save(tmp_path / "g", shard_rows=1000)
+    shards = sorted(p.name for p in (tmp_path / "g").glob("*.npy"))
+    assert len(shards) == 9  # 3 shards x rows, scales, exact
+    replaced = [i for i, (kind, _) in enumerate(events) if kind == "replace"]
+    assert len(replaced) == 1
+    synced_before = {Path(path).name for kind, path in events[:replaced[0]] if kind == "fsync"}
+    assert set(shards) <= synced_before, set(shards) - synced_before
+    assert any(name.startswith(".") for name in synced_before)  # the staged JSON itself
+    assert ("fsync", str(tmp_path / "g")) in events[replaced[0]:]  # then the folder holding the rename
 
 
 def _need(isa: str) -> None:
