@@ -97,10 +97,7 @@ async def _load(port: int, requests: list[bytes], concurrency: int, total: int) 
 
     start = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(concurrency)))
-    wall = time.perf_counter() - start
-    q = statistics.quantiles(latencies, n=100)
-    return {"concurrency": concurrency, "requests": len(latencies), "errors": errors, "seconds": wall,
-            "throughput_rps": len(latencies) / wall, "p50_ms": q[49] * 1e3, "p90_ms": q[89] * 1e3, "p99_ms": q[98] * 1e3}
+    return _summary(concurrency, latencies, errors, time.perf_counter() - start)
 
 
 GRPC_PASSES = 5
@@ -136,6 +133,11 @@ async def _grpc_load(port: int, requests: list[bytes], concurrency: int, total: 
         start = time.perf_counter()
         await asyncio.gather(*(client(i) for i in range(concurrency)))
         wall = time.perf_counter() - start
+    return _summary(concurrency, latencies, errors, wall)
+
+
+def _summary(concurrency: int, latencies: list[float], errors: dict, wall: float) -> dict:
+    """One load level's figures: requests, errors, throughput and latency percentiles."""
     q = statistics.quantiles(latencies, n=100)
     return {"concurrency": concurrency, "requests": len(latencies), "errors": errors, "seconds": wall,
             "throughput_rps": len(latencies) / wall, "p50_ms": q[49] * 1e3, "p90_ms": q[89] * 1e3, "p99_ms": q[98] * 1e3}
