@@ -1,7 +1,9 @@
-"""A clipfold server on loopback in a background thread, for the gRPC and page tests."""
+"""A clipfold server on loopback in a background thread, for the serving, gRPC and page tests."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import socket
 import threading
 import time
@@ -14,16 +16,17 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """``create_app(server)`` under uvicorn on 127.0.0.1 (its lifespan starts gRPC when the config has a port)."""
+    """``create_app(server)`` under uvicorn on 127.0.0.1 with the options ``clipfold serve`` uses (its
+    HTTP limits; its lifespan starts gRPC when the config has a port)."""
 
     def __init__(self, server):
         import uvicorn
 
-        from clipfold.runtime.server import create_app
+        from clipfold.runtime.server import create_app, uvicorn_options
 
         self.server, self.port = server, free_port()
         self.uvicorn = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=self.port,
-                                                     log_config=None, access_log=False, lifespan="on"))
+                                                     **uvicorn_options(server)))
         self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -35,6 +38,36 @@ class LiveServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            return resp.status, resp.headers, resp.read()
+        finally:
+            conn.close()
+
+    def json(self, method: str, path: str, obj=None, **kw):
+        body = None if obj is None else json.dumps(obj).encode()
+        status, headers, raw = self.request(method, path, body, {"Content-Type": "application/json", **kw})
+        return status, headers, json.loads(raw)
+
     def stop(self) -> None:
         self.uvicorn.should_exit = True
         self.thread.join(30)
+
+
+def hold_engine(server, model: str = "tiny") -> tuple[threading.Event, threading.Event]:
+    """Make ``model``'s engine calls wait for the returned ``gate``; ``entered`` is set when one starts
+    (to fill a queue deterministically)."""
+    gate, entered = threading.Event(), threading.Event()
+    batcher = server.models[model].batcher
+    run = batcher.fn
+
+    def held(rows):
+        entered.set()
+        gate.wait(10)
+        return run(rows)
+
+    batcher.fn = held
+    return gate, entered

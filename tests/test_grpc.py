@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -41,7 +40,7 @@ from clipfold.runtime.grpc_service import check_port, status_of  # noqa: E402
 from clipfold.runtime.limits import PayloadTooLarge, RequestTimeout  # noqa: E402
 from clipfold.runtime.server import ClipfoldServer, ServeConfig, open_models  # noqa: E402
 
-from .live_server import LiveServer, free_port  # noqa: E402
+from .live_server import LiveServer, free_port, hold_engine  # noqa: E402
 
 OUTPUTS = ("scores", "indices", "embedding")
 
@@ -338,16 +337,8 @@ def test_full_queue_answers_resource_exhausted(bundle, reference):
     engines, _ = open_models([bundle])
     config = ServeConfig(max_batch=1, max_queue=1, max_delay_ms=0, grpc_port=free_port())
     server = ClipfoldServer(engines, config)
-    gate, entered = threading.Event(), threading.Event()
+    gate, entered = hold_engine(server)
     batcher = server.models["tiny"].batcher
-    run = batcher.fn
-
-    def held(rows):
-        entered.set()
-        gate.wait(10)
-        return run(rows)
-
-    batcher.fn = held
     live = LiveServer(server)
     try:
         pixels = preprocess(_samples(1, 3), reference.manifest.preprocess)

@@ -31,46 +31,8 @@ from clipfold.runtime.preprocess import preprocess
 
 uvicorn = pytest.importorskip("uvicorn")
 httpclient = pytest.importorskip("tritonclient.http")
-from clipfold.runtime.server import ClipfoldServer, ServeConfig, create_app, open_models, uvicorn_options  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Running:
-    """A server on 127.0.0.1 in a background thread."""
-
-    def __init__(self, server: ClipfoldServer):
-        self.server, self.port = server, _free_port()
-        self.uvicorn = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=self.port,
-                                                     **uvicorn_options(server)))
-        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.uvicorn.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-
-    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            resp = conn.getresponse()
-            return resp.status, resp.headers, resp.read()
-        finally:
-            conn.close()
-
-    def json(self, method: str, path: str, obj=None, **kw):
-        body = None if obj is None else json.dumps(obj).encode()
-        status, headers, raw = self.request(method, path, body, {"Content-Type": "application/json", **kw})
-        return status, headers, json.loads(raw)
-
-    def stop(self) -> None:
-        self.uvicorn.should_exit = True
-        self.thread.join(30)
+from clipfold.runtime.server import ClipfoldServer, ServeConfig, open_models  # noqa: E402
+from .live_server import LiveServer, free_port, hold_engine  # noqa: E402
 
 
 def _png(image) -> bytes:
@@ -89,7 +51,7 @@ def setup(tmp_path_factory, tiny_text_bundle):
         s.image.save(photos / f"{i:02d}_{s.color}_{s.shape}.png")
     build_index(Engine.open(bundle.path), photos, tmp / "photos.index")
     engines, indexes = open_models([bundle.path], indexes=[tmp / "photos.index"])
-    running = Running(ClipfoldServer(engines, ServeConfig(max_batch=8, max_delay_ms=20, max_body_bytes=1 << 20,
+    running = LiveServer(ClipfoldServer(engines, ServeConfig(max_batch=8, max_delay_ms=20, max_body_bytes=1 << 20,
                                                           max_image_pixels=100_000), indexes))
     yield running, bundle.path, tmp
     running.stop()
@@ -356,17 +318,9 @@ def test_full_queue_answers_503_with_retry_after(setup, reference):
     _, bundle, _ = setup
     engines, _ = open_models([bundle])
     server = ClipfoldServer(engines, ServeConfig(max_batch=1, max_queue=1, max_delay_ms=0))
-    gate, entered = threading.Event(), threading.Event()
+    gate, entered = hold_engine(server)
     batcher = server.models["tiny"].batcher
-    run = batcher.fn
-
-    def held(rows):
-        entered.set()
-        gate.wait(10)
-        return run(rows)
-
-    batcher.fn = held
-    running = Running(server)
+    running = LiveServer(server)
     try:
         png = _png(_samples(1, 3)[0])
 
@@ -474,7 +428,7 @@ def test_search_needs_an_index_and_text_needs_a_text_tower(setup, tiny_bundle):
     _, bundle, _ = setup
     engines, _ = open_models([bundle])
     no_text, _ = open_models([tiny_bundle.path])  # compiled without --text
-    running = Running(ClipfoldServer({**engines, "plain": no_text["tiny"]}, ServeConfig()))
+    running = LiveServer(ClipfoldServer({**engines, "plain": no_text["tiny"]}, ServeConfig()))
     try:
         status, _, obj = running.json("POST", "/v1/models/tiny/search", {"text": "a red star"})
         assert status == 400 and "--index" in obj["error"]
@@ -601,7 +555,7 @@ def test_fuzz_no_crash_no_5xx(setup, reference):
 # --- shutdown ---------------------------------------------------------------------------------
 def test_sigterm_drains_in_flight_requests(setup):
     _, bundle, _ = setup
-    port = _free_port()
+    port = free_port()
     # A 1.5 s batching delay keeps the request in the queue when SIGTERM arrives.
     proc = subprocess.Popen([sys.executable, "-m", "clipfold", "serve", str(bundle), "--port", str(port),
                              "--max-delay-ms", "1500", "--grpc-port", "0"], stderr=subprocess.PIPE, text=True)
