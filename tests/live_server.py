@@ -15,6 +15,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def http_request(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+                 timeout: float = 30):
+    """One request on its own connection to 127.0.0.1:``port``: (status, headers, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.headers, resp.read()
+    finally:
+        conn.close()
+
+
 class LiveServer:
     """``create_app(server)`` under uvicorn on 127.0.0.1 with the options ``clipfold serve`` uses (its
     HTTP limits; its lifespan starts gRPC when the config has a port)."""
@@ -39,13 +51,7 @@ class LiveServer:
         return f"http://127.0.0.1:{self.port}"
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            resp = conn.getresponse()
-            return resp.status, resp.headers, resp.read()
-        finally:
-            conn.close()
+        return http_request(self.port, method, path, body, headers)
 
     def json(self, method: str, path: str, obj=None, **kw):
         body = None if obj is None else json.dumps(obj).encode()

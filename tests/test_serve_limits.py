@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import gzip
-import http.client
 import json
 import os
 import random
@@ -36,23 +35,19 @@ from clipfold.runtime.preprocess import preprocess
 from clipfold.runtime.text import clean_text
 from clipfold.runtime.text_bound import clean_enough
 
+from .live_server import free_port, http_request
+
 pytest.importorskip("uvicorn")
 httpclient = pytest.importorskip("tritonclient.http")
 
 GiB = 1 << 30
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ServerProcess:
     """``clipfold serve`` in a subprocess on 127.0.0.1; its log goes to a file (read by the tests)."""
 
     def __init__(self, bundle: Path, log: Path, *args: str):
-        self.port, self.log = _free_port(), log
+        self.port, self.log = free_port(), log
         self._log = open(log, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "clipfold", "serve", str(bundle), "--port", str(self.port),
                                       "--preferred-batch", "8", *args], stderr=self._log, stdout=subprocess.DEVNULL)
@@ -68,13 +63,7 @@ class ServerProcess:
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
                 timeout: float = 60):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            resp = conn.getresponse()
-            return resp.status, resp.headers, resp.read()
-        finally:
-            conn.close()
+        return http_request(self.port, method, path, body, headers, timeout)
 
     def status(self, key: str) -> int:
         """A /proc/PID/status field in bytes (VmHWM: the peak resident set)."""
