@@ -8,7 +8,7 @@ DEMO   ?= out/demo
 
 .PHONY: install browser demo test test-all test-families test-tokenizer-sweep bench bench-kernels bench-serve bench-ray fewshot train-tiny clean
 
-$(STAMP): pyproject.toml kernels/_topk.c kernels/_topk_avx2.h kernels/_topk_avx512.h kernels/_vit.c kernels/_exp8.h
+$(STAMP): pyproject.toml kernels/topk/_topk.c kernels/topk/_topk_avx2.h kernels/topk/_topk_avx512.h kernels/vit/_vit.c kernels/_exp8.h
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)

@@ -65,11 +65,10 @@ def main() -> None:
     args = parser.parse_args()
 
     import ray
-
-    from clipfold.compile.profile import machine
+    from clipfold.compile.profiling.run import machine
     from clipfold.runtime import Engine
-    from clipfold.runtime.index import build_index
-    from clipfold.runtime.ray_index import build_index_ray
+    from clipfold.runtime.retrieval.index import build_index
+    from clipfold.runtime.retrieval.ray_index import build_index_ray
 
     record = {"machine": machine(), "cpus": args.cpus, "ray": ray.__version__, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:

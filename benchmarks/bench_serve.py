@@ -283,7 +283,7 @@ def main() -> None:
     args = parser.parse_args()
     concurrency = [int(c) for c in args.concurrency.split(",")]
 
-    from clipfold.compile.profile import machine
+    from clipfold.compile.profiling.run import machine
 
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle

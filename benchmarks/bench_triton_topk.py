@@ -144,8 +144,8 @@ def main(argv=None) -> int:
             print("no CUDA device: run with --small for a crash check under the interpreter", file=sys.stderr)
             return 2
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel is first defined
-    from clipfold.compile.profile import machine
-    from clipfold.kernels.triton_topk import plan, topk_similarity_triton
+    from clipfold.compile.profiling.run import machine
+    from clipfold.kernels.topk.triton_launcher import plan, topk_similarity_triton
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = args.rows or (2048 if args.small else 10_000_000)

@@ -20,12 +20,11 @@ import torch
 def main(rounds: int = 20) -> None:
     import open_clip
     import openvino as ov
-
     from clipfold.compile.config import CompileConfig
-    from clipfold.compile.head import build_zero_shot_head
-    from clipfold.compile.load import load_model
+    from clipfold.compile.heads.zero_shot import build_zero_shot_head
     from clipfold.compile.pipeline import compile_bundle
-    from clipfold.compile.precision import GateConfig
+    from clipfold.compile.precision.config import GateConfig
+    from clipfold.compile.stages.load import load_model
     from clipfold.compile.tiny import data
     from clipfold.runtime import Engine
 

@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from clipfold.compile.profile import machine
+from clipfold.compile.profiling.run import machine
 
 RESULTS = Path(__file__).parent / "results"
 

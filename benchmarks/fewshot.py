@@ -31,7 +31,7 @@ from clipfold.compile.pipeline import compile_bundle, producer_versions
 from clipfold.compile.tiny import data
 from clipfold.compile.tiny.samples import write_background_folder
 from clipfold.runtime import Engine
-from clipfold.runtime.folders import evaluate_folder
+from clipfold.runtime.image_folders import evaluate_folder
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -1,5 +1,5 @@
 """Zero-shot head building: open_clip's ``encode_text`` over every prompt padded to 77 tokens
-(reference) against :func:`clipfold.compile.head.encode_prompts` (prompts sorted by length, each
+(reference) against :func:`clipfold.compile.heads.zero_shot.encode_prompts` (prompts sorted by length, each
 batch cut after its longest end-of-text token), for random-weight ViT-B-32 on ImageNet class
 names x CLIP's 80 templates, in the same run.
 
@@ -42,7 +42,7 @@ def test_open_clip_encode_text(benchmark, tower):
 
 
 def test_clipfold_encode_prompts(benchmark, tower):
-    from clipfold.compile.head import encode_prompts
+    from clipfold.compile.heads.zero_shot import encode_prompts
 
     model, tokenizer, prompts = tower
     fast = encode_prompts(model, tokenizer, prompts, BATCH)

@@ -40,18 +40,17 @@ import os
 import onnxruntime as ort
 import pytest
 import torch
-
 from clipfold.compile.adapters.fit import FitConfig, fit_adapter
 from clipfold.compile.config import CompileConfig
-from clipfold.compile.head import build_zero_shot_head
-from clipfold.compile.load import load_model
+from clipfold.compile.heads.zero_shot import build_zero_shot_head
 from clipfold.compile.pipeline import compile_bundle
-from clipfold.compile.precision import GateConfig, QuantConfig
+from clipfold.compile.precision.config import GateConfig, QuantConfig
+from clipfold.compile.stages.load import load_model
 from clipfold.compile.tiny import data
 from clipfold.compile.tiny.samples import write_background_folder
 from clipfold.runtime import Engine
-from clipfold.runtime.onnxruntime_backend import cpu_session_options
-from clipfold.runtime.openvino_backend import bf16_refusal
+from clipfold.runtime.backends.onnxruntime import cpu_session_options
+from clipfold.runtime.backends.openvino import bf16_refusal
 from clipfold.runtime.preprocess import preprocess
 
 from benchmarks.gemm_floor import floor_model, gemm_shapes, gflop

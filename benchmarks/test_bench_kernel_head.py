@@ -1,5 +1,5 @@
 """Where a label head should leave the graph: the dense head (MatMul + bias + Softmax + TopK in
-ONNX Runtime, as compiled into a bundle's graph) against the kernel head (runtime/kernel_head.py:
+ONNX Runtime, as compiled into a bundle's graph) against the kernel head (runtime/backends/kernel_head.py:
 the fused top-k kernel with the softmax normalizer), from unit embeddings to top-10
 probabilities, D=512, at 8k / 128k / 512k classes and batch 1 / 32, in the same run.
 
@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from clipfold.kernels import Gallery
-from clipfold.kernels.cpu import kernel_isa
-from clipfold.runtime.kernel_head import KernelHead
+from clipfold.kernels.topk.launcher import kernel_isa
+from clipfold.runtime.backends.kernel_head import KernelHead
 
 D, K = 512, 10
 CLASSES = (8192, 131072, 524288)
@@ -28,9 +27,8 @@ BATCHES = (1, 32)
 @pytest.fixture(scope="module")
 def heads(tmp_path_factory):
     onnx = pytest.importorskip("onnx")
-    from onnx import TensorProto, helper, numpy_helper
-
     import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
     made = {}

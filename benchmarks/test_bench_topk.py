@@ -20,9 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from clipfold.kernels import Gallery, topk_similarity
-from clipfold.kernels.cpu import kernel_isa, topk_cpu
+from clipfold.kernels.topk.launcher import kernel_isa, topk_cpu
 
 # CLIPFOLD_BENCH_TOPK_ROWS shrinks the gallery where memory is short (the peers need about 6 GB at
 # 1M rows: the gallery, faiss's copy, torch's 256 x N scores); the row count is in the results.

@@ -25,10 +25,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from clipfold.compile.profile import machine
+from clipfold.compile.profiling.run import machine
 from clipfold.kernels import Gallery
-from clipfold.kernels.cpu import available_isas, topk_cpu
+from clipfold.kernels.topk.launcher import available_isas, topk_cpu
 
 D, K = 512, 10
 RESULTS = Path(__file__).parent / "results"

@@ -24,7 +24,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(pipeline, name)
     if name in ("QuantConfig", "GateConfig"):
-        from clipfold.compile import precision
+        import clipfold.compile.precision.config as precision
 
         return getattr(precision, name)
     if name == "ClipfoldError":

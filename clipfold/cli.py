@@ -39,7 +39,7 @@ def _classes_or_off(text: str) -> int | None:
 def cmd_compile(args: argparse.Namespace) -> int:
     from clipfold.compile.config import CompileConfig, read_labels
     from clipfold.compile.pipeline import compile_bundle
-    from clipfold.compile.precision import DEFAULT_KEEP_FLOAT, GateConfig, QuantConfig
+    from clipfold.compile.precision.config import DEFAULT_KEEP_FLOAT, GateConfig, QuantConfig
 
     if args.labels is None and (args.adapter is None or args.method is not None):
         raise ConfigError("compile needs --labels (a file or a comma list), or --adapter with a clipfold adapter "
@@ -83,8 +83,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
               f"{g.embedding_cosine_mean:.5f}, top-1 agreement {g.top1_agreement:.1%}, top-5 overlap "
               f"{g.top5_overlap:.1%}{accuracy}" + (f"; {len(g.kept_float)} node(s) kept in float" if g.kept_float else ""))
     if args.target == "tensorrt":
-        from clipfold.compile.engines import EngineBuildConfig, build_engines
-        from clipfold.compile.tensorrt import tensorrt_available
+        from clipfold.compile.tensorrt.build import tensorrt_available
+        from clipfold.compile.tensorrt.engines import EngineBuildConfig, build_engines
 
         if not tensorrt_available():
             print(f"TensorRT is not installed here: the TensorRT-bound graphs were built and gated with ONNX Runtime. "
@@ -97,7 +97,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _tensorrt_precisions(spec: str) -> str:
-    from clipfold.compile.tensorrt import TENSORRT_PRECISIONS
+    from clipfold.compile.tensorrt.build import TENSORRT_PRECISIONS
 
     names = [p.strip() for p in spec.split(",") if p.strip() and p.strip() != "fp32"]
     unknown = [p for p in names if p not in TENSORRT_PRECISIONS and p not in TENSORRT_PRECISIONS.values()]
@@ -107,7 +107,7 @@ def _tensorrt_precisions(spec: str) -> str:
 
 
 def _batch_profile(args: argparse.Namespace):
-    from clipfold.compile.tensorrt import BatchProfile
+    from clipfold.compile.tensorrt.build import BatchProfile
 
     default = BatchProfile()
     return BatchProfile(min=args.min_batch or default.min, opt=args.opt_batch or default.opt,
@@ -115,8 +115,8 @@ def _batch_profile(args: argparse.Namespace):
 
 
 def cmd_engine_build(args: argparse.Namespace) -> int:
-    from clipfold.compile.engines import EngineBuildConfig, build_engines
-    from clipfold.compile.precision import GateConfig
+    from clipfold.compile.precision.config import GateConfig
+    from clipfold.compile.tensorrt.engines import EngineBuildConfig, build_engines
 
     config = EngineBuildConfig(args.bundle, variants=tuple(args.variant or ()), profile=_batch_profile(args),
                                gate=GateConfig(data=args.gate_data), workspace_gib=args.workspace_gib)
@@ -168,7 +168,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_head_add(args: argparse.Namespace) -> int:
     from clipfold.compile.config import read_labels
-    from clipfold.compile.extra_head import HeadAddConfig, add_head
+    from clipfold.compile.heads.add import HeadAddConfig, add_head
 
     config = HeadAddConfig(bundle=args.bundle, name=args.name, adapter=args.adapter,
                            labels=read_labels(args.labels) if args.labels is not None else None,
@@ -183,7 +183,7 @@ def cmd_head_add(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from clipfold.compile.load import list_models
+    from clipfold.compile.stages.load import list_models
 
     for name in list_models():
         print(name)
@@ -219,7 +219,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from clipfold.runtime import Engine
-    from clipfold.runtime.folders import evaluate_folder
+    from clipfold.runtime.image_folders import evaluate_folder
 
     engine = Engine.open(args.bundle, variant=args.variant, threads=args.threads, head=args.head)
     result = evaluate_folder(engine, args.folder)
@@ -233,7 +233,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from clipfold.compile.profile import ProfileConfig, parse_batches, profile, table, write
+    from clipfold.compile.profiling.run import ProfileConfig, parse_batches, profile, table, write
 
     cfg = ProfileConfig(bundles=tuple(args.bundles), data=args.data, batches=parse_batches(args.batch),
                         backend=args.backend, threads=args.threads, rounds=args.rounds, eager=not args.no_eager,
@@ -248,11 +248,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_index(args: argparse.Namespace) -> int:
     from clipfold.runtime import Engine
-    from clipfold.runtime.index import build_index
+    from clipfold.runtime.retrieval.index import build_index
 
     progress = lambda message: print(message, file=sys.stderr)  # noqa: E731
     if args.ray:
-        from clipfold.runtime.ray_index import build_index_ray
+        from clipfold.runtime.retrieval.ray_index import build_index_ray
 
         index = build_index_ray(args.bundle, args.folder, args.out, storage=args.storage, address=args.address,
                                 actors=args.actors, threads_per_actor=args.threads or 1, progress=progress,
@@ -276,7 +276,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from clipfold.runtime import Engine
-    from clipfold.runtime.index import Index, ShardedIndex
+    from clipfold.runtime.retrieval.index import Index, ShardedIndex
 
     index = Index.open(args.index[0]) if len(args.index) == 1 else ShardedIndex.open(args.index)
     engine = Engine.open(args.bundle or index.meta["bundle_path"], threads=args.threads)
@@ -349,7 +349,7 @@ def _digests(pairs: list[str]) -> dict[str, str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from clipfold.runtime.server import ServeConfig, serve
+    from clipfold.runtime.serve.app import ServeConfig, serve
 
     config = ServeConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
                          max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
@@ -365,7 +365,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export_triton(args: argparse.Namespace) -> int:
-    from clipfold.compile.triton_repo import TritonExportConfig, export_triton
+    from clipfold.compile.triton_server.repository import TritonExportConfig, export_triton
 
     preferred = tuple(_positive_ints(args.preferred_batch, "--preferred-batch")) if args.preferred_batch else ()
     config = TritonExportConfig(bundle=args.bundle, out=args.out, name=args.name, variant=args.variant,
@@ -401,7 +401,7 @@ def _batch_options(group) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from clipfold.compile.adapters.registry import FITTERS, IMPORTERS  # names only; no torch import
     from clipfold.compile.config import KERNEL_HEAD_CLASSES
-    from clipfold.compile.precision import CALIBRATIONS, PRECISIONS
+    from clipfold.compile.precision.config import CALIBRATIONS, PRECISIONS
 
     parser = argparse.ArgumentParser(prog="clipfold", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

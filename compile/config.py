@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clipfold.errors import ConfigError, LabelError
+from clipfold.compile.precision.config import GateConfig, QuantConfig, check_text_precisions, parse_precisions
 
-from .precision import GateConfig, QuantConfig, check_text_precisions, parse_precisions
+from clipfold.errors import ConfigError, LabelError
 
 DEFAULT_MODEL = "clipfold-tiny"
 
@@ -66,13 +66,13 @@ class CompileConfig:
     gate: GateConfig = field(default_factory=GateConfig)
     fuse: bool = True  # ONNX Runtime fused operators in the fp32 graph (see optimize.py)
     # CPU alternatives to the fp32 engine (fp32-native, bf16) built only where this machine runs them
-    # and kept only where they measure faster than fp32 at batch 1 (compile/speed_check.py).
+    # and kept only where they measure faster than fp32 at batch 1 (compile/precision/speed_check.py).
     if_faster: tuple[str, ...] = ()
     # A linear head with at least this many classes is scored by the top-k kernel at run time
-    # instead of a dense MatMul + Softmax + TopK in the graph (runtime/kernel_head.py); None: never.
+    # instead of a dense MatMul + Softmax + TopK in the graph (runtime/backends/kernel_head.py); None: never.
     kernel_head_classes: int | None = KERNEL_HEAD_CLASSES
     text: bool = False  # also carry the text tower and tokenizer, for text queries at serving time
-    # Reduced-precision text graphs, each gated against the fp32 text graph (compile/text.py).
+    # Reduced-precision text graphs, each gated against the fp32 text graph (compile/stages/text_tower.py).
     text_precisions: tuple[str, ...] = ()
     # A local Hugging Face tokenizer (folder or tokenizer.json) for models that read text with one (SigLIP).
     tokenizer: Path | None = None
@@ -80,7 +80,7 @@ class CompileConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "precisions", parse_precisions(self.precisions))
         if self.if_faster:
-            from .speed_check import check_if_faster
+            from clipfold.compile.precision.speed_check import check_if_faster
 
             names = self.if_faster.split(",") if isinstance(self.if_faster, str) else self.if_faster
             object.__setattr__(self, "if_faster", check_if_faster(names))

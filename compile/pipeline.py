@@ -12,32 +12,37 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
+import clipfold.runtime.bundle.write as bundle
 import numpy as np
 import torch
+from clipfold.compile.adapters import registry
+from clipfold.compile.adapters.base import ImportRequest
+from clipfold.compile.adapters.store import load_adapter
+from clipfold.compile.config import CompileConfig, VerifyConfig
+from clipfold.compile.heads.ir import Head
+from clipfold.compile.heads.zero_shot import build_zero_shot_head, resolve_templates
+from clipfold.compile.precision.config import PRECISIONS, QuantConfig
+from clipfold.compile.precision.native_variant import build_native_variant
+from clipfold.compile.precision.native_variant import check_tower as check_native_tower
+from clipfold.compile.precision.speed_check import keep_if_faster, resolve
+from clipfold.compile.precision.variants import Sources, build_variants, check_early
+from clipfold.compile.stages.export import ClassifierGraph, EmbeddingGraph, export_onnx, io_specs
+from clipfold.compile.stages.fold import fold_input_normalization
+from clipfold.compile.stages.load import load_model
+from clipfold.compile.stages.optimize import (
+    FUSED_OPS,
+    fuse_for_onnxruntime,
+    keep_class_token_only,
+    op_counts,
+    use_sdpa_attention,
+)
+from clipfold.compile.stages.text_tower import build_text_variants, export_text
+from clipfold.compile.stages.verify import eager_reference, verification_pixels, verify_onnx
+from clipfold.kernels import Gallery
+from clipfold.runtime.backends.kernel_head import KERNEL_HEAD_DIR, KernelHead, row_width
+from clipfold.runtime.bundle.schema import HeadInfo, Manifest, Variant, sha256_file
 
 from clipfold.errors import ExportError, LabelError
-from clipfold.kernels import Gallery
-from clipfold.runtime.kernel_head import KERNEL_HEAD_DIR, KernelHead, row_width
-from clipfold.runtime.manifest import HeadInfo, Manifest, Variant, sha256_file
-
-from . import bundle
-from .adapters import registry
-from .adapters.base import ImportRequest
-from .adapters.store import load_adapter
-from .config import CompileConfig, VerifyConfig
-from .native import build_native_variant
-from .native import check_tower as check_native_tower
-from .precision import PRECISIONS, QuantConfig
-from .fold import fold_input_normalization
-from .graph import ClassifierGraph, EmbeddingGraph, export_onnx, io_specs
-from .head import build_zero_shot_head, resolve_templates
-from .heads import Head
-from .load import load_model
-from .optimize import FUSED_OPS, fuse_for_onnxruntime, keep_class_token_only, op_counts, use_sdpa_attention
-from .speed_check import keep_if_faster, resolve
-from .variants import Sources, build_variants, check_early
-from .text import build_text_variants, export_text
-from .verify import eager_reference, verification_pixels, verify_onnx
 
 __all__ = ["CompileConfig", "VerifyConfig", "CompileResult", "compile_bundle"]
 

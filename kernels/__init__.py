@@ -3,18 +3,17 @@
 ``topk_similarity(queries, gallery, k)`` -> ``(scores, indices)``: inner products, descending, at
 most ``k`` per query (fewer when the gallery has fewer rows). ``gallery`` is an array or a
 :class:`Gallery` (fp32, fp16 or int8 storage, in memory or memory-mapped shards). The CPU work is
-a small C kernel loaded with ctypes (see :mod:`.cpu`); importing this package does no work.
+a small C kernel loaded with ctypes (see :mod:`.topk.launcher`); importing this package does no work.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from clipfold.kernels.topk.gallery import STORAGES, Gallery
+from clipfold.kernels.topk.launcher import check_queries, rescore, topk_cpu
+from clipfold.kernels.topk.reference import topk_reference
 
 from clipfold.errors import ConfigError
-
-from .cpu import check_queries, rescore, topk_cpu
-from .gallery import STORAGES, Gallery
-from .reference import topk_reference
 
 __all__ = ["Gallery", "STORAGES", "topk_similarity", "topk_reference"]
 

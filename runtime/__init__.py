@@ -3,8 +3,8 @@
 Depends on numpy, Pillow and onnxruntime only; a test imports it with torch blocked.
 """
 
-from .batcher import DynamicBatcher
-from .engine import Engine, Prediction
-from .manifest import SCHEMA_VERSION, Manifest
+from clipfold.runtime.batcher import DynamicBatcher
+from clipfold.runtime.bundle.schema import SCHEMA_VERSION, Manifest
+from clipfold.runtime.engine import Engine, Prediction
 
 __all__ = ["DynamicBatcher", "Engine", "Prediction", "Manifest", "SCHEMA_VERSION"]

@@ -14,22 +14,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
+from clipfold.runtime.backends.base import Backend
+from clipfold.runtime.backends.kernel_head import KernelHead, KernelHeadBackend
+from clipfold.runtime.backends.registry import open_backend
+from clipfold.runtime.bundle.files import check_folder_listed, contained
+from clipfold.runtime.bundle.files import verify_files as _verify_files
+from clipfold.runtime.bundle.schema import DEFAULT_HEAD, ExtraHead, Manifest, Variant
+from clipfold.runtime.bundle.swap import recover_swap
+from clipfold.runtime.images import ImageSource, load_image
+from clipfold.runtime.preprocess import preprocess
+from clipfold.runtime.text_encoder import TextEmbeddings
 
 from clipfold.errors import BundleError, ConfigError
 
-from .backend import Backend
-from .backend_registry import open_backend
-from .images import ImageSource, load_image
-from .kernel_head import KernelHead, KernelHeadBackend
-from .bundle_files import check_folder_listed, contained
-from .bundle_files import verify_files as _verify_files
-from .bundle_swap import recover_swap
-from .manifest import DEFAULT_HEAD, ExtraHead, Manifest, Variant
-from .text import TextEmbeddings
-from .preprocess import preprocess
-
 if TYPE_CHECKING:
-    from .batcher import DynamicBatcher
+    from clipfold.runtime.batcher import DynamicBatcher
 
 DEFAULT_BATCH = 32
 
@@ -81,11 +80,11 @@ class Engine:
         ONNX Runtime beside a native variant.
 
         ``spin=False`` stops ONNX Runtime's threads busy-waiting between calls (see
-        :class:`~clipfold.runtime.onnxruntime_backend.OnnxRuntimeBackend`): for processes that share their
+        :class:`~clipfold.runtime.backends.onnxruntime.OnnxRuntimeBackend`): for processes that share their
         cores with other work, such as a server.
 
         ``expect_digest``: open only the bundle of this digest (``clipfold inspect`` prints it; see
-        :func:`~clipfold.runtime.manifest.bundle_digest`); its files are then always checked."""
+        :func:`~clipfold.runtime.bundle.schema.bundle_digest`); its files are then always checked."""
         path = Path(path)
         recover_swap(path)  # a compile --overwrite killed between its two renames
         if not path.is_dir():
@@ -100,7 +99,7 @@ class Engine:
             for rel in manifest.files:
                 contained(path, rel)
         if variant == "auto":  # the fastest variant that runs on this CPU (runtime/variant_choice.py)
-            from .variant_choice import choose, log
+            from clipfold.runtime.variant_choice import choose, log
 
             def reopen(name: str) -> "Engine":  # the files were checked above
                 return cls.open(path, variant=name, backend=backend, threads=threads, batch_size=batch_size,
@@ -164,7 +163,7 @@ class Engine:
 
         ``preferred_batch``: rows at which a batch starts without waiting for more (default
         ``max_batch``); ``"auto"`` times this engine first (:meth:`preferred_batch`)."""
-        from .batcher import DynamicBatcher
+        from clipfold.runtime.batcher import DynamicBatcher
 
         if preferred_batch == "auto":  # (the measurement checks max_batch before it runs anything)
             preferred_batch = self.preferred_batch(max_batch)[0]
@@ -176,7 +175,7 @@ class Engine:
     def preferred_batch(self, max_batch: int = DEFAULT_BATCH) -> tuple[int, dict[int, float]]:
         """The smallest batch whose per-image time on this engine is within 10 % of the best
         (up to ``max_batch``), and the per-image seconds measured at each size."""
-        from .batcher import measure_preferred_batch
+        from clipfold.runtime.batcher import measure_preferred_batch
 
         spec = self.variant.inputs[0]
         if not all(isinstance(d, int) for d in spec.shape[1:]):
@@ -234,7 +233,7 @@ class Engine:
         if self.manifest.text is None:
             raise BundleError(f"bundle {self.path} has no text tower; compile it with --text to embed text queries")
         if self._text is None:
-            from .text import TextEncoder
+            from clipfold.runtime.text_encoder import TextEncoder
 
             self._text = TextEncoder(self.path, self.manifest.text, self.threads, files=self.manifest.files,
                                      variant=self.text_variant or self.variant.name, spin=self.spin)

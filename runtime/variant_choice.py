@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from clipfold.runtime.bundle.schema import Manifest, Variant
 
 from clipfold.errors import BundleError, ClipfoldError
-
-from .manifest import Manifest, Variant
 
 log = logging.getLogger("clipfold.runtime")
 
@@ -110,17 +109,17 @@ def write_record(bundle: Path, variants: dict[str, dict], threads: int | None, c
 
 def runnable(variant: Variant) -> str | None:
     """Why ``variant`` cannot run on this machine with its own backend, or None when it can."""
-    from .backend_registry import GPU_BACKENDS
+    from clipfold.runtime.backends.registry import GPU_BACKENDS
 
     backend = variant.backends[0]
     if backend in (*GPU_BACKENDS, "tensorrt"):
         return f"its backend {backend} needs an NVIDIA GPU"
     if backend == "native":
-        from clipfold.kernels.vit import kernel_available
+        from clipfold.kernels.vit.tower import kernel_available
 
         return None if kernel_available() else "the native kernel needs AVX2 and FMA"
     if backend == "openvino":
-        from .openvino_backend import bf16_refusal
+        from clipfold.runtime.backends.openvino import bf16_refusal
 
         try:
             import openvino  # noqa: F401

@@ -24,7 +24,7 @@ def tiny_labels() -> tuple[str, ...]:
 @pytest.fixture(scope="session")
 def tiny():
     """The embedded tiny model, loaded once (open_clip model, tokenizer, preprocess, info)."""
-    from clipfold.compile.load import load_model
+    from clipfold.compile.stages.load import load_model
 
     return load_model("clipfold-tiny")
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from clipfold.compile.adapters.base import Support
-from clipfold.compile.head import build_zero_shot_head
+from clipfold.compile.heads.zero_shot import build_zero_shot_head
 from clipfold.compile.tiny import data
 
 from .test_gda import BACKGROUNDS, _features, _shots

@@ -33,8 +33,7 @@ class LiveServer:
 
     def __init__(self, server):
         import uvicorn
-
-        from clipfold.runtime.server import create_app, uvicorn_options
+        from clipfold.runtime.serve.app import create_app, uvicorn_options
 
         self.server, self.port = server, free_port()
         self.uvicorn = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=self.port,

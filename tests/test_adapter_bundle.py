@@ -7,17 +7,17 @@ import sys
 
 import pytest
 import torch
-
-from clipfold import errors
 from clipfold.compile import tiny as tiny_pkg
 from clipfold.compile.adapters.gda import fit_gaussian, gda_head, select_alpha
 from clipfold.compile.adapters.store import Adapter, Backbone, load_adapter, save_adapter
 from clipfold.compile.config import CompileConfig
-from clipfold.compile.head import build_zero_shot_head
+from clipfold.compile.heads.zero_shot import build_zero_shot_head
 from clipfold.compile.pipeline import compile_bundle
 from clipfold.compile.tiny import data
 from clipfold.runtime import Engine
-from clipfold.runtime.manifest import sha256_file
+from clipfold.runtime.bundle.schema import sha256_file
+
+from clipfold import errors
 
 from .test_gda import BACKGROUNDS, _features, _shots
 

@@ -8,15 +8,15 @@ import logging
 
 import numpy as np
 import pytest
-
-from clipfold import errors
 from clipfold.compile.config import CompileConfig
 from clipfold.compile.pipeline import compile_bundle
-from clipfold.compile.precision import GateConfig
-from clipfold.compile.profile import ProfileConfig, profile
+from clipfold.compile.precision.config import GateConfig
+from clipfold.compile.profiling.run import ProfileConfig, profile
 from clipfold.runtime import Engine, variant_choice
-from clipfold.runtime.manifest import Manifest
+from clipfold.runtime.bundle.schema import Manifest
 from clipfold.runtime.variant_choice import PROFILES_FILE, choose, cpu_signature, read_records, write_record
+
+from clipfold import errors
 
 RELAXED = GateConfig(min_cosine=0.0, min_top1_agreement=0.0, max_accuracy_drop=1.0, images=8)
 

@@ -1,7 +1,7 @@
 """Every backend the registry names, on one bundle, against open_clip eager.
 
 One small bundle (the embedded tiny model, with its fp32 ONNX variant and the ``fp32-native``
-kernel variant) is compiled once; each backend of ``runtime/backend_registry.BACKENDS`` is opened
+kernel variant) is compiled once; each backend of ``runtime/backends/registry.BACKENDS`` is opened
 through the registry (``open_backend``) on the variant it runs, fed the same uint8 pixels, and must
 give (a) image embeddings of cosine >= 0.9999 with open_clip's ``encode_image`` on the same pixels
 normalized in the test, and (b) the same top-1 label as open_clip's own zero-shot classifier
@@ -20,11 +20,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from clipfold.compile.config import CompileConfig
 from clipfold.compile.pipeline import compile_bundle
 from clipfold.compile.tiny import data
-from clipfold.runtime.backend_registry import BACKENDS, backend_class, open_backend
+from clipfold.runtime.backends.registry import BACKENDS, backend_class, open_backend
 from clipfold.runtime.preprocess import preprocess
 
 # registry name -> the bundle variant it runs here (None: no variant of this bundle; the reason is given)
@@ -78,7 +77,7 @@ def _unavailable(name: str, bundle) -> str | None:
     if name == "openvino" and importlib.util.find_spec("openvino") is None:
         return "OpenVINO is not installed (pip install clipfold[openvino])"
     if name == "native":
-        from clipfold.kernels.vit import kernel_available
+        from clipfold.kernels.vit.tower import kernel_available
 
         if not kernel_available():
             return "the native ViT kernel needs x86-64 with AVX2 and FMA"

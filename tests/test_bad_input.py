@@ -10,13 +10,13 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
-from clipfold import errors
 from clipfold.compile.config import CompileConfig, read_labels
 from clipfold.compile.pipeline import compile_bundle
 from clipfold.runtime import Engine
-from clipfold.runtime.manifest import SCHEMA_VERSION
+from clipfold.runtime.bundle.schema import SCHEMA_VERSION
+from safetensors.torch import save_file
+
+from clipfold import errors
 
 
 def _compile(tmp_path, **kw):
@@ -55,7 +55,7 @@ def test_corrupt_checkpoint(tmp_path, name, payload, pattern):
 
 
 def test_checkpoint_of_another_architecture(tmp_path):
-    from clipfold.compile.load import load_model
+    from clipfold.compile.stages.load import load_model
 
     state = {k: v.clone() for k, v in load_model("clipfold-tiny").model.state_dict().items()}
     del state["visual.proj"]
@@ -192,7 +192,7 @@ def test_local_checkpoint_load_is_not_reported_as_random(caplog):
     """open_clip's 'initialized randomly' warning is wrong when clipfold loads weights next."""
     import logging
 
-    from clipfold.compile.load import load_model
+    from clipfold.compile.stages.load import load_model
 
     with caplog.at_level(logging.WARNING):
         load_model("clipfold-tiny")

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from clipfold.compile.config import CompileConfig
+from clipfold.compile.pipeline import compile_bundle
+from clipfold.compile.precision.config import GateConfig
+from clipfold.compile.precision.gate import held_out_images
+from clipfold.runtime import Engine
+from clipfold.runtime.preprocess import preprocess
 from PIL import Image
 
 from clipfold import errors
-from clipfold.compile.config import CompileConfig
-from clipfold.compile.gate import held_out_images
-from clipfold.compile.pipeline import compile_bundle
-from clipfold.compile.precision import GateConfig
-from clipfold.runtime import Engine
-from clipfold.runtime.preprocess import preprocess
 
-ov_backend = pytest.importorskip("clipfold.runtime.openvino_backend")
+ov_backend = pytest.importorskip("clipfold.runtime.backends.openvino")
 pytest.importorskip("openvino")
 needs_bf16 = pytest.mark.skipif(ov_backend.bf16_refusal() is not None,
                                 reason="this CPU has no native bf16 (the refusal is tested below)")

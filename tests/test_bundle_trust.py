@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clipfold.runtime import Engine
 
 from clipfold import errors
-from clipfold.runtime import Engine
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def _edit(bundle: Path, change) -> dict:
 
 
 def _digest(data: dict) -> str:
-    # The documented definition (README "Security"), written out independently of runtime/manifest.py.
+    # The documented definition (README "Security"), written out independently of runtime/bundle/schema.py.
     text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -191,8 +191,9 @@ def test_a_pinned_open_checks_files_even_when_asked_not_to(bundle):
 
 def test_serve_expect_digest_refuses_another_bundle(bundle, capsys):
     pytest.importorskip("starlette")
+    from clipfold.runtime.serve.app import open_models
+
     from clipfold.cli import main
-    from clipfold.runtime.server import open_models
 
     pinned = Engine.open(bundle).digest
     engines, _ = open_models([bundle], expect_digests={"t": pinned})
@@ -239,10 +240,10 @@ def test_a_server_answers_a_changed_tokenizer_with_503_naming_it_and_keeps_servi
     import urllib.request
 
     import grpc
+    from clipfold.runtime.serve.app import ClipfoldServer, open_models
+    from clipfold.runtime.serve.config import ServeConfig
+    from clipfold.runtime.serve.grpc_service import status_of
 
-    from clipfold.runtime.grpc_service import status_of
-    from clipfold.runtime.serve_config import ServeConfig
-    from clipfold.runtime.server import ClipfoldServer, open_models
     from tests.live_server import LiveServer
 
     engines, _ = open_models([bundle])
@@ -330,7 +331,7 @@ def test_a_swap_in_progress_is_left_alone(bundle):
 
 
 def test_the_next_compile_restores_the_target_first(bundle, tiny_labels):
-    from clipfold.compile.bundle import staging_dir
+    from clipfold.runtime.bundle.write import staging_dir
 
     target, old, _ = _crash_state(bundle, "incomplete")
     with pytest.raises(errors.BundleError, match="already exists"):  # restored before it looked
@@ -343,7 +344,7 @@ def test_the_next_compile_restores_the_target_first(bundle, tiny_labels):
 _HEAD_ADD = """
 import sys, time
 from pathlib import Path
-from clipfold.compile.extra_head import HeadAddConfig, add_head
+from clipfold.compile.heads.add import HeadAddConfig, add_head
 
 bundle, name, sync, labels = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), tuple(sys.argv[4:])
 
@@ -379,8 +380,8 @@ def test_two_concurrent_head_adds_keep_both_heads(bundle, tiny_labels, tmp_path)
 
 
 def test_a_manifest_commit_is_fsynced_and_renamed(bundle, monkeypatch):
-    from clipfold.compile import bundle as bundle_module
-    from clipfold.runtime.manifest import Manifest
+    import clipfold.runtime.bundle.write as bundle_module
+    from clipfold.runtime.bundle.schema import Manifest
 
     calls: list[str] = []
     real_fsync, real_replace = os.fsync, os.replace
@@ -395,10 +396,10 @@ def test_a_manifest_commit_is_fsynced_and_renamed(bundle, monkeypatch):
 def test_an_engine_build_keeps_a_head_added_while_it_built(bundle, tiny_labels, monkeypatch):
     """engine build commits through the same locked re-read: a head committed during its (here
     simulated, CPU-only) TensorRT build survives, and the engine record and files are added."""
-    from clipfold.compile import engines
-    from clipfold.compile.extra_head import HeadAddConfig, add_head
-    from clipfold.runtime.onnxruntime_backend import OnnxRuntimeBackend
-    from clipfold.runtime import tensorrt_backend
+    import clipfold.compile.tensorrt.engines as engines
+    import clipfold.runtime.backends.tensorrt as tensorrt_backend
+    from clipfold.compile.heads.add import HeadAddConfig, add_head
+    from clipfold.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     _edit(bundle, lambda d: d["variants"][0].update(backends=["onnxruntime", "tensorrt"]))
     here = {"tensorrt": "10.0.0", "gpu": "a test GPU", "compute_capability": "9.0"}

@@ -65,7 +65,7 @@ KINDS = ("zip", "legacy", "raw-pickle", "safetensors-named", "tar", "zip-nested"
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_reader_never_runs_a_payload(tmp_path, kind):
-    from clipfold.compile.checkpoint import read_checkpoint
+    from clipfold.compile.stages.checkpoint import read_checkpoint
 
     marker = tmp_path / "marker"
     path = write_payload(tmp_path / "ckpt.pt", kind, marker)
@@ -81,9 +81,8 @@ def test_the_reader_never_runs_a_payload(tmp_path, kind):
 
 @pytest.mark.parametrize("save", ["zip", "legacy", "safetensors"])
 def test_the_reader_loads_benign_tensors_in_every_format(tmp_path, save):
+    from clipfold.compile.stages.checkpoint import read_checkpoint
     from safetensors.torch import save_file
-
-    from clipfold.compile.checkpoint import read_checkpoint
 
     state = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4, dtype=torch.float16)}
     path = tmp_path / "ok.bin"
@@ -117,7 +116,7 @@ def test_no_importer_runs_a_payload(tmp_path, tiny, tiny_labels, method, kind):
 
 @pytest.mark.parametrize("kind", ENTRY_KINDS)
 def test_pretrained_never_runs_a_payload(tmp_path, kind):
-    from clipfold.compile.load import load_model
+    from clipfold.compile.stages.load import load_model
 
     marker = tmp_path / "marker"
     path = write_payload(tmp_path / "weights.pt", kind, marker)
@@ -131,7 +130,7 @@ def test_pretrained_never_runs_a_payload(tmp_path, kind):
 def test_head_add_never_runs_a_payload(tmp_path, tiny_bundle, kind, method):
     import shutil
 
-    from clipfold.compile.extra_head import HeadAddConfig, add_head
+    from clipfold.compile.heads.add import HeadAddConfig, add_head
 
     bundle = shutil.copytree(tiny_bundle.path, tmp_path / "tiny.bundle")
     marker = tmp_path / "marker"

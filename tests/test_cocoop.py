@@ -8,13 +8,20 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
-from clipfold import errors
 from clipfold.compile.adapters.base import ImportRequest
 from clipfold.compile.adapters.cocoop import import_cocoop
 
-from .test_coop import (LABELS, real_features, random_unit, rel_diff, word_embeddings, write_dassl_checkpoint,
-                        write_dassl_log)
+from clipfold import errors
+
+from .test_coop import (
+    LABELS,
+    random_unit,
+    real_features,
+    rel_diff,
+    word_embeddings,
+    write_dassl_checkpoint,
+    write_dassl_log,
+)
 
 
 def cocoop_state(tiny, seed=3):

@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from clipfold.compile.config import VerifyConfig
-from clipfold.compile.fold import fold_input_normalization
-from clipfold.compile.head import build_zero_shot_head
-from clipfold.compile.load import load_model
+from clipfold.compile.heads.zero_shot import build_zero_shot_head
+from clipfold.compile.stages.fold import fold_input_normalization
+from clipfold.compile.stages.load import load_model
+from clipfold.compile.stages.verify import compare, eager_reference
 from clipfold.compile.tiny import data
-from clipfold.compile.verify import compare, eager_reference
 from clipfold.runtime import Engine
 from clipfold.runtime.preprocess import preprocess
 
@@ -87,7 +86,7 @@ def test_fold_is_exact_for_padded_and_unpadded_convs(padding):
 def test_compare_allows_ties_but_not_wrong_picks():
     ref_scores = np.array([[0.4, 0.4, 0.2]], dtype=np.float32)
     emb = np.eye(1, 4, dtype=np.float32)
-    from clipfold.compile.verify import Reference
+    from clipfold.compile.stages.verify import Reference
 
     ref = Reference(np.zeros((1, 3, 2, 2), np.uint8), emb, ref_scores)
     cfg = VerifyConfig()
@@ -105,9 +104,8 @@ def test_compare_allows_ties_but_not_wrong_picks():
 
 def test_head_matches_open_clip_zero_shot_classifier():
     """Our ensemble equals open_clip's own build_zero_shot_classifier."""
-    from open_clip import build_zero_shot_classifier
-
     from clipfold.compile.tiny import TEMPLATES
+    from open_clip import build_zero_shot_classifier
 
     loaded = load_model("clipfold-tiny")
     labels = data.class_names()[:5]
@@ -123,8 +121,8 @@ def test_head_matches_open_clip_zero_shot_classifier():
 
 def test_sigmoid_head_with_logit_bias_parity(tmp_path):
     """SigLIP-style heads: sigmoid(scale * cos + bias), verified through export like softmax."""
-    from clipfold.compile.graph import ClassifierGraph, export_onnx, io_specs
-    from clipfold.compile.verify import verification_pixels, verify_onnx
+    from clipfold.compile.stages.export import ClassifierGraph, export_onnx, io_specs
+    from clipfold.compile.stages.verify import verification_pixels, verify_onnx
 
     loaded = load_model("clipfold-tiny")
     loaded.model.logit_bias = torch.nn.Parameter(torch.tensor([-4.0]))
@@ -151,7 +149,7 @@ def test_sigmoid_head_with_logit_bias_parity(tmp_path):
 def test_last_block_for_the_class_token_only(pool_type, output_tokens, applies):
     import copy
 
-    from clipfold.compile.optimize import ClassTokenBlock, keep_class_token_only, use_sdpa_attention
+    from clipfold.compile.stages.optimize import ClassTokenBlock, keep_class_token_only, use_sdpa_attention
 
     torch.manual_seed(0)
     visual = load_model("clipfold-tiny").model.visual.eval()
@@ -172,9 +170,8 @@ def test_runtime_sessions_keep_the_split_layernorms(tiny_bundle, tmp_path):
     kernel is ~4x slower), and the runtime's session options stop ONNX Runtime from re-fusing them,
     which its defaults do for some of them."""
     import onnxruntime as ort
-
-    from clipfold.compile.optimize import op_counts
-    from clipfold.runtime.onnxruntime_backend import cpu_session_options
+    from clipfold.compile.stages.optimize import op_counts
+    from clipfold.runtime.backends.onnxruntime import cpu_session_options
 
     graph = tiny_bundle.path / tiny_bundle.manifest.variant("fp32").file
     assert "SkipLayerNormalization" not in op_counts(graph)
@@ -215,8 +212,7 @@ def test_split_skip_layer_norm_computes_what_the_fused_operator_does(bias, epsil
     import onnx
     import onnx_ir as ir
     import onnxruntime as ort
-
-    from clipfold.compile.optimize import split_skip_layer_norm
+    from clipfold.compile.stages.optimize import split_skip_layer_norm
 
     fused = _skip_layer_norm_chain(bias, epsilon, names)
     split = ir.serde.deserialize_model(fused)
@@ -234,8 +230,8 @@ def test_split_skip_layer_norm_computes_what_the_fused_operator_does(bias, epsil
 
 def test_split_skip_layer_norm_refuses_when_its_statistics_are_read():
     import onnx_ir as ir
+    from clipfold.compile.stages.optimize import split_skip_layer_norm
 
-    from clipfold.compile.optimize import split_skip_layer_norm
     from clipfold.errors import ExportError
 
     with pytest.raises(ExportError, match="second: a SkipLayerNormalization whose mean"):

@@ -9,14 +9,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-from clipfold import errors
 from clipfold.compile.adapters.fit import FitConfig, fit_adapter
 from clipfold.compile.config import CompileConfig
-from clipfold.compile.extra_head import HeadAddConfig, add_head
+from clipfold.compile.heads.add import HeadAddConfig, add_head
 from clipfold.compile.pipeline import compile_bundle
 from clipfold.runtime import Engine
-from clipfold.runtime.manifest import SCHEMA_VERSION
+from clipfold.runtime.bundle.schema import SCHEMA_VERSION
+
+from clipfold import errors
 
 from .engine_parity import assert_topk_matches, normalized_pixels
 from .test_fit import _write_folder

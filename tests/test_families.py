@@ -17,13 +17,13 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-
 from clipfold.compile.config import CompileConfig
-from clipfold.compile.fold import fold_input_normalization, input_readers
-from clipfold.compile.graph import EmbeddingGraph, export_onnx
-from clipfold.compile.head import encode_prompts, pooled_positions
-from clipfold.compile.load import load_model
+from clipfold.compile.heads.zero_shot import encode_prompts, pooled_positions
 from clipfold.compile.pipeline import compile_bundle
+from clipfold.compile.stages.export import EmbeddingGraph, export_onnx
+from clipfold.compile.stages.fold import fold_input_normalization, input_readers
+from clipfold.compile.stages.load import load_model
+
 from clipfold.errors import ClipfoldError, ExportError, ModelError
 
 from .families_helpers import make_unigram_tokenizer
@@ -61,8 +61,8 @@ def test_custom_text_clip_causal_tower_is_pooled_and_cut_like_open_clip():
 
 
 def test_custom_text_clip_text_tower_is_carried(tmp_path):
-    from clipfold.compile.text import export_text
-    from clipfold.runtime.text import TextEncoder
+    from clipfold.compile.stages.text_tower import export_text
+    from clipfold.runtime.text_encoder import TextEncoder
 
     torch.manual_seed(0)
     model = open_clip.CustomTextCLIP(32, SMALL_VIT, SMALL_TEXT).eval()

@@ -7,17 +7,16 @@ import sys
 
 import pytest
 import torch
-
-from clipfold import errors
 from clipfold.compile.adapters.features import ViewConfig
 from clipfold.compile.adapters.fit import FitConfig, fit_adapter
 from clipfold.compile.tiny import data
 from clipfold.compile.tiny.samples import write_background_folder
 from clipfold.runtime import Engine
-from clipfold.runtime.folders import evaluate_folder, read_folder
+from clipfold.runtime.image_folders import evaluate_folder, read_folder
+
+from clipfold import errors
 
 from .test_gda import BACKGROUNDS, _shots
-
 
 _write_folder = write_background_folder
 
@@ -115,7 +114,7 @@ def test_evaluate_refuses_classes_the_bundle_does_not_know(tiny_bundle, test_fol
 
 def test_features_are_cached_by_model_and_file_with_augmented_views(support, tmp_path):
     from clipfold.compile.adapters.features import FeatureCache, ViewConfig
-    from clipfold.compile.load import load_model
+    from clipfold.compile.stages.load import load_model
 
     loaded = load_model("clipfold-tiny")
     _, paths, _ = read_folder(support, shots=2)
@@ -134,7 +133,7 @@ def test_features_are_cached_by_model_and_file_with_augmented_views(support, tmp
 
 
 def encode_images_plain(loaded, paths):
-    from clipfold.compile.verify import encode_pixels
+    from clipfold.compile.stages.verify import encode_pixels
     from clipfold.runtime.images import load_image
     from clipfold.runtime.preprocess import preprocess
 

@@ -6,16 +6,16 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import clipfold.compile.precision.gate as gating
 import numpy as np
 import pytest
-
-from clipfold import errors
-from clipfold.compile import gate as gating
-from clipfold.compile.precision import GateConfig, QuantConfig
+from clipfold.compile.precision.config import GateConfig, QuantConfig
+from clipfold.compile.precision.variants import _Builder
 from clipfold.compile.tiny import data
 from clipfold.compile.tiny.samples import write_background_folder
-from clipfold.compile.variants import _Builder
-from clipfold.runtime.manifest import Gate
+from clipfold.runtime.bundle.schema import Gate
+
+from clipfold import errors
 
 LABELS = tuple(f"{b} background" for b in data.BACKGROUNDS)
 
@@ -26,7 +26,7 @@ def _rows(pixels: np.ndarray) -> set[bytes]:
 
 @pytest.fixture(scope="module")
 def spec():
-    from clipfold.compile.load import load_model
+    from clipfold.compile.stages.load import load_model
 
     return load_model("clipfold-tiny").preprocess
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from clipfold import errors
 from clipfold.compile.adapters.gda import ALPHA_GRID, fit_gaussian, gda_head, select_alpha
 from clipfold.compile.config import VerifyConfig
-from clipfold.compile.fold import fold_input_normalization
-from clipfold.compile.graph import ClassifierGraph, export_onnx, io_specs
-from clipfold.compile.head import build_zero_shot_head
-from clipfold.compile.heads import Head, Linear
+from clipfold.compile.heads.ir import Head, Linear
+from clipfold.compile.heads.zero_shot import build_zero_shot_head
+from clipfold.compile.stages.export import ClassifierGraph, export_onnx, io_specs
+from clipfold.compile.stages.fold import fold_input_normalization
+from clipfold.compile.stages.verify import eager_reference, encode_pixels, verification_pixels, verify_onnx
 from clipfold.compile.tiny import data
-from clipfold.compile.verify import eager_reference, encode_pixels, verification_pixels, verify_onnx
 from clipfold.runtime.preprocess import preprocess
+
+from clipfold import errors
 
 BACKGROUNDS = list(data.BACKGROUNDS)
 

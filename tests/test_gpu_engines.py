@@ -10,15 +10,15 @@ import json
 import numpy as np
 import onnx
 import pytest
+from clipfold.compile.config import CompileConfig
+from clipfold.compile.pipeline import compile_bundle
+from clipfold.compile.precision.config import GateConfig
+from clipfold.compile.tensorrt.build import FP32_OP_TYPES, node_float_types, tensorrt_problems
+from clipfold.runtime import Engine
+from clipfold.runtime.bundle.schema import EngineRecord, Manifest
 
 from clipfold import errors
 from clipfold.cli import main
-from clipfold.compile.config import CompileConfig
-from clipfold.compile.pipeline import compile_bundle
-from clipfold.compile.precision import GateConfig
-from clipfold.compile.tensorrt import FP32_OP_TYPES, node_float_types, tensorrt_problems
-from clipfold.runtime import Engine
-from clipfold.runtime.manifest import EngineRecord, Manifest
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -136,7 +136,7 @@ def _record(**changes) -> EngineRecord:
 
 
 def test_engines_are_tied_to_compute_capability_and_tensorrt_version(trt_bundle):
-    from clipfold.runtime.tensorrt_backend import select_engine
+    from clipfold.runtime.backends.tensorrt import select_engine
 
     variant = trt_bundle.manifest.variant("tensorrt-fp16")
     h100 = {"gpu": "NVIDIA H100", "compute_capability": "9.0", "tensorrt": "10.3.0"}
@@ -200,8 +200,7 @@ def test_without_tensorrt_the_gpu_paths_say_what_is_missing(trt_bundle, tiny_bun
 
 def test_profiler_reports_gpu_references_it_cannot_run(tiny_bundle):
     import torch
-
-    from clipfold.compile.profile import ProfileConfig, profile
+    from clipfold.compile.profiling.run import ProfileConfig, profile
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the CUDA rows run (covered by the GPU profile run)")
@@ -216,8 +215,8 @@ def test_profiler_reports_gpu_references_it_cannot_run(tiny_bundle):
 
 @needs_tensorrt_gpu
 def test_tensorrt_engine_is_built_gated_and_matches_fp32(trt_bundle):
-    from clipfold.compile.engines import EngineBuildConfig, build_engines
-    from clipfold.compile.tensorrt import BatchProfile
+    from clipfold.compile.tensorrt.build import BatchProfile
+    from clipfold.compile.tensorrt.engines import EngineBuildConfig, build_engines
 
     manifest = build_engines(EngineBuildConfig(trt_bundle.path, profile=BatchProfile(1, 8, 32)))
     for name in ("tensorrt-fp16", "tensorrt-int8"):
@@ -232,7 +231,7 @@ def test_tensorrt_engine_is_built_gated_and_matches_fp32(trt_bundle):
 
 @needs_tensorrt_gpu
 def test_cuda_graph_replay_equals_a_plain_enqueue(trt_bundle):
-    from clipfold.runtime.tensorrt_backend import TensorRTBackend, select_engine, this_machine
+    from clipfold.runtime.backends.tensorrt import TensorRTBackend, select_engine, this_machine
 
     variant = Manifest.read(trt_bundle.path).variant("tensorrt-fp16")
     record = select_engine(variant, this_machine())

@@ -7,17 +7,17 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from clipfold.compile.config import VerifyConfig
+from clipfold.compile.heads.ir import Cache, Head, Linear
+from clipfold.compile.heads.zero_shot import build_zero_shot_head
+from clipfold.compile.stages.export import ClassifierGraph, export_onnx, io_specs
+from clipfold.compile.stages.fold import fold_input_normalization
+from clipfold.compile.stages.load import load_model
+from clipfold.compile.stages.verify import eager_reference, encode_pixels, verification_pixels, verify_onnx
+from clipfold.compile.tiny import TEMPLATES, data
+from clipfold.runtime.preprocess import preprocess
 
 from clipfold import errors
-from clipfold.compile.config import VerifyConfig
-from clipfold.compile.fold import fold_input_normalization
-from clipfold.compile.graph import ClassifierGraph, export_onnx, io_specs
-from clipfold.compile.head import build_zero_shot_head
-from clipfold.compile.heads import Cache, Head, Linear
-from clipfold.compile.load import load_model
-from clipfold.compile.tiny import TEMPLATES, data
-from clipfold.compile.verify import eager_reference, encode_pixels, verification_pixels, verify_onnx
-from clipfold.runtime.preprocess import preprocess
 
 
 def _unit(*shape, seed=0):

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import clipfold.compile.precision.speed_check as speed_check
+import clipfold.kernels.vit.tower as vit
+import clipfold.runtime.backends.openvino as openvino_backend
 import pytest
-
-from clipfold import errors
-from clipfold.compile import speed_check
 from clipfold.compile.config import CompileConfig
 from clipfold.compile.pipeline import compile_bundle
-from clipfold.kernels import vit
-from clipfold.runtime import openvino_backend
+
+from clipfold import errors
 
 
 def _compile(adapter, out, messages, **kwargs):

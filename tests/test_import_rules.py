@@ -9,14 +9,14 @@ included, parsed with ``ast``; no module is imported to check it):
 - kernels/ imports neither runtime/ nor compile/ (of clipfold: kernels/ and ``clipfold.errors``).
 - nothing but ``clipfold/`` (the API and the CLI) and compile/ itself imports compile/ (tests and
   benchmarks may).
-- the bundle contract (runtime/manifest.py, runtime/bundle_files.py, runtime/bundle_swap.py: what a
-  bundle is, its files, and how they are replaced) imports only itself, ``clipfold.errors``, numpy and
+- the bundle contract (runtime/bundle/: what a bundle is, its files, and how they are read, written
+  and replaced) imports only itself, ``clipfold.errors``, numpy and
   the standard library: compile/ and runtime/ read and write bundles through it, and it knows neither.
-- serve and retrieval are leaves: no other runtime/, compile/ or kernels/ module imports the server,
-  its HTTP/gRPC/web faces and their helpers, or the retrieval index (they import each other, and the
-  CLI imports them).
-- the backends form no circle: runtime/backend.py (the protocol) imports no backend and no registry;
-  no backend imports runtime/backend_registry.py; each registry entry names a module that defines its
+- serve and retrieval are leaves: no other runtime/, compile/ or kernels/ module imports runtime/serve/
+  (the server, its HTTP/gRPC/web faces and their helpers) or runtime/retrieval/ (the index); they
+  import each other, and the CLI imports them.
+- the backends form no circle: runtime/backends/base.py (the protocol) imports no backend and no registry;
+  no backend imports runtime/backends/registry.py; each registry entry names a module that defines its
   class as a ``Backend`` subclass; and runtime/ outside serve and retrieval, with the registry's
   lazy entries counted as imports, has no import cycle.
 
@@ -38,11 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"clipfold": "clipfold", "compile": "clipfold.compile", "runtime": "clipfold.runtime",
            "kernels": "clipfold.kernels"}  # source folder -> package (pyproject's package-dir)
 HEAVY = ("torch", "torchvision", "open_clip", "timm", "onnx", "onnxscript", "safetensors")
-CONTRACT = ("clipfold.runtime.manifest", "clipfold.runtime.bundle_files", "clipfold.runtime.bundle_swap")
-LEAVES = ("server", "webui", "grpc_service", "grpc_tensors", "oip", "http_query", "limits", "index", "ray_index")
-LEAF_PREFIXES = ("serve_", "grpc_", "http_")  # serve modules split out later belong to the leaves too
-BACKEND_BASE = "clipfold.runtime.backend"
-REGISTRY = "clipfold.runtime.backend_registry"
+CONTRACT_PACKAGE = "clipfold.runtime.bundle"
+LEAF_PACKAGES = ("clipfold.runtime.serve", "clipfold.runtime.retrieval")
+BACKEND_BASE = "clipfold.runtime.backends.base"
+REGISTRY = "clipfold.runtime.backends.registry"
 
 
 def module_name(path: Path) -> tuple[str, bool]:
@@ -102,9 +101,11 @@ def _folder(name: str) -> str:
 
 
 def _is_leaf(name: str) -> bool:
-    short = name.rpartition(".")[2]
-    return _in(name, "clipfold.runtime") and name != "clipfold.runtime" and (
-        short in LEAVES or short.startswith(LEAF_PREFIXES))
+    return any(_in(name, p) for p in LEAF_PACKAGES)
+
+
+def contract_modules(tree) -> list[str]:
+    return sorted(n for n in tree if _in(n, CONTRACT_PACKAGE))
 
 
 def _clipfold_allowed(imported: str, own: tuple[str, ...]) -> bool:
@@ -139,11 +140,11 @@ def compile_importer_violations(tree) -> list[str]:
 
 def contract_violations(tree) -> list[str]:
     bad = []
-    for name in CONTRACT:
+    for name in contract_modules(tree):
         for i in tree[name]:
             top = i.split(".")[0]
             if _in(i, "clipfold"):
-                if not (any(_in(i, c) for c in CONTRACT) or _in(i, "clipfold.errors")):
+                if not (_in(i, CONTRACT_PACKAGE) or _in(i, "clipfold.errors")):
                     bad.append(f"{name} imports {i} (the bundle contract imports only itself and clipfold.errors)")
             elif top not in sys.stdlib_module_names and top != "numpy":
                 bad.append(f"{name} imports {i} (the bundle contract needs numpy and the standard library only)")
@@ -157,22 +158,22 @@ def leaf_violations(tree) -> list[str]:
 
 
 def registry_entries() -> dict[str, tuple[str, str]]:
-    from clipfold.runtime.backend_registry import BACKENDS
+    from clipfold.runtime.backends.registry import BACKENDS
 
-    return {name: (f"clipfold.runtime.{module}", cls) for name, (module, cls) in BACKENDS.items()}
+    return {name: (f"clipfold.runtime.backends.{module}", cls) for name, (module, cls) in BACKENDS.items()}
 
 
 def backend_violations(tree, entries: dict[str, tuple[str, str]]) -> list[str]:
     bad = []
     modules = {module for module, _ in entries.values()}
     for i in tree[BACKEND_BASE]:
-        if _in(i, "clipfold.runtime") and not _in(i, "clipfold.runtime.manifest"):
+        if _in(i, "clipfold.runtime") and not _in(i, "clipfold.runtime.bundle.schema"):
             bad.append(f"{BACKEND_BASE} imports {i} (the protocol imports no backend and no registry)")
     for name in sorted(modules | {BACKEND_BASE}):
         if any(_in(i, REGISTRY) for i in tree[name]):
             bad.append(f"{name} imports the registry {REGISTRY} (a circle)")
     for backend, (module, cls) in entries.items():
-        path = ROOT / "runtime" / (module.rpartition(".")[2] + ".py")
+        path = ROOT / "runtime" / Path(*module.split(".")[2:]).with_suffix(".py")
         classes = {n.name: [ast.unparse(b) for b in n.bases] for n in ast.walk(ast.parse(path.read_text()))
                    if isinstance(n, ast.ClassDef)} if path.is_file() else {}
         if "Backend" not in classes.get(cls, ()):
@@ -201,11 +202,13 @@ def backend_violations(tree, entries: dict[str, tuple[str, str]]) -> list[str]:
 
 def test_the_source_tree_is_what_the_rules_name():
     tree = source_tree()
-    for name in (*CONTRACT, BACKEND_BASE, REGISTRY, "clipfold.runtime.engine", "clipfold.runtime.server",
-                 "clipfold.runtime.index", "clipfold.kernels.cpu", "clipfold.compile.pipeline", "clipfold.cli"):
+    assert {"clipfold.runtime.bundle.schema", "clipfold.runtime.bundle.files", "clipfold.runtime.bundle.write"} <= \
+        set(contract_modules(tree))
+    for name in (BACKEND_BASE, REGISTRY, "clipfold.runtime.engine", "clipfold.runtime.serve.app",
+                 "clipfold.runtime.retrieval.index", "clipfold.kernels.topk.launcher", "clipfold.compile.pipeline", "clipfold.cli"):
         assert name in tree, f"{name} is gone: update tests/test_import_rules.py to the new layout"
-    assert "clipfold.runtime.backend" in tree["clipfold.runtime.engine"]  # function-level imports are seen too:
-    assert "clipfold.runtime.openvino_backend" in tree["clipfold.runtime.variant_choice"]  # (this one is)
+    assert "clipfold.runtime.backends.base" in tree["clipfold.runtime.engine"]  # function-level imports are seen too:
+    assert "clipfold.runtime.backends.openvino" in tree["clipfold.runtime.variant_choice"]  # (this one is)
 
 
 def test_runtime_needs_no_torch_and_imports_only_runtime_and_kernels():
@@ -236,18 +239,18 @@ def test_the_backends_form_no_circle():
 
 FORBIDDEN = {  # rule -> (module, a source line it must not hold)
     "runtime torch": ("clipfold.runtime.engine", "def f():\n    import torch.nn\n"),
-    "runtime compile": ("clipfold.runtime.preprocess", "from clipfold.compile.load import load_model\n"),
-    "runtime lazy api": ("clipfold.runtime.text", "def f():\n    from clipfold import compile_bundle\n"),
-    "kernels runtime": ("clipfold.kernels.vit", "from clipfold.runtime.manifest import Manifest\n"),
-    "kernels compile": ("clipfold.kernels.cpu", "import clipfold.compile.head\n"),
-    "contract runtime": ("clipfold.runtime.manifest", "from .engine import Engine\n"),
-    "contract compile": ("clipfold.runtime.bundle_files", "from clipfold.compile import fold\n"),
-    "contract heavy": ("clipfold.runtime.bundle_swap", "import onnxruntime\n"),
-    "leaf": ("clipfold.runtime.engine", "def f():\n    from .server import serve\n"),
-    "leaf from compile": ("clipfold.compile.pipeline", "from clipfold.runtime.index import Index\n"),
+    "runtime compile": ("clipfold.runtime.preprocess", "from clipfold.compile.stages.load import load_model\n"),
+    "runtime lazy api": ("clipfold.runtime.text_encoder", "def f():\n    from clipfold import compile_bundle\n"),
+    "kernels runtime": ("clipfold.kernels.vit.tower", "from clipfold.runtime.bundle.schema import Manifest\n"),
+    "kernels compile": ("clipfold.kernels.topk.launcher", "import clipfold.compile.heads.zero_shot\n"),
+    "contract runtime": ("clipfold.runtime.bundle.schema", "from clipfold.runtime.engine import Engine\n"),
+    "contract compile": ("clipfold.runtime.bundle.files", "from clipfold.compile import fold\n"),
+    "contract heavy": ("clipfold.runtime.bundle.swap", "import onnxruntime\n"),
+    "leaf": ("clipfold.runtime.engine", "def f():\n    from .serve.app import serve\n"),
+    "leaf from compile": ("clipfold.compile.pipeline", "from clipfold.runtime.retrieval.index import Index\n"),
     "protocol imports a backend": (BACKEND_BASE, "def f():\n    from .native import NativeBackend\n"),
-    "backend imports the registry": ("clipfold.runtime.native", "from .backend_registry import open_backend\n"),
-    "core cycle": ("clipfold.runtime.manifest", "def f():\n    import importlib\n    importlib.import_module("
+    "backend imports the registry": ("clipfold.runtime.backends.native", "from .registry import open_backend\n"),
+    "core cycle": ("clipfold.runtime.bundle.schema", "def f():\n    import importlib\n    importlib.import_module("
                    "'clipfold.runtime.engine')\n"),
 }
 RULES = {
@@ -274,5 +277,5 @@ def test_every_rule_catches_a_forbidden_import(case):
 
 
 def test_a_registry_entry_without_its_class_is_reported():
-    entries = {**registry_entries(), "ghost": ("clipfold.runtime.native", "GhostBackend")}
+    entries = {**registry_entries(), "ghost": ("clipfold.runtime.backends.native", "GhostBackend")}
     assert any("ghost" in v for v in backend_violations(source_tree(), entries))

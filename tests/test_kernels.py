@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clipfold.kernels import Gallery, topk_reference, topk_similarity
+from clipfold.kernels.topk.gallery import Shard, quantize_rows
+from clipfold.kernels.topk.launcher import ISAS, available_isas, kernel_isa, resolve_isa, topk_cpu
+from clipfold.kernels.topk.reference import same_topk
 
 from clipfold import errors
-from clipfold.kernels import Gallery, topk_reference, topk_similarity
-from clipfold.kernels.cpu import ISAS, available_isas, kernel_isa, resolve_isa, topk_cpu
-from clipfold.kernels.gallery import Shard, quantize_rows
-from clipfold.kernels.reference import same_topk
 
 
 def _data(n=5000, d=64, q=7, seed=0):
@@ -304,7 +304,7 @@ def test_the_portable_only_build_a_non_x86_cpu_gets(tmp_path, monkeypatch):
     import subprocess
     from pathlib import Path
 
-    import clipfold.kernels.cpu as cpu
+    import clipfold.kernels.topk.launcher as cpu
 
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:

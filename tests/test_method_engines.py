@@ -13,7 +13,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from clipfold.compile.adapters.fit import FitConfig, fit_adapter
 from clipfold.compile.adapters.registry import FITTERS, IMPORTERS
 from clipfold.compile.config import CompileConfig
@@ -89,7 +88,7 @@ def test_tip_adapter_f_engine(tiny, tmp_path):
     path, weight, values = test_tip_f._official_files(tmp_path / "caches", dim=64)
     result = _compile(tmp_path, test_tip_f.LABELS, "tip-adapter-f", path, templates=test_tip_f.TEMPLATES,
                       beta="5.5", alpha="2.0")
-    from clipfold.compile.head import build_zero_shot_head
+    from clipfold.compile.heads.zero_shot import build_zero_shot_head
 
     text = build_zero_shot_head(tiny.model, tiny.tokenizer, test_tip_f.LABELS, test_tip_f.TEMPLATES).class_embeddings
     assert_engine_matches(result.path, tiny.preprocess, lambda x: test_tip_f.official_tip_f_logits(

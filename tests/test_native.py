@@ -1,4 +1,4 @@
-"""fp32-native: the image tower run by clipfold's own C kernel (kernels/_vit.c), checked against
+"""fp32-native: the image tower run by clipfold's own C kernel (kernels/vit/_vit.c), checked against
 open_clip eager, inside a bundle, and refusing what it cannot run."""
 
 from __future__ import annotations
@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from clipfold.compile.config import CompileConfig
+from clipfold.compile.pipeline import compile_bundle
+from clipfold.compile.precision.native_variant import build_native_variant, tower_tensors
+from clipfold.compile.stages.optimize import keep_class_token_only, use_sdpa_attention
+from clipfold.kernels.vit.tower import VitTower, VitWeights, kernel_available, pack_panels
+from clipfold.runtime import Engine
+from clipfold.runtime.bundle.schema import Manifest
 from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import nn
 
 from clipfold import errors
-from clipfold.compile.config import CompileConfig
-from clipfold.compile.native import build_native_variant, tower_tensors
-from clipfold.compile.optimize import keep_class_token_only, use_sdpa_attention
-from clipfold.compile.pipeline import compile_bundle
-from clipfold.kernels.vit import VitTower, VitWeights, kernel_available, pack_panels
-from clipfold.runtime import Engine
-from clipfold.runtime.manifest import Manifest
 
 pytestmark = pytest.mark.skipif(not kernel_available(), reason="the ViT kernel needs x86-64 with AVX2 and FMA")
 
@@ -165,9 +165,8 @@ def test_bundle_variant_runs_natively_and_equals_fp32(native_bundle, tiny_labels
 
 
 def test_an_index_built_by_the_native_variant(native_bundle, tmp_path):
+    from clipfold.runtime.retrieval.index import Index, build_index, bundle_identity
     from PIL import Image
-
-    from clipfold.runtime.index import Index, build_index, bundle_identity
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -211,8 +210,9 @@ def test_kernel_scored_head_bundle(tmp_path, tiny_labels):
 
 
 def test_cli_compiles_inspects_and_profiles_the_native_variant(tmp_path, capsys):
+    from clipfold.compile.profiling.run import ProfileConfig, profile
+
     from clipfold import cli
-    from clipfold.compile.profile import ProfileConfig, profile
 
     out = tmp_path / "cli.bundle"
     assert cli.main(["compile", "--labels", "red circle,green square,blue star", "--out", str(out),

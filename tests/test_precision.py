@@ -5,18 +5,18 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-
-from clipfold import cli, errors
 from clipfold.compile.config import CompileConfig
-from clipfold.compile.gate import held_out_images, run_graph
-from clipfold.compile.optimize import op_counts
 from clipfold.compile.pipeline import compile_bundle
-from clipfold.compile.precision import GateConfig, QuantConfig, parse_precisions
+from clipfold.compile.precision.config import GateConfig, QuantConfig, parse_precisions
+from clipfold.compile.precision.gate import held_out_images, run_graph
+from clipfold.compile.precision.quantize import prepare
+from clipfold.compile.stages.optimize import op_counts
 from clipfold.compile.tiny import data
 from clipfold.compile.tiny.samples import write_background_folder
-from clipfold.compile.quantize import prepare
 from clipfold.runtime import Engine
-from clipfold.runtime.manifest import Manifest
+from clipfold.runtime.bundle.schema import Manifest
+
+from clipfold import cli, errors
 
 TEMPLATES = ("a photo on a {}.", "a {}.")
 ALL = ("int8-dynamic", "int8-static", "int8-weight", "int4-weight", "fp16", "fp8")
@@ -149,7 +149,7 @@ def test_the_search_keeps_the_fewest_nodes_in_float_or_refuses(tiny_labels, tmp_
     here the search sees the gate's own images, so the fewest count it finds is judged on the very
     images it passed on, on every CPU, rather than on a second set where it may fall either side of
     the limit. (Top-1 at 0.95: the cosine limit is what drives this search.)"""
-    from clipfold.compile import gate as gating
+    import clipfold.compile.precision.gate as gating
 
     split = gating.selection_images
     monkeypatch.setattr(gating, "selection_images",
@@ -225,7 +225,7 @@ def test_bad_precision_input_is_named(gda_task, tmp_path, capsys, monkeypatch):
         compile_bundle(CompileConfig(labels=None, adapter=adapter, out=tmp_path / "a", precisions="int8-static",
                                      quant=QuantConfig(calib=empty)))
     # bf16 on a CPU without it (forced: OpenVINO's CPU plugin reports no BF16); tests/test_bf16_variant.py has the rest
-    from clipfold.runtime import openvino_backend as ov_backend
+    import clipfold.runtime.backends.openvino as ov_backend
 
     monkeypatch.setattr(ov_backend, "cpu_capabilities", lambda: ("FP32", "INT8"))
     with pytest.raises(errors.BackendUnavailableError, match=r"bf16 needs a CPU with native bfloat16"):

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clipfold.runtime import Engine
+from clipfold.runtime.bundle.schema import Manifest
 
 from clipfold import errors
 from clipfold.cli import main
-from clipfold.runtime import Engine
-from clipfold.runtime.manifest import Manifest
 
 pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="the Triton export needs tritonclient[grpc]")
 
@@ -125,7 +125,7 @@ class _MiniTriton:
 
 @pytest.fixture(scope="module")
 def repository(tiny_bundle, tmp_path_factory):
-    from clipfold.compile.triton_repo import TritonExportConfig, export_triton
+    from clipfold.compile.triton_server.repository import TritonExportConfig, export_triton
 
     out = tmp_path_factory.mktemp("triton") / "repo"
     return export_triton(TritonExportConfig(tiny_bundle.path, out, name="tiny", max_batch=16))
@@ -203,7 +203,7 @@ def engine_pixels(engine, images):
      "'SCORES' is already produced by an earlier step"),
 ])
 def test_triton_validation_names_each_problem(repository, tmp_path, mutation, message):
-    from clipfold.compile.triton_repo import validate_repository
+    from clipfold.compile.triton_server.repository import validate_repository
 
     copy = shutil.copytree(repository, tmp_path / "repo")
     model, old, new = mutation
@@ -241,7 +241,7 @@ def test_triton_export_cli_and_refusals(tiny_bundle, tmp_path, capsys):
 def test_triton_export_refuses_a_kernel_head_bundle(tmp_path):
     from clipfold.compile.config import CompileConfig
     from clipfold.compile.pipeline import compile_bundle
-    from clipfold.compile.triton_repo import TritonExportConfig, export_triton
+    from clipfold.compile.triton_server.repository import TritonExportConfig, export_triton
 
     bundle = compile_bundle(CompileConfig(labels=("a", "b", "c"), out=tmp_path / "k.bundle", kernel_head_classes=2))
     with pytest.raises(errors.BundleError, match="kernel head"):
@@ -254,7 +254,7 @@ def test_triton_export_refuses_a_kernel_head_bundle(tmp_path):
 
 
 def test_triton_validation_counts_the_labels(repository, tmp_path):
-    from clipfold.compile.triton_repo import validate_repository
+    from clipfold.compile.triton_server.repository import validate_repository
 
     copy = shutil.copytree(repository, tmp_path / "repo")
     labels = copy / "tiny_labels" / "labels.txt"
@@ -268,10 +268,10 @@ def _with_plan(tmp_path, profile=None):
     machine. The plan's bytes are a stand-in: without TensorRT nothing here can read a plan."""
     import dataclasses
 
-    from clipfold.compile.bundle import checksum_tree
     from clipfold.compile.config import CompileConfig
     from clipfold.compile.pipeline import compile_bundle
-    from clipfold.runtime.manifest import MANIFEST_NAME, EngineRecord
+    from clipfold.runtime.bundle.schema import MANIFEST_NAME, EngineRecord
+    from clipfold.runtime.bundle.write import checksum_tree
 
     bundle = compile_bundle(CompileConfig(labels=("red circle", "green star", "blue square"), top_k=3,
                                           out=Path(tmp_path) / "t.bundle", precisions=("fp32", "tensorrt-fp16"))).path
@@ -288,7 +288,7 @@ def _with_plan(tmp_path, profile=None):
 
 
 def test_triton_export_of_a_tensorrt_plan(tmp_path, capsys):
-    from clipfold.compile.triton_repo import TritonExportConfig, export_triton, validate_repository
+    from clipfold.compile.triton_server.repository import TritonExportConfig, export_triton, validate_repository
 
     bundle = _with_plan(tmp_path)
     out = tmp_path / "repo"
@@ -352,8 +352,8 @@ def _rows(index) -> dict[str, np.ndarray]:
 
 def test_ray_index_equals_the_single_process_index_and_resumes(tiny_bundle, photos, tmp_path, capsys, monkeypatch):
     pytest.importorskip("ray.data", reason="clipfold index --ray needs ray[data]")
-    from clipfold.runtime import index as index_module
-    from clipfold.runtime.index import Index, build_index
+    import clipfold.runtime.retrieval.index as index_module
+    from clipfold.runtime.retrieval.index import Index, build_index
 
     monkeypatch.setattr(index_module, "BATCH_FILES", 32)  # several shards from the Ray stream
     assert main(["index", str(tiny_bundle.path), str(photos), "--out", str(tmp_path / "ray"), "--ray",
@@ -389,7 +389,7 @@ def test_ray_index_equals_the_single_process_index_and_resumes(tiny_bundle, phot
 
 
 def test_sharded_search_equals_one_index(tiny_bundle, photos, tmp_path, capsys):
-    from clipfold.runtime.index import Index, ShardedIndex, build_index
+    from clipfold.runtime.retrieval.index import Index, ShardedIndex, build_index
 
     engine = Engine.open(tiny_bundle.path)
     whole = build_index(engine, photos, tmp_path / "whole")

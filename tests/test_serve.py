@@ -21,17 +21,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-
 from clipfold.compile.tiny import data
-from clipfold.errors import BatcherClosedError, ConfigError, QueueFullError, RequestError
 from clipfold.runtime import Engine
 from clipfold.runtime.batcher import DynamicBatcher, measure_preferred_batch
-from clipfold.runtime.index import Index, build_index
 from clipfold.runtime.preprocess import preprocess
+from clipfold.runtime.retrieval.index import Index, build_index
+
+from clipfold.errors import BatcherClosedError, ConfigError, QueueFullError, RequestError
 
 uvicorn = pytest.importorskip("uvicorn")
 httpclient = pytest.importorskip("tritonclient.http")
-from clipfold.runtime.server import ClipfoldServer, ServeConfig, open_models  # noqa: E402
+from clipfold.runtime.serve.app import ClipfoldServer, ServeConfig, open_models  # noqa: E402
+
 from .live_server import LiveServer, free_port, hold_engine  # noqa: E402
 
 

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from clipfold import errors
 from clipfold.compile.config import CompileConfig
 from clipfold.compile.pipeline import compile_bundle
 from clipfold.runtime import Engine
-from clipfold.runtime.text import ClipTokenizer
+from clipfold.runtime.text_encoder import ClipTokenizer
+
+from clipfold import errors
 
 from .test_layout import BLOCK_TORCH
 
@@ -112,9 +112,10 @@ def _write_images(folder, samples):
 
 
 def test_index_search_resume_and_refusals(text_bundle, tiny_bundle, tmp_path, capsys):
-    from clipfold.cli import main
     from clipfold.compile.tiny import data
-    from clipfold.runtime.index import Index, build_index
+    from clipfold.runtime.retrieval.index import Index, build_index
+
+    from clipfold.cli import main
 
     images = tmp_path / "images"
     _write_images(images, data.generate(40, seed=21))
@@ -154,8 +155,8 @@ def test_index_search_resume_and_refusals(text_bundle, tiny_bundle, tmp_path, ca
 
 
 def test_a_crash_loses_only_the_batch_in_flight(text_bundle, tmp_path, monkeypatch):
+    import clipfold.runtime.retrieval.index as index_module
     from clipfold.compile.tiny import data
-    from clipfold.runtime import index as index_module
 
     images = tmp_path / "images"
     _write_images(images, data.generate(25, seed=3))
@@ -180,8 +181,8 @@ def test_a_crash_loses_only_the_batch_in_flight(text_bundle, tmp_path, monkeypat
 
 
 def test_quantized_text_graphs_are_gated(tiny_labels, tmp_path):
-    from clipfold.compile.optimize import op_counts
-    from clipfold.compile.precision import GateConfig
+    from clipfold.compile.precision.config import GateConfig
+    from clipfold.compile.stages.optimize import op_counts
 
     result = compile_bundle(CompileConfig(labels=tiny_labels, out=tmp_path / "q.bundle", top_k=3, text=True,
                                           text_precisions=("int8-weight",)))
@@ -227,7 +228,7 @@ def test_text_search_finds_every_class_first(text_bundle, tmp_path):
     """The demo's retrieval on the tiny model: for each colour x shape among 120 generated photos,
     a text query's top hit is an image of that class (measured: 30 of 30 with the 6,000-step model)."""
     from clipfold.compile.tiny import data
-    from clipfold.runtime.index import build_index
+    from clipfold.runtime.retrieval.index import build_index
 
     samples = data.generate(120, seed=5)
     _write_images(tmp_path / "photos", samples)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import torch
-
 from clipfold.compile import tiny
 from clipfold.compile.tiny import data, train
 from clipfold.runtime import Engine
-from clipfold.runtime.manifest import sha256_file
+from clipfold.runtime.bundle.schema import sha256_file
 
 
 def _recorded() -> dict:

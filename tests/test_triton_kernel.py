@@ -23,10 +23,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
+import clipfold.kernels.topk.triton_launcher as triton_topk
+from clipfold.kernels.topk.reference import same_topk, topk_reference  # noqa: E402
+from clipfold.kernels.topk.triton_launcher import plan, topk_similarity_triton  # noqa: E402
+
 from clipfold import errors  # noqa: E402
-from clipfold.kernels import triton_topk  # noqa: E402
-from clipfold.kernels.reference import same_topk, topk_reference  # noqa: E402
-from clipfold.kernels.triton_topk import plan, topk_similarity_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 STORAGES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -169,9 +170,9 @@ def test_importing_kernels_loads_neither_torch_nor_triton():
                     raise ImportError(f'{name} is blocked in this test')
         sys.meta_path.insert(0, _Block())
         import clipfold.kernels
-        from clipfold.kernels import triton_topk
+        from clipfold.kernels.topk import triton_launcher as triton_topk
         assert 'torch' not in sys.modules and 'triton' not in sys.modules
-        assert 'clipfold.kernels.triton_topk_kernel' not in sys.modules
+        assert 'clipfold.kernels.topk.triton_kernel' not in sys.modules
         assert triton_topk.available() is False
         try:
             triton_topk.topk_similarity_triton([[1.0]], None, 1)
@@ -184,14 +185,14 @@ def test_importing_kernels_loads_neither_torch_nor_triton():
 
 
 def test_the_kernels_are_module_level_in_their_own_module():
-    """The jit kernel and its helpers live at the top of kernels/triton_topk_kernel.py, imported on
+    """The jit kernel and its helpers live at the top of kernels/topk/triton_kernel.py, imported on
     the first call; the launcher's namespace is never written into."""
     from triton.runtime.jit import KernelInterface  # JITFunction on a GPU, InterpretedFunction here
 
     before = set(vars(triton_topk))
     queries, gallery = _data(40, 16, 3)
     _check(*_run(queries, gallery, "fp16", 5))
-    from clipfold.kernels import triton_topk_kernel
+    import clipfold.kernels.topk.triton_kernel as triton_topk_kernel
 
     assert triton_topk._kernel() is triton_topk_kernel.topk_kernel
     for name in ("_bit", "_merge", "_topk_rows", "_merge_sorted", "topk_kernel"):

@@ -18,17 +18,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from clipfold.compile.config import CompileConfig
 from clipfold.compile.pipeline import compile_bundle
 from clipfold.compile.tiny import data
 from clipfold.compile.tiny.samples import write_photos
 from clipfold.runtime import Engine
-from clipfold.runtime.index import Index, build_index
+from clipfold.runtime.retrieval.index import Index, build_index
+from PIL import Image
 
 pytest.importorskip("uvicorn")
-from clipfold.runtime.server import ClipfoldServer, ServeConfig, open_models, ui_enabled  # noqa: E402
+from clipfold.runtime.serve.app import ClipfoldServer, ServeConfig, open_models, ui_enabled  # noqa: E402
 
 from .live_server import LiveServer  # noqa: E402
 
@@ -81,12 +80,13 @@ def test_the_page_files_ship_in_the_package_and_load_nothing_from_elsewhere():
     tomllib = pytest.importorskip("tomllib")
     root = Path(__file__).parents[1]
     patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
-        "clipfold.runtime"]
-    files = sorted(p.relative_to(root / "runtime").as_posix() for p in (root / "runtime" / "ui").iterdir())
+        "clipfold.runtime.serve"]
+    serve = root / "runtime" / "serve"
+    files = sorted(p.relative_to(serve).as_posix() for p in (serve / "ui").iterdir())
     assert {"ui/index.html", "ui/app.js", "ui/style.css"} <= set(files)
     assert all(any(fnmatch(f, pattern) for pattern in patterns) for f in files), (files, patterns)
     for f in files:  # no framework, font or script from a CDN: the page works offline
-        text = (root / "runtime" / f).read_text()
+        text = (serve / f).read_text()
         assert "http:" not in text and "https:" not in text and "//cdn" not in text, f
 
 

@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from clipfold.compile.adapters.base import Fitted, Support, floats_option
+from clipfold.compile.adapters.tip import cache_keys, search_grid
+from clipfold.compile.heads.ir import Cache, Head, Linear
 
 from clipfold.errors import ConfigError
-
-from ..heads import Cache, Head, Linear
-from .base import Fitted, Support, floats_option
-from .tip import cache_keys, search_grid
 
 TEXT_SCALE = 100.0
 SEARCH_SCALE = (7.0, 7.0, 0.5)  # (beta, alpha, gamma): the official ImageNet config

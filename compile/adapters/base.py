@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from clipfold.compile.heads.ir import Head
 from torch import nn
 
 from clipfold.errors import ConfigError
-
-from ..heads import Head
 
 
 @dataclass(frozen=True)
@@ -155,8 +154,8 @@ def float_option(request: ImportRequest, name: str, default: float) -> float:
 
 
 def load_torch_checkpoint(path: Path) -> Any:
-    """A checkpoint's tensors and containers; no code in it runs (see :mod:`clipfold.compile.checkpoint`)."""
-    from ..checkpoint import read_checkpoint
+    """A checkpoint's tensors and containers; no code in it runs (see :mod:`clipfold.compile.stages.checkpoint`)."""
+    from clipfold.compile.stages.checkpoint import read_checkpoint
 
     return read_checkpoint(path)
 

@@ -8,7 +8,7 @@ blended into the image feature and the result renormalized:
 
 with ``T`` the unit class text embeddings. The official code feeds the unnormalized feature
 ``x``; the head uses ``f = n(x)``, which is exact because ``A`` is positively homogeneous (see
-:class:`~clipfold.compile.heads.ResidualMLP`).
+:class:`~clipfold.compile.heads.ir.ResidualMLP`).
 
 * import: the Dassl checkpoint ``clip_adapter/model.pth.tar-<epoch>`` (``{'state_dict':
   {'fc.0.weight', 'fc.2.weight'}, 'epoch', ...}``; the file or Dassl's output folder) plus class
@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from clipfold.compile.adapters.base import Fitted, Imported, ImportRequest, Support, require_keys
+from clipfold.compile.adapters.dassl import load_dassl_state
+from clipfold.compile.heads.ir import Head, Linear, ResidualMLP
+from clipfold.compile.heads.zero_shot import build_zero_shot_head
 
 from clipfold.errors import CheckpointError, ConfigError
-
-from ..head import build_zero_shot_head
-from ..heads import Head, Linear, ResidualMLP
-from .base import Fitted, Imported, ImportRequest, Support, require_keys
-from .dassl import load_dassl_state
 
 RATIO = 0.2
 REDUCTION = 4

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from clipfold.compile.adapters.base import Imported, ImportRequest, require_keys
+from clipfold.compile.adapters.dassl import check_width, load_dassl_state, require_labels, tensor, word_init_prefix
+from clipfold.compile.adapters.prompt_text import PromptTextTower, build_prompts
 from torch import nn
 
 from clipfold.errors import CheckpointError
-
-from .base import Imported, ImportRequest, require_keys
-from .dassl import check_width, load_dassl_state, require_labels, tensor, word_init_prefix
-from .text import PromptTextTower, build_prompts
 
 KEYS = ("ctx", "meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight", "meta_net.linear2.bias")
 

@@ -24,16 +24,21 @@ linear branch, computed once at import.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
+from clipfold.compile.adapters.base import Imported, ImportRequest, option, require_keys
+from clipfold.compile.adapters.dassl import (
+    check_width,
+    load_dassl_state,
+    require_labels,
+    run_config,
+    tensor,
+    word_init_prefix,
+)
+from clipfold.compile.adapters.prompt_text import Prompts, PromptTextTower, build_prompts
+from clipfold.compile.heads.ir import Head, Linear
 
 from clipfold.errors import CheckpointError
-
-from ..heads import Head, Linear
-from .base import Imported, ImportRequest, option, require_keys
-from .dassl import check_width, load_dassl_state, require_labels, run_config, tensor, word_init_prefix
-from .text import Prompts, PromptTextTower, build_prompts
 
 CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
 

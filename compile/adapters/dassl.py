@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from clipfold.compile.adapters.base import ImportRequest, load_torch_checkpoint
 
 from clipfold.errors import CheckpointError, ConfigError
-
-from .base import ImportRequest, load_torch_checkpoint
 
 
 def resolve_dassl_file(path: Path, model_name: str, epoch: str | None = None) -> Path:

@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from clipfold.compile.adapters.base import Fitted, Support, floats_option
+from clipfold.compile.heads.ir import Head, Linear
 
 from clipfold.errors import ConfigError
-
-from ..heads import Head, Linear
-from .base import Fitted, Support, floats_option
 
 FIT_OPTIONS = ("alpha_grid",)  # clipfold fit --set alpha_grid=0.01,0.1,1
 ALPHA_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)

@@ -34,12 +34,11 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
+from clipfold.compile.adapters.base import Imported, ImportRequest, load_torch_checkpoint, option, require_keys
+from clipfold.compile.heads.zero_shot import build_zero_shot_head
 from torch import nn
 
 from clipfold.errors import CheckpointError, ConfigError
-
-from ..head import build_zero_shot_head
-from .base import Imported, ImportRequest, load_torch_checkpoint, option, require_keys
 
 # loralib/utils.py: which residual blocks get LoRA for each ``position``.
 INDEX_POSITIONS_TEXT: dict[str, tuple[int, ...]] = {

@@ -31,11 +31,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from clipfold.compile.adapters.base import Fitted, Support
+from clipfold.compile.heads.ir import Head, Linear
 
 from clipfold.errors import ConfigError
-
-from ..heads import Head, Linear
-from .base import Fitted, Support
 
 EPOCHS = 300  # configs/base.yaml train_epoch
 MOMENTUM = 0.9

@@ -14,7 +14,7 @@ augmented shot feature (every augmented view, not their mean, no plain view; lab
     A       = (K_SS / lambda + I)^-1 (Y - S @ T.T)           (N_views*N, C)
     logits  = f @ T.T + k(f, S) @ A                           T: unit text rows, unscaled
 
-A :class:`~clipfold.compile.heads.Cache` with keys ``S``, dense values ``A`` and ``alpha = 1``
+A :class:`~clipfold.compile.heads.ir.Cache` with keys ``S``, dense values ``A`` and ``alpha = 1``
 beside one linear branch. ``beta`` and ``lambda`` come from the official grid (``torch.linspace``
 of the dataset config; the Caltech/Food/FGVC/UCF grid by default) on the validation split, first
 best in (beta, lambda) order; without one, the official ImageNet-transferred values for the shot
@@ -27,11 +27,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from clipfold.compile.adapters.base import Fitted, Support, floats_option
+from clipfold.compile.heads.ir import Cache, Head, Linear
 
 from clipfold.errors import ConfigError
-
-from ..heads import Cache, Head, Linear
-from .base import Fitted, Support, floats_option
 
 BETA_GRID = (0.5, 3.0, 20)  # (start, end, steps) of configs/RN50/configs_proker/caltech101.yaml
 LAMBDA_GRID = (0.001, 1.0, 10)

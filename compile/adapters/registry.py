@@ -58,7 +58,7 @@ IMPORT_TEMPLATES: dict[str, tuple[str, ...]] = {
 
 def import_templates(method: str | None, spec, model_name: str) -> tuple[str, ...]:
     """``--templates`` when given; else the imported method's official template set, else the model's default."""
-    from ..head import resolve_templates
+    from clipfold.compile.heads.zero_shot import resolve_templates
 
     if spec is None and method in IMPORT_TEMPLATES:
         return IMPORT_TEMPLATES[method]

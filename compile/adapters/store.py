@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from clipfold.compile.heads.ir import Cache, Head, Linear, ResidualMLP
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from clipfold.errors import CheckpointError, ConfigError
-
-from ..heads import Cache, Head, Linear, ResidualMLP
 
 FORMAT_VERSION = 1
 METADATA_KEY = "clipfold"

@@ -31,12 +31,19 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from clipfold.compile.adapters.base import (
+    Fitted,
+    Imported,
+    ImportRequest,
+    Support,
+    float_option,
+    floats_option,
+    require_keys,
+)
+from clipfold.compile.adapters.dassl import load_dassl_state, run_config
+from clipfold.compile.heads.ir import Head, Linear
 
 from clipfold.errors import CheckpointError, ConfigError
-
-from ..heads import Head, Linear
-from .base import Fitted, Imported, ImportRequest, Support, float_option, floats_option, require_keys
-from .dassl import load_dassl_state, run_config
 
 IMPORT_ALPHA = 0.5  # scripts/taskres/main.sh's SCALE for 10 of the 11 datasets (train.py's default is 1.0)
 ALPHA_GRID = (0.5, 1.0)  # the values scripts/taskres/main.sh is run with

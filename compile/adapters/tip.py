@@ -8,7 +8,7 @@ view), then normalized; values their one-hot labels. Then
 
 with ``text_scale`` = 100 as in the official code. ``beta`` and ``alpha`` come from the official
 search grid, ``0.1 + i * (scale - 0.1) / steps``, evaluated on a validation split (first best wins).
-The result is a :class:`~clipfold.compile.heads.Head` with one linear and one cache branch.
+The result is a :class:`~clipfold.compile.heads.ir.Head` with one linear and one cache branch.
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from clipfold.compile.adapters.base import Fitted, Support, floats_option
+from clipfold.compile.heads.ir import Cache, Head, Linear
 
 from clipfold.errors import ConfigError
-
-from ..heads import Cache, Head, Linear
-from .base import Fitted, Support, floats_option
 
 # (beta, alpha) search ranges. The official configs set them per dataset: alpha up to 3 for ImageNet
 # and Oxford Pets, 10 for EuroSAT and Food-101, 13 for DTD, 50 for Flowers. Without a dataset to

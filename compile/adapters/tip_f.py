@@ -32,13 +32,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from clipfold.compile.adapters.base import (
+    Fitted,
+    Imported,
+    ImportRequest,
+    Support,
+    float_option,
+    floats_option,
+    load_torch_checkpoint,
+)
+from clipfold.compile.adapters.tip import SEARCH_SCALE, SEARCH_STEP, cache_keys, search_hp
+from clipfold.compile.heads.ir import Cache, Head, Linear
+from clipfold.compile.heads.zero_shot import build_zero_shot_head
 
 from clipfold.errors import CheckpointError, ConfigError
-
-from ..head import build_zero_shot_head
-from ..heads import Cache, Head, Linear
-from .base import Fitted, Imported, ImportRequest, Support, float_option, floats_option, load_torch_checkpoint
-from .tip import SEARCH_SCALE, SEARCH_STEP, cache_keys, search_hp
 
 TEXT_SCALE = 100.0
 INIT_BETA, INIT_ALPHA = 1.0, 1.17  # configs/imagenet.yaml

@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
-from . import data
+from clipfold.compile.tiny import data
 
 
 def write_samples(out: Path, n_images: int = 6, seed: int = 2024) -> tuple[Path, list[Path]]:

@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from . import MODEL_NAME, TEMPLATES, data, register
+from clipfold.compile.tiny import MODEL_NAME, TEMPLATES, data, register
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "tiny_model.json"
 HELD_OUT_SEED = 1_000_003  # disjoint from the training streams (seeds 0..steps)
@@ -59,8 +58,7 @@ def multi_positive_clip_loss(image_f, text_f, scale, match) -> torch.Tensor:
 def zero_shot_accuracy(model, tokenizer, n: int = 1200, seed: int = HELD_OUT_SEED) -> dict:
     """Top-1/top-5 zero-shot accuracy on ``n`` held-out images with the TEMPLATES ensemble."""
     import open_clip
-
-    from ..head import build_zero_shot_head
+    from clipfold.compile.heads.zero_shot import build_zero_shot_head
 
     model.eval()
     labels = data.class_names()
@@ -135,9 +133,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
 
+    from clipfold.runtime.bundle.schema import sha256_file
     from safetensors.torch import save_file
-
-    from clipfold.runtime.manifest import sha256_file
 
     torch.set_num_threads(args.threads)
     model, tokenizer, seconds = train(args.steps, args.batch, args.lr, args.seed)

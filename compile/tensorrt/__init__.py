@@ -1,0 +1,2 @@
+"""TensorRT: the graphs TensorRT accepts and the engine builds for the GPU at hand.
+"""
