@@ -39,6 +39,28 @@ class VerifyConfig:
 # pass ONNX's 2 GB single-file limit. Lower it with --kernel-head-classes for batch-heavy serving.
 KERNEL_HEAD_CLASSES = 1 << 20
 
+# What the reduced-precision variants are built for: ONNX Runtime's graphs, or TensorRT-bound graphs
+# on standard operators (their engines are built on the GPU that runs them: clipfold engine build).
+BACKENDS = ("onnxruntime", "tensorrt")
+
+
+def backend_precisions(backend: str, precisions: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
+    """The variant names ``precisions`` mean for ``backend``: for tensorrt, fp16 / int8 / fp8 name the
+    TensorRT-bound graphs tensorrt-fp16 / tensorrt-int8 / fp8 (fp32 is always built); onnxruntime keeps them."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "onnxruntime":
+        return precisions
+    from clipfold.compile.tensorrt.build import TENSORRT_PRECISIONS
+
+    spec = precisions if precisions is not None else ()
+    names = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip() and p.strip() != "fp32"]
+    unknown = [p for p in names if p not in TENSORRT_PRECISIONS and p not in TENSORRT_PRECISIONS.values()]
+    if not names or unknown:
+        raise ConfigError(f"backend tensorrt takes precisions from {', '.join(TENSORRT_PRECISIONS)} (or "
+                          f"{', '.join(TENSORRT_PRECISIONS.values())}); got {precisions!r}")
+    return tuple(TENSORRT_PRECISIONS.get(p, p) for p in names)
+
 
 @dataclass(frozen=True)
 class CompileConfig:
@@ -62,6 +84,8 @@ class CompileConfig:
     method: str | None = None  # import ``adapter`` as this method's official checkpoint
     method_options: dict[str, str] = field(default_factory=dict)
     precisions: tuple[str, ...] = ("fp32",)  # variants to build; fp32 always, first
+    # onnxruntime, or tensorrt: precisions fp16/int8/fp8 then name TensorRT-bound graphs (backend_precisions)
+    backend: str = "onnxruntime"
     quant: QuantConfig = field(default_factory=QuantConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     fuse: bool = True  # ONNX Runtime fused operators in the fp32 graph (see optimize.py)
@@ -78,7 +102,7 @@ class CompileConfig:
     tokenizer: Path | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "precisions", parse_precisions(self.precisions))
+        object.__setattr__(self, "precisions", parse_precisions(backend_precisions(self.backend, self.precisions)))
         if self.if_faster:
             from clipfold.compile.precision.speed_check import check_if_faster
 
