@@ -1,8 +1,9 @@
-"""One profile row, measured inside a spawned worker (see :mod:`.profile`).
+"""One profile row, measured inside a spawned worker (the worker side of :mod:`.run`).
 
-``measure_engine`` imports only the runtime (no torch), so its peak memory is the engine's;
-``measure_eager`` loads open_clip. Both return plain dicts, plus ``predictions`` (top-1 index per
-image) that the parent turns into agreement with fp32 and then drops.
+``measure`` is what the worker runs: ``measure_engine`` imports only the runtime (no torch), so its
+peak memory is the engine's; ``measure_eager`` loads open_clip (the eager reference rows, named by
+``eager_name``). Both return plain dicts, plus ``predictions`` (top-1 index per image) that the
+parent turns into agreement with fp32 and then drops. This module imports nothing of ``run``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,37 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_SEED = 4321  # generated profiling images
+EAGER = "open_clip eager"
+# the modes of the open_clip eager reference rows (ProfileConfig.eager_modes says what each is)
+EAGER_MODES = ("cpu", "cuda-fp16", "cuda-bf16", "cuda-fp16-compile")
+
+
+def eager_name(mode: str) -> str:
+    """The row name of the open_clip eager reference run in ``mode``."""
+    return EAGER if mode == "cpu" else f"{EAGER} {mode.replace('-', ' ')}"
+
+
+def measure(kind: str, job: dict, cfg: dict) -> dict:
+    """One row (``kind`` "engine" or "eager"), run in a fresh spawned process; ``cfg`` is the
+    ProfileConfig as plain data. A row that ran carries this process's peak memory."""
+    row = measure_eager(job, cfg) if kind == "eager" else measure_engine(job, cfg)
+    if row.get("status", "ok") == "ok":
+        row["peak_rss_mb"] = peak_rss_mb()
+    return row
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM belongs to the address space created at
+    exec, so it excludes the parent; ``ru_maxrss`` would carry the parent's peak over the exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _images(cfg: dict):
@@ -88,7 +120,6 @@ def measure_eager(job: dict, cfg: dict) -> dict:
     import torch
     import torch.nn.functional as F
     from clipfold.compile.heads.zero_shot import build_zero_shot_head
-    from clipfold.compile.profiling.run import eager_name
     from clipfold.compile.stages.load import load_model
     from clipfold.kernels.cpu_runtime import default_threads
     from clipfold.runtime.bundle.schema import Manifest

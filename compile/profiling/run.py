@@ -20,10 +20,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Sequence
 
+from clipfold.compile.profiling.rows import EAGER, EAGER_MODES, eager_name, measure
+
 from clipfold.errors import BackendUnavailableError, ConfigError
 
-EAGER = "open_clip eager"
-EAGER_MODES = ("cpu", "cuda-fp16", "cuda-bf16", "cuda-fp16-compile")
 
 
 @dataclass(frozen=True)
@@ -144,10 +144,6 @@ def _record(cfg: ProfileConfig, jobs: list[tuple[str, dict]], rows: list[Row], s
             say(f"profile not recorded in {bundle}: {exc}")
 
 
-def eager_name(mode: str) -> str:
-    return EAGER if mode == "cpu" else f"{EAGER} {mode.replace('-', ' ')}"
-
-
 def _in_worker(kind: str, job: dict, cfg: ProfileConfig) -> dict:
     """One row in a fresh spawned process; a worker that fails or dies becomes a row saying so."""
     from concurrent.futures import ProcessPoolExecutor
@@ -157,7 +153,7 @@ def _in_worker(kind: str, job: dict, cfg: ProfileConfig) -> dict:
             "precision": "fp32" if kind == "eager" else "", "backend": "torch" if kind == "eager" else job["backend"]}
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:
-            return pool.submit(_measure, kind, job, _plain(cfg)).result()
+            return pool.submit(measure, kind, job, _plain(cfg)).result()
         except BrokenProcessPool:
             return {**base, "status": "failed: the worker process died (out of memory?)"}
         except Exception as exc:  # reported in the row; the other rows still run
@@ -167,30 +163,6 @@ def _in_worker(kind: str, job: dict, cfg: ProfileConfig) -> dict:
 def _plain(cfg: ProfileConfig) -> dict:
     return {**asdict(cfg), "bundles": [str(b) for b in cfg.bundles], "data": None if cfg.data is None else str(cfg.data),
             "out": None}
-
-
-# --- worker side (runs in a spawned process) ------------------------------------------------
-def _measure(kind: str, job: dict, cfg: dict) -> dict:
-    import clipfold.compile.profiling.rows as profile_rows
-
-    row = profile_rows.measure_eager(job, cfg) if kind == "eager" else profile_rows.measure_engine(job, cfg)
-    if row.get("status", "ok") == "ok":
-        row["peak_rss_mb"] = peak_rss_mb()
-    return row
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. Linux's VmHWM belongs to the address space created at
-    exec, so it excludes the parent; ``ru_maxrss`` would carry the parent's peak over the exec."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 # --- reporting --------------------------------------------------------------------------------
