@@ -66,5 +66,5 @@ def test_cli_classify_clamps_the_default_k_with_one_note(three_labels, capsys):
     assert len(notes) == 1 and notes[0].startswith("note: k=5 is more than this graph returns: top-3"), notes
     rows = json.loads(captured.out)
     assert len(rows) == len(images) and all(len(r["predictions"]) == 3 for r in rows)
-    assert cli.main(["classify", str(bundle), str(images[0]), "--k", "2"]) == 0
+    assert cli.main(["classify", str(bundle), str(images[0]), "--top-k", "2"]) == 0
     assert capsys.readouterr().err == ""  # nothing to say when k fits

@@ -183,18 +183,18 @@ def test_without_tensorrt_the_gpu_paths_say_what_is_missing(trt_bundle, tiny_bun
         Engine.open(tiny_bundle.path, backend="onnxruntime-cuda")
     assert main(["engine", "build", str(trt_bundle.path)]) == 2
     assert "needs TensorRT and an NVIDIA GPU" in capsys.readouterr().err
-    # compile --target tensorrt still builds and gates the TensorRT-bound graphs, and says where engines come from.
+    # compile --backend tensorrt still builds and gates the TensorRT-bound graphs, and says where engines come from.
     out = tmp_path / "t.bundle"
-    assert main(["compile", "--labels", "a photo,a drawing", "--out", str(out), "--target", "tensorrt",
+    assert main(["compile", "--labels", "a photo,a drawing", "--out", str(out), "--backend", "tensorrt",
                  "--precision", "fp16", "--max-batch", "32"]) == 0
     printed = capsys.readouterr().out
     assert f"clipfold engine build {out} --min-batch 1 --opt-batch 8 --max-batch 32" in printed
     assert [v.name for v in Manifest.read(out).variants] == ["fp32", "tensorrt-fp16"]
-    assert main(["compile", "--labels", "a,b", "--out", str(tmp_path / "x"), "--target", "tensorrt",
+    assert main(["compile", "--labels", "a,b", "--out", str(tmp_path / "x"), "--backend", "tensorrt",
                  "--precision", "int4-weight"]) == 2
-    assert "takes --precision from fp16, int8, fp8" in capsys.readouterr().err
+    assert "backend tensorrt takes precisions from fp16, int8, fp8" in capsys.readouterr().err
     assert main(["compile", "--labels", "a,b", "--out", str(tmp_path / "x"), "--max-batch", "4"]) == 2
-    assert "need --target tensorrt" in capsys.readouterr().err
+    assert "need --backend tensorrt" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
