@@ -39,8 +39,10 @@ from clipfold.compile.stages.optimize import (
 from clipfold.compile.stages.text_tower import build_text_variants, export_text
 from clipfold.compile.stages.verify import eager_reference, verification_pixels, verify_onnx
 from clipfold.kernels import Gallery
-from clipfold.runtime.backends.kernel_head import KERNEL_HEAD_DIR, KernelHead, row_width
-from clipfold.runtime.bundle.schema import HeadInfo, Manifest, Variant, sha256_file
+from clipfold.runtime.backends.kernel_head import KernelHead
+from clipfold.runtime.bundle.files import sha256_file
+from clipfold.runtime.bundle.layout import KERNEL_HEAD_DIR, row_width
+from clipfold.runtime.bundle.schema import HeadInfo, Manifest, Variant
 
 from clipfold.errors import ExportError, LabelError
 

@@ -19,6 +19,7 @@ from clipfold.runtime.backends.kernel_head import KernelHead, KernelHeadBackend
 from clipfold.runtime.backends.registry import open_backend
 from clipfold.runtime.bundle.files import check_folder_listed, contained
 from clipfold.runtime.bundle.files import verify_files as _verify_files
+from clipfold.runtime.bundle.layout import MANIFEST_NAME
 from clipfold.runtime.bundle.schema import DEFAULT_HEAD, ExtraHead, Manifest, Variant
 from clipfold.runtime.bundle.swap import recover_swap
 from clipfold.runtime.images import ImageSource, load_image
@@ -88,7 +89,7 @@ class Engine:
         path = Path(path)
         recover_swap(path)  # a compile --overwrite killed between its two renames
         if not path.is_dir():
-            raise BundleError(f"bundle {path} not found (expected a directory holding manifest.json)")
+            raise BundleError(f"bundle {path} not found (expected a directory holding {MANIFEST_NAME})")
         manifest, digest = Manifest.read_with_digest(path)
         if expect_digest is not None and _bare(expect_digest) != _bare(digest):
             raise BundleError(f"bundle {path} has digest {digest}, not the expected {expect_digest}; refusing to open "

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from clipfold.runtime.bundle.layout import PROFILES_FILE
 from clipfold.runtime.bundle.schema import Manifest, Variant
 
 from clipfold.errors import BundleError, ClipfoldError
@@ -32,7 +33,6 @@ from clipfold.errors import BundleError, ClipfoldError
 log = logging.getLogger("clipfold.runtime")
 
 AUTO = "auto"
-PROFILES_FILE = "profiles.json"
 FORMAT, VERSION = "clipfold-profiles", 1
 FLAG_PREFIXES = ("avx", "amx", "fma", "f16c", "vnni", "sse4")
 MAX_ROUNDS = 5

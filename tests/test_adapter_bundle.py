@@ -15,7 +15,7 @@ from clipfold.compile.heads.zero_shot import build_zero_shot_head
 from clipfold.compile.pipeline import compile_bundle
 from clipfold.compile.tiny import data
 from clipfold.runtime import Engine
-from clipfold.runtime.bundle.schema import sha256_file
+from clipfold.runtime.bundle.files import sha256_file
 
 from clipfold import errors
 

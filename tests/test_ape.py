@@ -12,7 +12,7 @@ from clipfold.compile.adapters.store import Adapter, Backbone, save_adapter
 from clipfold.compile.config import CompileConfig
 from clipfold.compile.heads.zero_shot import build_zero_shot_head
 from clipfold.compile.pipeline import compile_bundle
-from clipfold.runtime.bundle.schema import sha256_file
+from clipfold.runtime.bundle.files import sha256_file
 
 from clipfold import errors
 

@@ -13,8 +13,9 @@ from clipfold.compile.pipeline import compile_bundle
 from clipfold.compile.precision.config import GateConfig
 from clipfold.compile.profiling.run import ProfileConfig, profile
 from clipfold.runtime import Engine, variant_choice
+from clipfold.runtime.bundle.layout import PROFILES_FILE
 from clipfold.runtime.bundle.schema import Manifest
-from clipfold.runtime.variant_choice import PROFILES_FILE, choose, cpu_signature, read_records, write_record
+from clipfold.runtime.variant_choice import choose, cpu_signature, read_records, write_record
 
 from clipfold import errors
 

@@ -13,7 +13,7 @@ from clipfold.compile.precision.config import GateConfig, QuantConfig
 from clipfold.compile.precision.variants import _Builder
 from clipfold.compile.tiny import data
 from clipfold.compile.tiny.samples import write_background_folder
-from clipfold.runtime.bundle.schema import Gate
+from clipfold.runtime.bundle.agreement import Gate
 
 from clipfold import errors
 

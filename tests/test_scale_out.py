@@ -270,7 +270,8 @@ def _with_plan(tmp_path, profile=None):
 
     from clipfold.compile.config import CompileConfig
     from clipfold.compile.pipeline import compile_bundle
-    from clipfold.runtime.bundle.schema import MANIFEST_NAME, EngineRecord
+    from clipfold.runtime.bundle.layout import MANIFEST_NAME
+    from clipfold.runtime.bundle.schema import EngineRecord
     from clipfold.runtime.bundle.write import checksum_tree
 
     bundle = compile_bundle(CompileConfig(labels=("red circle", "green star", "blue square"), top_k=3,

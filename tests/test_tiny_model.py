@@ -8,7 +8,7 @@ import torch
 from clipfold.compile import tiny
 from clipfold.compile.tiny import data, train
 from clipfold.runtime import Engine
-from clipfold.runtime.bundle.schema import sha256_file
+from clipfold.runtime.bundle.files import sha256_file
 
 
 def _recorded() -> dict:

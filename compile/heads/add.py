@@ -33,7 +33,10 @@ from clipfold.compile.stages.export import HeadGraph, export_head_onnx, head_io_
 from clipfold.compile.stages.load import load_model
 from clipfold.compile.stages.verify import Reference, compare, verification_pixels
 from clipfold.runtime.backends.onnxruntime import OnnxRuntimeBackend
-from clipfold.runtime.bundle.schema import DEFAULT_HEAD, ExtraHead, HeadInfo, HeadParity, Manifest, sha256_file
+from clipfold.runtime.bundle.agreement import HeadParity
+from clipfold.runtime.bundle.files import sha256_file
+from clipfold.runtime.bundle.layout import HEADS_DIR, extra_head_file
+from clipfold.runtime.bundle.schema import DEFAULT_HEAD, ExtraHead, HeadInfo, Manifest
 from clipfold.runtime.bundle.write import update_manifest
 from clipfold.runtime.engine import Engine
 
@@ -143,7 +146,7 @@ def add_head(config: HeadAddConfig, progress: Callable[[str], None] | None = Non
                           f"{manifest.model.embed_dim}-dim ones")
     top_k = min(config.top_k, len(labels))
     specs = head_io_specs(manifest.model.embed_dim, top_k)
-    heads_dir = config.bundle / "heads"
+    heads_dir = config.bundle / HEADS_DIR
     heads_dir.mkdir(exist_ok=True)
     tmp = heads_dir / f".{config.name}.tmp-{os.getpid()}.onnx"
     try:
@@ -153,7 +156,7 @@ def add_head(config: HeadAddConfig, progress: Callable[[str], None] | None = Non
         embeddings = engine.run_pixels(verification_pixels(manifest.preprocess, config.verify))["embedding"]
         parity = _verify(tmp, specs, head, embeddings, config.verify, config.name)
         digest = sha256_file(tmp)
-        rel = f"heads/{config.name}-{digest[:12]}.onnx"
+        rel = extra_head_file(config.name, digest)
         os.replace(tmp, config.bundle / rel)
     finally:
         tmp.unlink(missing_ok=True)

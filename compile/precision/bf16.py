@@ -20,7 +20,8 @@ from pathlib import Path
 import clipfold.compile.precision.gate as gating
 import numpy as np
 from clipfold.compile.precision.config import GateConfig
-from clipfold.runtime.bundle.schema import Gate, Variant
+from clipfold.runtime.bundle.agreement import Gate
+from clipfold.runtime.bundle.schema import Variant
 
 from clipfold.errors import BackendUnavailableError, ClipfoldError, ExportError, GateError
 

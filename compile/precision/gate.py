@@ -26,7 +26,8 @@ from clipfold.compile.tiny import data as tiny_data
 from clipfold.runtime.backends.base import Backend
 from clipfold.runtime.backends.kernel_head import KernelHead, KernelHeadBackend
 from clipfold.runtime.backends.onnxruntime import OnnxRuntimeBackend
-from clipfold.runtime.bundle.schema import Gate, PreprocessSpec, TensorSpec
+from clipfold.runtime.bundle.agreement import Gate
+from clipfold.runtime.bundle.schema import PreprocessSpec, TensorSpec
 from clipfold.runtime.image_folders import IMAGE_SUFFIXES, read_folder
 from clipfold.runtime.images import load_image
 from clipfold.runtime.preprocess import preprocess

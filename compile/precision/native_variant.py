@@ -15,12 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from clipfold.kernels.vit.tower import VitWeights
-from clipfold.runtime.backends.native import HEAD_FILE
+from clipfold.runtime.bundle.layout import NATIVE_DIR, NATIVE_HEAD_FILE
 from torch import nn
 
 from clipfold.errors import ExportError
 
-NATIVE_DIR = "native"
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -201,7 +200,7 @@ def build_native_variant(visual: nn.Module, head, stage: Path, inputs, outputs, 
     weights.save(folder)
     embed_dim = weights.config["out_dim"]
     if kernel_head is None:
-        export_head_onnx(HeadGraph(head, top_k), folder / HEAD_FILE, embed_dim, opset)
+        export_head_onnx(HeadGraph(head, top_k), folder / NATIVE_HEAD_FILE, embed_dim, opset)
     backend = NativeBackend(folder, inputs, outputs)
     if kernel_head is not None:
         backend = KernelHeadBackend(backend, kernel_head)

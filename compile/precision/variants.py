@@ -33,7 +33,9 @@ from clipfold.compile.precision.config import CALIBRATED, PRECISIONS, GateConfig
 from clipfold.compile.stages.verify import Reference, compare
 from clipfold.compile.tensorrt.build import check_tensorrt_graph
 from clipfold.runtime.backends.kernel_head import KernelHead
-from clipfold.runtime.bundle.schema import Gate, PreprocessSpec, TensorSpec, Variant
+from clipfold.runtime.bundle.agreement import Gate
+from clipfold.runtime.bundle.layout import variant_file
+from clipfold.runtime.bundle.schema import PreprocessSpec, TensorSpec, Variant
 from clipfold.runtime.image_folders import read_folder
 
 from clipfold.errors import BackendUnavailableError, ClipfoldError, ExportError, GateError
@@ -51,10 +53,6 @@ class Sources:
     outputs: tuple[TensorSpec, ...]
     top_k: int
     head: KernelHead | None = None  # the head scored by the top-k kernel, when it is not in the graph
-
-
-def variant_file(precision: str) -> str:
-    return f"model.{precision}.onnx"
 
 
 def check_early(precisions: Sequence[str], quant: QuantConfig, gate_cfg: GateConfig) -> None:

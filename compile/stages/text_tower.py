@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from clipfold.compile.heads.zero_shot import _encode_cut, causal_text
 from clipfold.compile.precision.gate import embedding_failures, row_cosine
 from clipfold.compile.stages.tokenizer import LocalHFTokenizer
-from clipfold.runtime.bundle.schema import TextGate, TextParity, TextTower, TextVariant
+from clipfold.runtime.bundle.agreement import TextGate, TextParity
+from clipfold.runtime.bundle.layout import TEXT_FILE, TOKENIZER_FILE, text_variant_file
+from clipfold.runtime.bundle.schema import TextTower, TextVariant
 
 from clipfold.errors import ConfigError, ExportError, GateError, VerificationError
 
-TEXT_FILE = "text.onnx"
-TOKENIZER_FILE = "tokenizer.json"
 # Strings the verification adds to the label prompts: empty, unicode, emoji, HTML, over-long.
 # The text gate's held-out prompts: each label in phrasings unlike the verification prompts.
 GATE_PHRASES = ("{}", "a {}.", "there is a {} in the picture", "a close-up of the {}, seen from above",
@@ -158,10 +158,6 @@ def _verify(loaded, stage: Path, tower: TextTower, texts: list[str], min_cosine:
                                 f"{parity.embedding_cosine_min:.7f} < {min_cosine} (max abs diff {diff:.3g})",
                                 [f"text: min cosine {parity.embedding_cosine_min:.7f}"])
     return TextTower(**{**tower.__dict__, "parity": parity})
-
-
-def text_variant_file(precision: str) -> str:
-    return f"text.{precision}.onnx"
 
 
 def build_text_variants(stage: Path, tower: TextTower, precisions: Sequence[str], labels: Sequence[str], quant,

@@ -21,7 +21,8 @@ from clipfold.compile.precision.gate import row_cosine
 from clipfold.compile.tiny import data as tiny_data
 from clipfold.runtime.backends.kernel_head import KernelHead, KernelHeadBackend
 from clipfold.runtime.backends.onnxruntime import OnnxRuntimeBackend
-from clipfold.runtime.bundle.schema import Parity, PreprocessSpec, TensorSpec
+from clipfold.runtime.bundle.agreement import Parity
+from clipfold.runtime.bundle.schema import PreprocessSpec, TensorSpec
 from clipfold.runtime.preprocess import preprocess
 
 from clipfold.errors import VerificationError

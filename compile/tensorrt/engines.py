@@ -25,7 +25,9 @@ from clipfold.compile.precision.config import GateConfig
 from clipfold.compile.tensorrt.build import BatchProfile, build_engine, gpu_identity
 from clipfold.runtime import Engine
 from clipfold.runtime.backends.kernel_head import KernelHead, KernelHeadBackend
-from clipfold.runtime.bundle.schema import EngineRecord, sha256_file
+from clipfold.runtime.bundle.files import sha256_file
+from clipfold.runtime.bundle.layout import engine_files
+from clipfold.runtime.bundle.schema import EngineRecord
 from clipfold.runtime.bundle.write import update_manifest
 
 from clipfold.errors import BundleError, ConfigError, GateError
@@ -94,7 +96,7 @@ def build_engines(cfg: EngineBuildConfig, progress: Callable[[str], None] | None
             info = build_engine(cfg.bundle / variant.file, staged[0], old_cache, variant.inputs[0].name,
                                 manifest.preprocess.image_size, cfg.profile, cfg.workspace_gib, say, cache_out=staged[1])
             digests = [sha256_file(path) for path in staged]
-            plan, cache = f"{stem}.{tag}.{digests[0][:12]}.plan", f"{stem}.{tag}.{digests[1][:12]}.timing-cache"
+            plan, cache = engine_files(variant.file, tag, *digests)
             fields = {f.name for f in dataclasses.fields(EngineRecord)}
             record = EngineRecord(**{k: v for k, v in {**info, "file": plan, "timing_cache": cache}.items() if k in fields})
             backend = TensorRTBackend(staged[0], variant.inputs, variant.outputs, record)

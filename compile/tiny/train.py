@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    from clipfold.runtime.bundle.schema import sha256_file
+    from clipfold.runtime.bundle.files import sha256_file
     from safetensors.torch import save_file
 
     torch.set_num_threads(args.threads)

@@ -353,7 +353,7 @@ def _check_onnx(model_dir: Path, config, problems: list[str]) -> None:
 
 def _check_plan(root: Path, model_dir: Path, config, problems: list[str]) -> None:
     """A plan is checked against the tensors of the ONNX graph it was built from (kept in the marker)."""
-    from clipfold.runtime.bundle.schema import sha256_file
+    from clipfold.runtime.bundle.files import sha256_file
 
     marker = root / MARKER
     plan = json.loads(marker.read_text(encoding="utf-8")).get("plan") if marker.is_file() else None

@@ -22,18 +22,10 @@ from typing import Mapping
 import numpy as np
 from clipfold.kernels import Gallery, topk_similarity
 from clipfold.runtime.backends.base import Backend
+from clipfold.runtime.bundle.layout import row_width
 from clipfold.runtime.bundle.schema import TensorSpec
 
 from clipfold.errors import BundleError
-
-KERNEL_HEAD_DIR = "head"
-ROW_FLOATS = 16  # rows are padded to 64 bytes
-
-
-def row_width(dim: int) -> int:
-    """Floats per head row for ``dim``-dim embeddings: the weights, the bias, zeros to 16."""
-    return -(-(dim + 1) // ROW_FLOATS) * ROW_FLOATS
-
 
 class KernelHead:
     """Open a head folder and turn unit embeddings into top-k scores and indices."""

@@ -17,12 +17,10 @@ import numpy as np
 from clipfold.kernels.vit.tower import VitTower, VitWeights
 from clipfold.runtime.backends.base import Backend
 from clipfold.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from clipfold.runtime.bundle.layout import NATIVE_HEAD_FILE
 from clipfold.runtime.bundle.schema import TensorSpec
 
 from clipfold.errors import BundleError
-
-HEAD_FILE = "head.onnx"
-
 
 class NativeBackend(Backend):
     """``threads``: the kernel's (default: every usable core). ``spin`` changes nothing: the
@@ -45,9 +43,9 @@ class NativeBackend(Backend):
         if names & {"scores", "indices"}:
             head_inputs = (TensorSpec("embedding", "float32", ("batch", self.tower.weights.config["out_dim"])),)
             head_outputs = tuple(s for s in self.outputs if s.name in ("scores", "indices"))
-            if not (self.path / HEAD_FILE).is_file():
-                raise BundleError(f"the native variant's head {self.path / HEAD_FILE} is missing")
-            self.head = OnnxRuntimeBackend(self.path / HEAD_FILE, head_inputs, head_outputs, threads=1, spin=False)
+            if not (self.path / NATIVE_HEAD_FILE).is_file():
+                raise BundleError(f"the native variant's head {self.path / NATIVE_HEAD_FILE} is missing")
+            self.head = OnnxRuntimeBackend(self.path / NATIVE_HEAD_FILE, head_inputs, head_outputs, threads=1, spin=False)
 
     def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         embedding = self.tower.embed(inputs["pixels"])

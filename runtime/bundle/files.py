@@ -42,7 +42,8 @@ def contained(bundle: Path, rel: str) -> Path:
     return path
 
 
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The hex sha256 of a file's bytes (what a manifest's ``files`` records)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
@@ -58,7 +59,7 @@ def verified(bundle: Path, rel: str, files: Mapping[str, str]) -> Path:
     path = contained(bundle, rel)
     if not path.is_file():
         raise ChecksumError(f"bundle {bundle} is missing {rel}, listed in its manifest")
-    actual = sha256_of(path)
+    actual = sha256_file(path)
     if actual != files[rel]:
         raise ChecksumError(
             f"bundle file {rel} in {bundle} is corrupt or was modified: sha256 {actual[:16]}... "

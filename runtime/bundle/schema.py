@@ -1,8 +1,10 @@
 """The bundle manifest: the only contract between ``clipfold.compile`` and ``clipfold.runtime``.
 
-compile writes a :class:`Manifest` as ``manifest.json``; the runtime reads it and nothing else.
-Every section is a small frozen dataclass validated on construction, serialised with plain JSON
-types. A manifest whose ``schema_version`` is newer than :data:`SCHEMA_VERSION` is refused.
+compile writes a :class:`Manifest` as ``manifest.json`` (runtime/bundle/write.py); the runtime reads it
+(:meth:`Manifest.read`) and nothing else. Every section is a small frozen dataclass validated on
+construction, serialised with plain JSON types; the parity and gate sections are in
+runtime/bundle/agreement.py, the file names in runtime/bundle/layout.py. A manifest whose
+``schema_version`` is newer than :data:`SCHEMA_VERSION` is refused.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clipfold.runtime.bundle.agreement import Gate, HeadParity, Parity, TextGate, TextParity
 from clipfold.runtime.bundle.files import check_relative
+from clipfold.runtime.bundle.layout import GALLERY_FILE, MANIFEST_NAME, native_files
 
 from clipfold.errors import BundleError, SchemaVersionError
 
@@ -24,7 +28,6 @@ SCHEMA_VERSION = 8  # 2: optional extra heads; 3: variants carry backends, quant
 # 7: a variant may be a clipfold-vit folder (fp32-native); 8: the text tower names its tokenizer kind and cleanup
 # (TextTower.tokenizer_kind, .clean: SigLIP's Hugging Face tokenizer)
 DEFAULT_HEAD = "default"  # the head fused into the variants
-MANIFEST_NAME = "manifest.json"
 
 RESIZE_MODES = ("shortest", "longest", "squash")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
@@ -81,44 +84,6 @@ class TensorSpec:
         _check(self.dtype in DTYPES, f"tensor {self.name!r} has unknown dtype {self.dtype!r}")
 
 
-@dataclass(frozen=True)
-class Parity:
-    """Agreement of an artifact with the eager open_clip reference, measured before writing."""
-
-    images: int
-    embedding_cosine_min: float
-    embedding_cosine_mean: float
-    topk_agreement: float  # fraction of images whose top-k matches (ties allowed)
-    top1_agreement: float
-    max_abs_score_diff: float
-
-
-@dataclass(frozen=True)
-class Gate:
-    """A reduced-precision variant measured against the bundle's fp32 variant on held-out images.
-
-    ``accuracy`` and ``reference_accuracy`` are top-1 on labelled images (``None`` without labels);
-    ``top5_overlap`` compares the first min(5, top_k) indices;
-    ``thresholds`` are the limits it was held to, ``kept_float`` the quantizable nodes the
-    sensitivity search returned to float. ``selection`` (optional) records which images made the
-    choices (calibration, the search) and which judged the result (the gate): they do not overlap.
-    """
-
-    reference: str
-    images: int
-    source: str
-    embedding_cosine_min: float
-    embedding_cosine_mean: float
-    top1_agreement: float
-    top5_overlap: float
-    accuracy: float | None
-    reference_accuracy: float | None
-    thresholds: dict[str, float]
-    kept_float: tuple[str, ...] = ()
-    selection: dict[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "kept_float", tuple(self.kept_float))
 
 
 @dataclass(frozen=True)
@@ -188,8 +153,7 @@ class Variant:
     def stored_files(self) -> tuple[str, ...]:
         """The bundle files the variant cannot run without (a clipfold-vit folder's weights)."""
         if self.format == "clipfold-vit":  # the head graph too, when the head is not the top-k kernel's
-            head = (f"{self.file}/head.onnx",) if any(o.name == "scores" for o in self.outputs) else ()
-            return (f"{self.file}/vit.json", f"{self.file}/vit.bin", *head)
+            return native_files(self.file, with_head=any(o.name == "scores" for o in self.outputs))
         return (self.file,)
 
 
@@ -225,15 +189,6 @@ class HeadInfo:
                f"head.activation {self.activation!r} is not one of {ACTIVATIONS}")
 
 
-@dataclass(frozen=True)
-class HeadParity:
-    """Agreement of an extra head's graph with its unfolded formula, on the bundle's own embeddings."""
-
-    images: int
-    topk_agreement: float
-    top1_agreement: float
-    max_abs_score_diff: float
-
 
 @dataclass(frozen=True)
 class ExtraHead:
@@ -261,24 +216,6 @@ class ExtraHead:
         _check(1 <= self.top_k <= len(self.labels), f"head {self.name!r} has top_k {self.top_k} out of range")
 
 
-@dataclass(frozen=True)
-class TextParity:
-    """Agreement of the text graph (and the bundled tokenizer) with open_clip's encode_text."""
-
-    prompts: int
-    embedding_cosine_min: float
-    max_abs_diff: float
-
-
-@dataclass(frozen=True)
-class TextGate:
-    """A reduced-precision text graph against the fp32 text graph on held-out prompts."""
-
-    prompts: int
-    embedding_cosine_min: float
-    embedding_cosine_mean: float
-    top1_agreement: float  # the nearest label (by fp32 label embeddings) is the same as fp32's
-    thresholds: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -389,7 +326,7 @@ class Manifest:
         if self.head.kernel is not None:
             _check(self.head.kernel.replace("-", "").replace("_", "").isalnum(),
                    f"kernel head folder {self.head.kernel!r} must be a plain folder name inside the bundle")
-            _check(f"{self.head.kernel}/gallery.json" in self.files,
+            _check(f"{self.head.kernel}/{GALLERY_FILE}" in self.files,
                    f"kernel head folder {self.head.kernel!r} has no checksummed gallery.json in files")
 
     def extra_head(self, name: str) -> ExtraHead:
@@ -472,11 +409,3 @@ def _coerce(cls: type, value: Any) -> Any:
         return cls(**value)
     except TypeError as exc:
         raise BundleError(f"invalid manifest: {cls.__name__}: {exc}") from None
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

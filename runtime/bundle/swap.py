@@ -18,6 +18,10 @@ import os
 import shutil
 from pathlib import Path
 
+from clipfold.runtime.bundle.files import verify_files
+from clipfold.runtime.bundle.layout import MANIFEST_NAME, old_dir, partial_dir, pid_of
+from clipfold.runtime.bundle.schema import Manifest
+
 from clipfold.errors import BundleError, ClipfoldError
 
 
@@ -32,9 +36,6 @@ def pid_alive(pid: int) -> bool:
 
 
 def _complete(stage: Path) -> bool:
-    from clipfold.runtime.bundle.files import verify_files
-    from clipfold.runtime.bundle.schema import MANIFEST_NAME, Manifest
-
     if not (stage / MANIFEST_NAME).is_file():
         return False
     try:
@@ -59,11 +60,11 @@ def recover_swap(target: str | Path) -> str | None:
     parent, done = target.parent, None
     if not parent.is_dir():
         return None
-    for old in sorted(parent.glob(f".{target.name}.old-*")):
-        pid = old.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or pid_alive(int(pid)):
+    for old in sorted(parent.glob(old_dir(target, "*").name)):
+        pid = pid_of(old)
+        if pid is None or pid_alive(pid):
             continue  # not ours to touch: a replacement still in progress
-        stage = parent / f".{target.name}.partial-{pid}"
+        stage = partial_dir(target, pid)
         try:
             if target.exists():
                 shutil.rmtree(old)

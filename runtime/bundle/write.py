@@ -23,7 +23,9 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
-from clipfold.runtime.bundle.schema import MANIFEST_NAME, Manifest, sha256_file
+from clipfold.runtime.bundle.files import sha256_file
+from clipfold.runtime.bundle.layout import MANIFEST_NAME, old_dir, partial_dir, pid_of
+from clipfold.runtime.bundle.schema import Manifest
 from clipfold.runtime.bundle.swap import fsync_dir, pid_alive, recover_swap
 
 from clipfold.errors import BundleError
@@ -47,9 +49,9 @@ def _fsync_tree(root: Path) -> None:
 
 
 def _remove_dead_partials(target: Path) -> None:
-    for partial in target.parent.glob(f".{target.name}.partial-*"):
-        pid = partial.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not pid_alive(int(pid)):
+    for partial in target.parent.glob(partial_dir(target, "*").name):
+        pid = pid_of(partial)
+        if pid is not None and not pid_alive(pid):
             shutil.rmtree(partial, ignore_errors=True)
 
 
@@ -70,7 +72,7 @@ def staging_dir(target: Path, overwrite: bool) -> Iterator[Path]:
     except OSError as exc:
         raise BundleError(f"cannot create {target.parent}: {exc}") from None
     _remove_dead_partials(target)
-    stage = target.parent / f".{target.name}.partial-{os.getpid()}"
+    stage = partial_dir(target, os.getpid())
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     try:
@@ -94,7 +96,7 @@ def replace_dir(stage: Path, target: Path) -> None:
         # rename() cannot replace a non-empty directory: move the old one aside first. Between
         # the two renames the target is briefly absent; if the second fails, the old one goes back.
         # A kill between them is repaired by recover_swap on the next compile or Engine.open.
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        old = old_dir(target, os.getpid())
         os.rename(target, old)
         try:
             os.rename(stage, target)

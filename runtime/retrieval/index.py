@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import numpy as np
 from clipfold.kernels import STORAGES, Gallery, topk_similarity
 from clipfold.kernels.topk.gallery import read_json, write_json
-from clipfold.runtime.bundle.schema import sha256_file
+from clipfold.runtime.bundle.files import sha256_file
 from clipfold.runtime.image_folders import IMAGE_SUFFIXES
 
 from clipfold.errors import BundleError, ChecksumError, ConfigError, ImageError
