@@ -125,7 +125,7 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def main(argv=None) -> int:
+def _parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=None, help="gallery rows (10,000,000; --small: 2,048)")
     parser.add_argument("--dim", type=int, default=None, help="row width (512; --small: 32)")
@@ -135,91 +135,85 @@ def main(argv=None) -> int:
     parser.add_argument("--large", type=int, default=None, help="the compute-bound batch (1,024; --small: 128)")
     parser.add_argument("--small", action="store_true", help="toy sizes; under the interpreter without a GPU")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/triton-topk-<device>.json)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    import torch
 
-    if not torch.cuda.is_available():
-        if not args.small:
-            print("no CUDA device: run with --small for a crash check under the interpreter", file=sys.stderr)
-            return 2
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel is first defined
-    from clipfold.compile.profiling.run import machine
-    from clipfold.kernels.topk.triton_launcher import plan, topk_similarity_triton
+def _sizes(args) -> dict:
+    """The run's sizes: the flags, or their defaults (toy ones with ``--small``)."""
+    return {"rows": args.rows or (2048 if args.small else 10_000_000), "dim": args.dim or (32 if args.small else 512),
+            "batches": args.queries or [1, 16, 64], "large": args.large or (128 if args.small else 1024),
+            "reps": 3 if args.small else 20}
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = args.rows or (2048 if args.small else 10_000_000)
-    dim = args.dim or (32 if args.small else 512)
-    batches = args.queries or [1, 16, 64]
-    large = args.large or (128 if args.small else 1024)
-    reps = 3 if args.small else 20
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}[args.dtype]
-    run = _timer(torch, device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-interpreter"
 
-    gallery = _gallery(torch, rows, dim, dtype, device)
+def _bandwidth_bound(torch, topk, plan, run, gallery, batches, k, reps, bandwidth, gen) -> list[dict]:
+    """2. One query tile reads the gallery once: time, GB/s and fraction of the measured bandwidth per Q."""
+    rows, dim = gallery.shape
     gallery_bytes = gallery.numel() * gallery.element_size()
-    bandwidth = _bandwidth(torch, gallery, run, reps)
-    gen = torch.Generator(device=device).manual_seed(1)
-    result = {
-        "device": name,
-        "capability": list(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None,
-        "torch": torch.__version__, "triton": metadata.version("triton"), "machine": machine(),
-        "config": {"rows": rows, "dim": dim, "k": args.k, "dtype": args.dtype, "small": args.small},
-        "bandwidth": bandwidth, "bandwidth_bound": [], "targets": {},
-    }
-
-    # 2. Bandwidth-bound: one query tile reads the gallery once.
+    out = []
     for n in batches:
-        q = torch.randn((n, dim), generator=gen, device=device)
-        samples = run(lambda: topk_similarity_triton(q, gallery, args.k), reps)
-        stats = _summary(samples)
+        q = torch.randn((n, dim), generator=gen, device=gallery.device)
+        stats = _summary(run(lambda: topk(q, gallery, k), reps))
         gbps = gallery_bytes / (stats["median_ms"] / 1e3) / 1e9
-        scores, _ = topk_similarity_triton(q, gallery, args.k)
-        result["bandwidth_bound"].append({
+        scores, _ = topk(q, gallery, k)
+        out.append({
             "queries": n, **stats, "GBps": gbps, "fraction_of_bandwidth": gbps / bandwidth["GBps"],
-            "launch": plan(n, rows, dim, args.k, device=device),
-            "max_score_error": _reference_check(torch, q, gallery, args.k, scores),
+            "launch": plan(n, rows, dim, k, device=gallery.device),
+            "max_score_error": _reference_check(torch, q, gallery, k, scores),
         })
+    return out
 
-    # 3. Compute-bound: a few tile shapes for the kernel, against torch.mm + torch.topk.
-    q = torch.randn((large, dim), generator=gen, device=device)
+
+def _tile_shapes(topk, run, q, gallery, k, reps, small) -> list[dict]:
+    """The kernel at a few tile shapes; one that does not compile or fit is reported, not fatal."""
     configs = [{}, {"block_q": 64, "block_n": 64}, {"block_q": 128, "block_n": 64}, {"block_q": 128, "block_n": 128}]
-    if args.small:
-        configs = configs[:2]
     tried = []
-    for config in configs:
+    for config in configs[:2] if small else configs:
         try:
-            stats = _summary(run(lambda: topk_similarity_triton(q, gallery, args.k, **config), max(3, reps // 4)))
+            stats = _summary(run(lambda: topk(q, gallery, k, **config), max(3, reps // 4)))
         except Exception as exc:  # a tile shape that does not compile or fit: reported, not fatal
             tried.append({"config": config, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
             continue
         tried.append({"config": config, **stats})
-    timed = [t for t in tried if "median_ms" in t]
-    best = min(timed, key=lambda t: t["median_ms"])
-    scores, _ = topk_similarity_triton(q, gallery, args.k, **best["config"])
-    mm_dtype = torch.float16 if dtype == torch.float8_e4m3fn else dtype
-    q_mm, g_mm = q.to(mm_dtype), gallery if dtype != torch.float8_e4m3fn else gallery.to(torch.float16)
-    chunk = _baseline_chunk(torch, large, rows, mm_dtype, device)
-    torch_stats = _summary(run(lambda: _torch_topk(torch, q_mm, g_mm, args.k, chunk), max(3, reps // 4)))
-    torch_scores, _ = _torch_topk(torch, q_mm, g_mm, args.k, chunk)
-    result["compute_bound"] = {
+    return tried
+
+
+def _compute_bound(torch, topk, run, gallery, large, k, reps, small, gen) -> dict:
+    """3. A large query batch: the best tile shape against torch.mm + torch.topk."""
+    rows, dim = gallery.shape
+    q = torch.randn((large, dim), generator=gen, device=gallery.device)
+    tried = _tile_shapes(topk, run, q, gallery, k, reps, small)
+    best = min((t for t in tried if "median_ms" in t), key=lambda t: t["median_ms"])
+    scores, _ = topk(q, gallery, k, **best["config"])
+    fp8 = gallery.dtype == torch.float8_e4m3fn
+    mm_dtype = torch.float16 if fp8 else gallery.dtype
+    q_mm, g_mm = q.to(mm_dtype), gallery.to(torch.float16) if fp8 else gallery
+    chunk = _baseline_chunk(torch, large, rows, mm_dtype, gallery.device)
+    torch_stats = _summary(run(lambda: _torch_topk(torch, q_mm, g_mm, k, chunk), max(3, reps // 4)))
+    torch_scores, _ = _torch_topk(torch, q_mm, g_mm, k, chunk)
+    return {
         "queries": large, "triton_configs": tried, "triton_best": best, "torch_mm_topk": torch_stats,
         "torch_chunk_rows": chunk, "speedup": torch_stats["median_ms"] / best["median_ms"],
         "tflops": 2 * large * rows * dim / (best["median_ms"] / 1e3) / 1e12,
-        "max_score_error": _reference_check(torch, q, gallery, args.k, scores),
+        "max_score_error": _reference_check(torch, q, gallery, k, scores),
         # torch's scores are rounded to the gallery's dtype, so this one is looser
         "max_score_difference_vs_torch": float((torch_scores - scores).abs().max()),
     }
-    result["targets"] = {
+
+
+def _targets(result: dict, batches, large) -> dict:
+    return {
         f"Q<={max(batches)} at >= {BANDWIDTH_TARGET:.0%} of measured bandwidth":
             all(r["fraction_of_bandwidth"] >= BANDWIDTH_TARGET for r in result["bandwidth_bound"]),
         f"Q={large} >= {SPEEDUP_TARGET:g}x torch.mm + torch.topk":
             result["compute_bound"]["speedup"] >= SPEEDUP_TARGET,
     }
 
-    print(f"{name}: {rows:,} x {dim} {args.dtype}, k = {args.k}; gallery {gallery_bytes / 1e9:.3g} GB; measured "
-          f"bandwidth {bandwidth['GBps']:.4g} GB/s ({', '.join(f'{k} {v:.4g}' for k, v in bandwidth.items() if k != 'GBps')})")
+
+def _report(result: dict, gallery_bytes: int) -> None:
+    cfg, bandwidth, large = result["config"], result["bandwidth"], result["compute_bound"]["queries"]
+    print(f"{result['device']}: {cfg['rows']:,} x {cfg['dim']} {cfg['dtype']}, k = {cfg['k']}; gallery "
+          f"{gallery_bytes / 1e9:.3g} GB; measured bandwidth {bandwidth['GBps']:.4g} GB/s "
+          f"({', '.join(f'{k} {v:.4g}' for k, v in bandwidth.items() if k != 'GBps')})")
     print(f"{'Q':>6} {'median ms':>10} {'IQR ms':>8} {'GB/s':>8} {'% bw':>6} {'max |err|':>10}")
     for r in result["bandwidth_bound"]:
         print(f"{r['queries']:>6} {r['median_ms']:>10.3f} {r['iqr_ms']:>8.3f} {r['GBps']:>8.4g} "
@@ -234,6 +228,44 @@ def main(argv=None) -> int:
           f"{c['speedup']:.2f}x, {c['tflops']:.1f} TFLOP/s, max |err| {c['max_score_error']:.2e}")
     for target, ok in result["targets"].items():
         print(f"target {target}: {'met' if ok else 'MISSED'}")
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        if not args.small:
+            print("no CUDA device: run with --small for a crash check under the interpreter", file=sys.stderr)
+            return 2
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel is first defined
+    from clipfold.compile.profiling.run import machine
+    from clipfold.kernels.topk.triton_launcher import plan, topk_similarity_triton
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    n = _sizes(args)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}[args.dtype]
+    run = _timer(torch, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-interpreter"
+
+    gallery = _gallery(torch, n["rows"], n["dim"], dtype, device)
+    bandwidth = _bandwidth(torch, gallery, run, n["reps"])  # 1.
+    gen = torch.Generator(device=device).manual_seed(1)
+    result = {
+        "device": name,
+        "capability": list(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None,
+        "torch": torch.__version__, "triton": metadata.version("triton"), "machine": machine(),
+        "config": {"rows": n["rows"], "dim": n["dim"], "k": args.k, "dtype": args.dtype, "small": args.small},
+        "bandwidth": bandwidth,
+        "bandwidth_bound": _bandwidth_bound(torch, topk_similarity_triton, plan, run, gallery, n["batches"], args.k,
+                                            n["reps"], bandwidth, gen),
+        "targets": {},  # filled in below: the key keeps its place in the JSON
+        "compute_bound": _compute_bound(torch, topk_similarity_triton, run, gallery, n["large"], args.k, n["reps"],
+                                        args.small, gen),
+    }
+    result["targets"] = _targets(result, n["batches"], n["large"])
+    _report(result, gallery.numel() * gallery.element_size())
 
     out = args.out or (None if args.small else RESULTS / f"triton-topk-{_slug(name)}.json")
     if out is not None:

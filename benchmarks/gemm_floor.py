@@ -36,19 +36,13 @@ def _activation(listed: list[list[int]], weight: list[int]) -> list[int]:
     return candidates[0]
 
 
-def gemm_shapes(model: Path, feeds: dict[str, np.ndarray], threads: int | None = None) -> list[tuple[int, int, int]]:
-    """``(M, K, N)`` of every weight multiplication of ``model`` when run on ``feeds``.
+Weights = dict  # node name -> (weight input slot, weight dims, node)
 
-    Raises ``ValueError`` rather than leave out a multiplication it cannot size (a missed GEMM
-    would lower the floor): weight nodes need unique names to be found in the profile, and every
-    profiled node of the kinds above must be either sized here or an activation x activation MatMul.
-    """
-    import onnx
-    import onnxruntime as ort
 
-    graph = onnx.load(str(model), load_external_data=False).graph
+def _weight_nodes(model: Path, graph) -> Weights:
+    """The nodes of ``WEIGHT_OPS`` with a constant operand, by (unique) name."""
     dims = {init.name: list(init.dims) for init in graph.initializer}
-    weights: dict[str, tuple[int, list[int], onnx.NodeProto]] = {}  # node name -> (weight input, dims, node)
+    weights: Weights = {}
     for node in graph.node:
         if node.op_type not in WEIGHT_OPS:
             continue
@@ -60,6 +54,13 @@ def gemm_shapes(model: Path, feeds: dict[str, np.ndarray], threads: int | None =
             raise ValueError(f"{model}: a {node.op_type} node has an empty or repeated name ({node.name!r}); "
                              "the profile could not be matched to it")
         weights[node.name] = (slots[0], dims[node.input[slots[0]]], node)
+    return weights
+
+
+def _profile(model: Path, feeds: dict[str, np.ndarray], threads: int | None) -> list[dict]:
+    """ONNX Runtime's profile events of one run of the graph's own (unoptimized) nodes."""
+    import onnxruntime as ort
+
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()
         options.enable_profiling = True
@@ -69,33 +70,51 @@ def gemm_shapes(model: Path, feeds: dict[str, np.ndarray], threads: int | None =
             options.intra_op_num_threads = threads
         session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
         session.run(None, feeds)
-        events = json.loads(Path(session.end_profiling()).read_text())
-    shapes, seen = [], set()
+        return json.loads(Path(session.end_profiling()).read_text())
+
+
+def _weight_events(events: list[dict]):
+    """(node name, event args) of each profiled kernel run of a ``WEIGHT_OPS`` node."""
     for event in events:
-        name = event.get("name", "").removesuffix("_kernel_time")
         args = event.get("args", {})
-        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time") \
-                or args.get("op_name") not in WEIGHT_OPS:
-            continue
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time") \
+                and args.get("op_name") in WEIGHT_OPS:
+            yield event["name"].removesuffix("_kernel_time"), args
+
+
+def _shape(args: dict, slot: int, w: list[int], node) -> tuple[int, int, int]:
+    """``(M, K, N)`` of one profiled weight node, from its input (and output) shapes."""
+    x = _activation([next(iter(shape.values())) for shape in args["input_type_shape"]], w)
+    if args["op_name"] == "Conv":  # im2col: one row per output position, K = C_in/groups * kernel area
+        out = next(iter(args["output_type_shape"][0].values()))
+        return math.prod(out[:1] + out[2:]), math.prod(w[1:]), w[0]
+    if args["op_name"] == "Gemm":
+        trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0)
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return (x[1] if trans_a else x[0], *((w[1], w[0]) if trans_b else (w[0], w[1])))
+    if slot == 0:  # W @ x: W [M, K], x [..., K, N]
+        return w[-2], w[-1], math.prod(x[:-2]) * x[-1]
+    return math.prod(x[:-1]), w[-2], w[-1]  # x @ W with W [K, N]; Attention's packed QKV weight [D, 3D]
+
+
+def gemm_shapes(model: Path, feeds: dict[str, np.ndarray], threads: int | None = None) -> list[tuple[int, int, int]]:
+    """``(M, K, N)`` of every weight multiplication of ``model`` when run on ``feeds``.
+
+    Raises ``ValueError`` rather than leave out a multiplication it cannot size (a missed GEMM
+    would lower the floor): weight nodes need unique names to be found in the profile, and every
+    profiled node of the kinds above must be either sized here or an activation x activation MatMul.
+    """
+    import onnx
+
+    weights = _weight_nodes(model, onnx.load(str(model), load_external_data=False).graph)
+    shapes, seen = [], set()
+    for name, args in _weight_events(_profile(model, feeds, threads)):
         if name not in weights:
             if args["op_name"] in ("MatMul", "FusedMatMul"):
                 continue  # activation x activation (attention scores): not a weight GEMM
             raise ValueError(f"{model}: {args['op_name']} node {name!r} has no constant weight this floor can size")
-        slot, w, node = weights[name]
         seen.add(name)
-        listed = [next(iter(shape.values())) for shape in args["input_type_shape"]]
-        x = _activation(listed, w)
-        if args["op_name"] == "Conv":  # im2col: one row per output position, K = C_in/groups * kernel area
-            out = next(iter(args["output_type_shape"][0].values()))
-            shapes.append((math.prod(out[:1] + out[2:]), math.prod(w[1:]), w[0]))
-        elif args["op_name"] == "Gemm":
-            trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0)
-            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-            shapes.append((x[1] if trans_a else x[0], *((w[1], w[0]) if trans_b else (w[0], w[1]))))
-        elif slot == 0:  # W @ x: W [M, K], x [..., K, N]
-            shapes.append((w[-2], w[-1], math.prod(x[:-2]) * x[-1]))
-        else:  # x @ W with W [K, N]; Attention's packed QKV weight [D, 3D]
-            shapes.append((math.prod(x[:-1]), w[-2], w[-1]))
+        shapes.append(_shape(args, *weights[name]))
     if missed := set(weights) - seen:
         raise ValueError(f"{model}: weight nodes {sorted(missed)[:5]} did not appear in the profiled run")
     return shapes
