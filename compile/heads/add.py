@@ -23,12 +23,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from clipfold.compile.adapters import registry
-from clipfold.compile.adapters.base import ImportRequest
-from clipfold.compile.adapters.store import load_adapter
 from clipfold.compile.config import VerifyConfig, normalize_labels
 from clipfold.compile.heads.ir import Head
-from clipfold.compile.heads.zero_shot import build_zero_shot_head, resolve_templates
+from clipfold.compile.stages.adapt import plan_head, resolve_head
 from clipfold.compile.stages.export import HeadGraph, export_head_onnx, head_io_specs
 from clipfold.compile.stages.load import load_model
 from clipfold.compile.stages.verify import Reference, compare, verification_pixels
@@ -85,39 +82,20 @@ def _say(progress, message: str) -> None:
 
 
 def _build(config: HeadAddConfig, manifest: Manifest, progress) -> tuple[Head, tuple[str, ...], HeadInfo]:
+    """The head ``config`` asks for (:mod:`~clipfold.compile.stages.adapt`, as ``clipfold compile`` builds it),
+    over the bundle's own backbone: its model is loaded only for a zero-shot or imported head."""
     model_info = manifest.model
-    if config.adapter is not None and config.method is None:
-        adapter = load_adapter(config.adapter)
-        adapter.check_backbone(model_info.name, model_info.checkpoint_sha256)
-        if config.labels is not None and config.labels != adapter.labels:
-            raise ConfigError("the labels differ from the adapter's; omit --labels to use the adapter's")
-        info = HeadInfo(activation=adapter.head.activation, logit_scale=manifest.head.logit_scale, logit_bias=None,
-                        templates=(), method=adapter.head.method,
-                        adapter={"file": Path(config.adapter).name, "sha256": sha256_file(config.adapter),
-                                 "hyperparameters": adapter.hyperparameters})
-        return adapter.head, adapter.labels, info
-    _say(progress, f"loading {model_info.name} for its text tower")
-    loaded = load_model(model_info.name, model_info.pretrained)
-    if loaded.info.checkpoint_sha256 != model_info.checkpoint_sha256:
-        raise CheckpointError(f"the weights of {model_info.name} found now ({model_info.pretrained}) differ from "
-                              "those the bundle was compiled with (checksum mismatch); recompile the bundle")
-    templates = registry.import_templates(config.method, config.templates, model_info.name)
-    if config.method is not None:
-        imported = registry.importer(config.method)(
-            ImportRequest(Path(config.adapter), loaded, config.labels, templates, dict(config.method_options)))
-        if imported.head is None or imported.visual is not None:
-            raise ConfigError(f"{config.method} changes the encoder; compile a new bundle instead")
-        info = HeadInfo(activation=imported.activation, logit_scale=manifest.head.logit_scale, logit_bias=None,
-                        templates=tuple(templates), method=config.method,
-                        adapter={"file": Path(imported.source or config.adapter).name,
-                                 "sha256": sha256_file(imported.source or config.adapter),
-                                 "hyperparameters": imported.hyperparameters, "imported": True,
-                                 "options": dict(config.method_options)})
-        return imported.head, imported.labels, info
-    zero_shot = build_zero_shot_head(loaded.model, loaded.tokenizer, config.labels, templates)
-    info = HeadInfo(activation=zero_shot.activation, logit_scale=zero_shot.logit_scale,
-                    logit_bias=zero_shot.logit_bias, templates=tuple(templates))
-    return zero_shot.to_head(), config.labels, info
+    plan = plan_head(config, model_info.name)
+    loaded = None
+    if plan.needs_model:
+        _say(progress, f"loading {model_info.name} for its text tower")
+        loaded = load_model(model_info.name, model_info.pretrained)
+        if loaded.info.checkpoint_sha256 != model_info.checkpoint_sha256:
+            raise CheckpointError(f"the weights of {model_info.name} found now ({model_info.pretrained}) differ "
+                                  "from those the bundle was compiled with (checksum mismatch); recompile the bundle")
+    adaptation = resolve_head(plan, loaded, (model_info.name, model_info.checkpoint_sha256),
+                              manifest.head.logit_scale, progress, shares_backbone=True)
+    return adaptation.head, adaptation.labels, adaptation.info
 
 
 def _verify(path: Path, graph_specs, head: Head, embeddings, cfg: VerifyConfig, name: str) -> HeadParity:
