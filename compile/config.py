@@ -132,6 +132,17 @@ class CompileConfig:
             raise ConfigError("model name is empty")
 
 
+def generated_images(count: int, seed: int) -> list:
+    """The images compile uses wherever the user gives none: verification (stages/verify.py) and the
+    calibration, search and gate sets (precision/image_sets.py); each passes its own seed. This is the
+    one place that chooses them: the demo model's renders (compile/tiny/data.py, coloured shapes on
+    light, dark, gray and noisy backgrounds; PIL RGB images), real-looking enough to exercise every
+    layer and free of any data set. Deterministic in ``seed``."""
+    from clipfold.compile.tiny import data
+
+    return [sample.image for sample in data.generate(count, seed=seed)]
+
+
 def normalize_labels(labels) -> tuple[str, ...]:
     """Strip labels and refuse empty or duplicate ones, naming them."""
     if isinstance(labels, str):

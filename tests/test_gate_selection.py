@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import clipfold.compile.precision.gate as gating
+import clipfold.compile.precision.image_sets as image_sets
 import numpy as np
 import pytest
 from clipfold.compile.precision.config import GateConfig, QuantConfig
@@ -38,10 +38,10 @@ def test_labelled_gate_data_is_split_and_calibration_images_are_set_apart(spec, 
     shared = sorted(gate_dir.rglob("*.png"))[:2]
     for i, path in enumerate(shared):
         shutil.copy(path, calib_dir / path.parent.name / f"shared{i}.png")
-    calib_files = gating.calibration_paths(QuantConfig(calib=calib_dir))
-    selection = gating.selection_images(spec, LABELS, GateConfig(data=gate_dir), calib_files)
+    calib_files = image_sets.calibration_paths(QuantConfig(calib=calib_dir))
+    selection = image_sets.selection_images(spec, LABELS, GateConfig(data=gate_dir), calib_files)
     search, gate = selection.search, selection.gate
-    calib_rows = _rows(gating._load(calib_files, spec, "calibration"))
+    calib_rows = _rows(image_sets._load(calib_files, spec, "calibration"))
     assert not _rows(search.pixels) & _rows(gate.pixels)
     assert not (_rows(search.pixels) | _rows(gate.pixels)) & calib_rows
     assert len(search.pixels) + len(gate.pixels) == 32 - 2 and selection.record["dropped_overlap"] == 2
@@ -52,8 +52,8 @@ def test_labelled_gate_data_is_split_and_calibration_images_are_set_apart(spec, 
 
 def test_generated_search_gate_and_calibration_images_are_disjoint(spec):
     cfg = GateConfig(images=16)
-    selection = gating.selection_images(spec, LABELS, cfg)
-    calib, _ = gating.calibration_images(spec, QuantConfig(calib_images=16))
+    selection = image_sets.selection_images(spec, LABELS, cfg)
+    calib, _ = image_sets.calibration_images(spec, QuantConfig(calib_images=16))
     assert len(selection.gate.pixels) == 16 and len(selection.search.pixels) == 16
     assert not _rows(selection.search.pixels) & _rows(selection.gate.pixels)
     assert not (_rows(selection.search.pixels) | _rows(selection.gate.pixels)) & _rows(calib)
@@ -62,14 +62,14 @@ def test_generated_search_gate_and_calibration_images_are_disjoint(spec):
 def test_a_separate_search_folder_and_a_gate_of_only_calibration_images(spec, tmp_path):
     gate_dir = write_background_folder(tmp_path / "gate", data.per_background(3, 31))
     search_dir = write_background_folder(tmp_path / "search", data.per_background(2, 32))
-    selection = gating.selection_images(spec, LABELS, GateConfig(data=gate_dir, search_data=search_dir))
+    selection = image_sets.selection_images(spec, LABELS, GateConfig(data=gate_dir, search_data=search_dir))
     assert len(selection.gate.pixels) == 12 and len(selection.search.pixels) == 8  # the whole gate folder judges
     with pytest.raises(errors.ConfigError, match="no image that is not also a calibration or search image"):
-        gating.selection_images(spec, LABELS, GateConfig(data=gate_dir, search_data=search_dir),
-                                gating.calibration_paths(QuantConfig(calib=gate_dir)))
+        image_sets.selection_images(spec, LABELS, GateConfig(data=gate_dir, search_data=search_dir),
+                                    image_sets.calibration_paths(QuantConfig(calib=gate_dir)))
     with pytest.raises(errors.ConfigError, match="has 0 usable image.* once calibration images are set apart"):
-        gating.selection_images(spec, LABELS, GateConfig(data=gate_dir),
-                                gating.calibration_paths(QuantConfig(calib=gate_dir)))
+        image_sets.selection_images(spec, LABELS, GateConfig(data=gate_dir),
+                                    image_sets.calibration_paths(QuantConfig(calib=gate_dir)))
 
 
 def _figures(cosine: float) -> Gate:

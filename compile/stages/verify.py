@@ -16,9 +16,8 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from clipfold.compile.config import VerifyConfig
+from clipfold.compile.config import VerifyConfig, generated_images
 from clipfold.compile.precision.gate import row_cosine
-from clipfold.compile.tiny import data as tiny_data
 from clipfold.runtime.backends.kernel_head import KernelHead, KernelHeadBackend
 from clipfold.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from clipfold.runtime.bundle.agreement import Parity
@@ -36,12 +35,13 @@ class Reference:
 
 
 def verification_pixels(spec: PreprocessSpec, cfg: VerifyConfig) -> np.ndarray:
-    """Uniform noise images plus generated shape images, preprocessed like the runtime does."""
+    """Uniform noise images plus generated images (:func:`~clipfold.compile.config.generated_images`),
+    preprocessed like the runtime does."""
     rng = np.random.default_rng(cfg.seed)
     h, w = spec.image_size
     noise = rng.integers(0, 256, size=(cfg.random_images, 3, h, w), dtype=np.uint8)
-    samples = tiny_data.generate(cfg.generated_images, seed=cfg.seed + 1) if cfg.generated_images else []
-    generated = preprocess([s.image for s in samples], spec) if samples else noise[:0]
+    images = generated_images(cfg.generated_images, cfg.seed + 1) if cfg.generated_images else []
+    generated = preprocess(images, spec) if images else noise[:0]
     return np.concatenate([noise, generated])
 
 
