@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) -m clipfold.compile.tiny.samples --out $(DEMO)
 	$(CLI) compile --labels $(DEMO)/labels.txt --out $(DEMO)/tiny.bundle --overwrite --text
 	$(CLI) inspect $(DEMO)/tiny.bundle
-	$(CLI) classify $(DEMO)/tiny.bundle $(DEMO)/images/*.png --k 3
+	$(CLI) classify $(DEMO)/tiny.bundle $(DEMO)/images/*.png --top-k 3
 	# Few-shot: fit GDA on 12 shots of a task whose names the model rarely saw in training, compare.
 	$(CLI) fit gda --support $(DEMO)/fewshot/support --templates $(DEMO)/fewshot/templates.txt --out $(DEMO)/gda.safetensors
 	$(CLI) compile --labels $(DEMO)/fewshot/labels.txt --templates $(DEMO)/fewshot/templates.txt --out $(DEMO)/zero-shot.bundle --overwrite
@@ -33,16 +33,16 @@ demo: $(STAMP)
 	$(CLI) evaluate $(DEMO)/zero-shot.bundle $(DEMO)/fewshot/test
 	$(CLI) evaluate $(DEMO)/gda.bundle $(DEMO)/fewshot/test
 	# Swappable heads: the same adapter as a second head of the first bundle, no image tower re-exported.
-	$(CLI) head add $(DEMO)/tiny.bundle --name backgrounds --adapter $(DEMO)/gda.safetensors --replace
+	$(CLI) head add $(DEMO)/tiny.bundle --name backgrounds --adapter $(DEMO)/gda.safetensors --overwrite
 	$(CLI) evaluate $(DEMO)/tiny.bundle $(DEMO)/fewshot/test --head backgrounds
 	# Latency vs accuracy of every variant and of open_clip eager on this machine, with the Pareto plot.
 	$(CLI) profile $(DEMO)/gda.bundle --data $(DEMO)/fewshot/test --batch 1,8 --rounds 10 --out $(DEMO)/profile
 	# The profile is recorded in the bundle for this CPU: --variant auto takes the fastest variant from it.
-	$(CLI) classify $(DEMO)/gda.bundle $(DEMO)/images/*.png --k 1 --variant auto
+	$(CLI) classify $(DEMO)/gda.bundle $(DEMO)/images/*.png --top-k 1 --variant auto
 	# Retrieval: index the generated photos with the tiny bundle, then find them by text (no torch at search time).
 	rm -rf $(DEMO)/photos.index
 	$(CLI) index $(DEMO)/tiny.bundle $(DEMO)/photos --out $(DEMO)/photos.index
-	$(CLI) search $(DEMO)/photos.index --text "a green triangle" --k 5
+	$(CLI) search $(DEMO)/photos.index --text "a green triangle" --top-k 5
 	@echo
 	@echo "Serve the demo bundle and its index (HTTP on 8000 with the page, gRPC on 8001), then open http://127.0.0.1:8000/ui :"
 	@echo "  $(CLI) serve $(DEMO)/tiny.bundle --index $(DEMO)/photos.index"
