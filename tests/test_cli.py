@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import json
 import shlex
 import subprocess
 import sys
@@ -135,6 +136,19 @@ def test_the_alias_runs_the_command(capsys, tmp_path):
     assert code != 0 and len(err) == 2
     assert err[0].startswith("note: --k is an old spelling") and err[1].startswith("error: ")
     assert "missing.bundle" in err[1]
+
+
+def test_classify_gives_the_same_answer_by_the_old_and_the_new_spelling(tiny_bundle, tmp_path, capsys):
+    from clipfold.compile.tiny import data
+
+    image = tmp_path / "x.png"
+    data.generate(1, seed=5)[0].image.save(image)
+    assert cli.main(["classify", str(tiny_bundle.path), str(image), "--top-k", "2", "--json"]) == 0
+    new = capsys.readouterr()
+    assert cli.main(["classify", str(tiny_bundle.path), str(image), "--k", "2", "--json"]) == 0
+    old = capsys.readouterr()
+    assert new.err == "" and old.err == "note: --k is an old spelling (kept for one release); use --top-k\n"
+    assert old.out == new.out and len(json.loads(new.out)[0]["predictions"]) == 2
 
 
 def test_defaults_come_from_the_config_dataclasses():
