@@ -64,85 +64,31 @@ def tensorrt_variants(manifest, wanted: tuple[str, ...] = ()) -> list:
 
 def build_engines(cfg: EngineBuildConfig, progress: Callable[[str], None] | None = None):
     """Build, gate and add a plan for every requested variant; returns the new manifest."""
-    from clipfold.runtime.backends.tensorrt import TensorRTBackend
-
     say = progress or (lambda message: None)
     fp32 = Engine.open(cfg.bundle)  # checks the schema and every checksum
     manifest = fp32.manifest
-    targets = tensorrt_variants(manifest, cfg.variants)
+    targets = tensorrt_variants(manifest, cfg.variants)  # before gpu_identity: no TensorRT variant says so first
     here = gpu_identity()
-    if float(here["compute_capability"]) < 8.9:  # TensorRT's FP8 needs Ada or Hopper
-        fp8 = [v.name for v in targets if v.precision == "fp8"]
-        if fp8 and cfg.variants:
-            raise ConfigError(f"{fp8} need FP8 tensor cores (compute capability 8.9 or newer); {here['gpu']} has "
-                              f"{here['compute_capability']}")
-        if fp8:
-            say(f"skipping {fp8}: FP8 needs compute capability 8.9 or newer, {here['gpu']} has {here['compute_capability']}")
-        targets = [v for v in targets if v.precision != "fp8"]
-    tag = f"sm{here['compute_capability'].replace('.', '')}-trt{here['tensorrt']}"
+    targets = _buildable(targets, here, bool(cfg.variants), say)
     held = gating.held_out_images(manifest.preprocess, manifest.labels, cfg.gate)
     reference = fp32.run_pixels(held.pixels)
     built, new_files, written, obsolete = {}, {}, [], []
     try:
         for variant in targets:
-            stem = Path(variant.file).stem
-            # Written under temporary names, then renamed to names holding their sha256, so that no file
-            # the current manifest lists is ever overwritten: a crash before the commit leaves it valid.
-            staged = (cfg.bundle / f".{stem}.plan.tmp-{os.getpid()}", cfg.bundle / f".{stem}.cache.tmp-{os.getpid()}")
+            staged = _staged_paths(cfg.bundle, variant)
             written.extend(staged)
-            old_cache = next((cfg.bundle / e.timing_cache for e in variant.engines
-                              if (e.compute_capability, e.tensorrt) == (here["compute_capability"], here["tensorrt"])),
-                             staged[1])
-            info = build_engine(cfg.bundle / variant.file, staged[0], old_cache, variant.inputs[0].name,
-                                manifest.preprocess.image_size, cfg.profile, cfg.workspace_gib, say, cache_out=staged[1])
-            digests = [sha256_file(path) for path in staged]
-            plan, cache = engine_files(variant.file, tag, *digests)
-            fields = {f.name for f in dataclasses.fields(EngineRecord)}
-            record = EngineRecord(**{k: v for k, v in {**info, "file": plan, "timing_cache": cache}.items() if k in fields})
-            backend = TensorRTBackend(staged[0], variant.inputs, variant.outputs, record)
-            if manifest.head.kernel is not None:  # the head is scored by the top-k kernel after the graph
-                backend = KernelHeadBackend(backend, KernelHead(cfg.bundle / manifest.head.kernel, manifest.head.activation,
-                                                                variant.top_k, len(manifest.labels)))
-            out: dict = {}
-            for lo in range(0, len(held.pixels), cfg.profile.max):
-                for name, value in backend.run({"pixels": held.pixels[lo:lo + cfg.profile.max]}).items():
-                    out.setdefault(name, []).append(value)
-            figures = gating.measure(reference, {k: np.concatenate(v) for k, v in out.items()}, held, cfg.gate)
-            missed = gating.failures(figures, cfg.gate)
-            if missed:
-                raise GateError(f"the TensorRT engine of {variant.name!r} on {here['gpu']} misses the accuracy gate "
-                                f"against fp32 on {figures.images} images ({figures.source}):\n  - "
-                                + "\n  - ".join(missed), missed)
-            del backend  # its device memory, before the next variant's build
+            record, digests = _build_plan(cfg, manifest, variant, here, staged, say)
+            figures = _gate_plan(cfg, manifest, variant, record, staged[0], held, reference, here)
             say(f"  {variant.name} on {here['gpu']}: min cosine {figures.embedding_cosine_min:.5f}, top-1 agreement "
                 f"{figures.top1_agreement:.1%}")
             built[variant.name] = dataclasses.replace(record, gate=figures)
-            for path, name, digest in zip(staged, (plan, cache), digests):
+            for path, name, digest in zip(staged, (record.file, record.timing_cache), digests):
                 os.replace(path, cfg.bundle / name)
                 if name not in manifest.files:  # a byte-identical rebuild keeps its listed name: never remove it
                     written.append(cfg.bundle / name)
                 new_files[name] = digest
-
-        def change(current):
-            # Applied to the manifest as committed now (a head add may have finished meanwhile).
-            variants, files = {v.name: v for v in current.variants}, dict(current.files)
-            for name, record in built.items():
-                if name not in variants:
-                    raise BundleError(f"variant {name!r} left bundle {cfg.bundle} while its engine was built; "
-                                      "build again")
-                variant = variants[name]
-                replaced = [e for e in variant.engines
-                            if (e.compute_capability, e.tensorrt) == (record.compute_capability, record.tensorrt)]
-                for old in replaced:
-                    files.pop(old.file, None)
-                    files.pop(old.timing_cache, None)
-                    obsolete.extend([old.file, old.timing_cache])
-                variants[name] = dataclasses.replace(
-                    variant, engines=tuple(e for e in variant.engines if e not in replaced) + (record,))
-            files.update(new_files)
-            return dataclasses.replace(current, variants=tuple(variants[v.name] for v in current.variants), files=files)
-
-        updated = update_manifest(cfg.bundle, change)  # the commit point, under the bundle's lock
+        # the commit point, under the bundle's lock
+        updated = update_manifest(cfg.bundle, _add_records(cfg.bundle, built, new_files, obsolete))
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
@@ -151,3 +97,93 @@ def build_engines(cfg: EngineBuildConfig, progress: Callable[[str], None] | None
         if name not in updated.files:  # a byte-identical rebuild kept the name: that file is listed again
             (cfg.bundle / name).unlink(missing_ok=True)
     return updated
+
+
+def _buildable(targets: list, here: dict, explicit: bool, say: Callable[[str], None]) -> list:
+    """The targets this GPU can build: TensorRT's FP8 needs Ada or Hopper (compute capability 8.9+).
+    FP8 variants asked for by name are an error on an older GPU; the default list skips them."""
+    if float(here["compute_capability"]) >= 8.9:
+        return targets
+    fp8 = [v.name for v in targets if v.precision == "fp8"]
+    if fp8 and explicit:
+        raise ConfigError(f"{fp8} need FP8 tensor cores (compute capability 8.9 or newer); {here['gpu']} has "
+                          f"{here['compute_capability']}")
+    if fp8:
+        say(f"skipping {fp8}: FP8 needs compute capability 8.9 or newer, {here['gpu']} has {here['compute_capability']}")
+    return [v for v in targets if v.precision != "fp8"]
+
+
+def _staged_paths(bundle: Path, variant) -> tuple[Path, Path]:
+    """Temporary names for the plan and its timing cache. They are renamed to names holding their
+    sha256 once gated, so that no file the current manifest lists is ever overwritten: a crash
+    before the commit leaves the bundle valid."""
+    stem = Path(variant.file).stem
+    return bundle / f".{stem}.plan.tmp-{os.getpid()}", bundle / f".{stem}.cache.tmp-{os.getpid()}"
+
+
+def _same_build(record, compute_capability: str, tensorrt: str) -> bool:
+    """A plan built on a GPU of this compute capability by this TensorRT version (the pair that ties a plan)."""
+    return (record.compute_capability, record.tensorrt) == (compute_capability, tensorrt)
+
+
+def _build_plan(cfg: EngineBuildConfig, manifest, variant, here: dict, staged: tuple[Path, Path],
+                say: Callable[[str], None]) -> tuple[EngineRecord, list[str]]:
+    """Build the plan into ``staged``, reusing this GPU's earlier timing cache; returns its record,
+    which names the final, content-addressed file names, and the two files' sha256."""
+    old_cache = next((cfg.bundle / e.timing_cache for e in variant.engines
+                      if _same_build(e, here["compute_capability"], here["tensorrt"])), staged[1])
+    info = build_engine(cfg.bundle / variant.file, staged[0], old_cache, variant.inputs[0].name,
+                        manifest.preprocess.image_size, cfg.profile, cfg.workspace_gib, say, cache_out=staged[1])
+    tag = f"sm{here['compute_capability'].replace('.', '')}-trt{here['tensorrt']}"
+    digests = [sha256_file(path) for path in staged]
+    plan, cache = engine_files(variant.file, tag, *digests)
+    fields = {f.name for f in dataclasses.fields(EngineRecord)}
+    record = EngineRecord(**{k: v for k, v in {**info, "file": plan, "timing_cache": cache}.items() if k in fields})
+    return record, digests
+
+
+def _gate_plan(cfg: EngineBuildConfig, manifest, variant, record: EngineRecord, plan: Path, held, reference,
+               here: dict):
+    """Run the plan on the held-out gate images in profile-sized batches and gate it against fp32."""
+    from clipfold.runtime.backends.tensorrt import TensorRTBackend
+
+    backend = TensorRTBackend(plan, variant.inputs, variant.outputs, record)
+    if manifest.head.kernel is not None:  # the head is scored by the top-k kernel after the graph
+        backend = KernelHeadBackend(backend, KernelHead(cfg.bundle / manifest.head.kernel, manifest.head.activation,
+                                                        variant.top_k, len(manifest.labels)))
+    out: dict = {}
+    for lo in range(0, len(held.pixels), cfg.profile.max):
+        for name, value in backend.run({"pixels": held.pixels[lo:lo + cfg.profile.max]}).items():
+            out.setdefault(name, []).append(value)
+    del backend  # its device memory, before the next variant's build
+    figures = gating.measure(reference, {k: np.concatenate(v) for k, v in out.items()}, held, cfg.gate)
+    missed = gating.failures(figures, cfg.gate)
+    if missed:
+        raise GateError(f"the TensorRT engine of {variant.name!r} on {here['gpu']} misses the accuracy gate "
+                        f"against fp32 on {figures.images} images ({figures.source}):\n  - "
+                        + "\n  - ".join(missed), missed)
+    return figures
+
+
+def _add_records(bundle: Path, built: dict, new_files: dict, obsolete: list) -> Callable:
+    """The manifest change that adds the gated records, replacing each variant's plan for the same
+    GPU and TensorRT version (whose files it appends to ``obsolete``). It is applied to the manifest
+    as committed at that moment (a head add may have finished meanwhile)."""
+
+    def change(current):
+        variants, files = {v.name: v for v in current.variants}, dict(current.files)
+        for name, record in built.items():
+            if name not in variants:
+                raise BundleError(f"variant {name!r} left bundle {bundle} while its engine was built; build again")
+            variant = variants[name]
+            replaced = [e for e in variant.engines if _same_build(e, record.compute_capability, record.tensorrt)]
+            for old in replaced:
+                files.pop(old.file, None)
+                files.pop(old.timing_cache, None)
+                obsolete.extend([old.file, old.timing_cache])
+            variants[name] = dataclasses.replace(
+                variant, engines=tuple(e for e in variant.engines if e not in replaced) + (record,))
+        files.update(new_files)
+        return dataclasses.replace(current, variants=tuple(variants[v.name] for v in current.variants), files=files)
+
+    return change
