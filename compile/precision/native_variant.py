@@ -115,20 +115,37 @@ def tower_tensors(visual: nn.Module) -> VitWeights:
     class token, token outputs, LayerNorm after pooling, non-linear projections, custom blocks,
     cross-attention, mixed LayerNorm epsilons.
     """
-    from clipfold.compile.stages.optimize import ClassTokenBlock
-    from open_clip.transformer import ResidualAttentionBlock
-
     check_tower(visual)
-    conv = visual.conv1
     width = int(visual.class_embedding.shape[0])
-    patch = int(conv.kernel_size[0])
-    grid_h, grid_w = (int(g) for g in visual.grid_size)
     blocks = list(visual.transformer.resblocks)
     if not blocks:
         raise ExportError("fp32-native: the tower has no transformer blocks")
+    tensors, ln_pre, eps_seen = _outer_tensors(visual, width)
+    shape = None  # (heads, activation, MLP width): the kernel takes one for every block
+    for i, block in enumerate(blocks):
+        block_tensors, block_shape, block_eps = _block_tensors(i, block, width, last=i == len(blocks) - 1)
+        if shape not in (None, block_shape):
+            raise ExportError(f"fp32-native: block {i} differs from block 0 in heads, activation or MLP width")
+        shape = block_shape
+        tensors.update(block_tensors)
+        eps_seen |= block_eps
+    if len(eps_seen) != 1:
+        raise ExportError(f"fp32-native: the tower's LayerNorms use different epsilons {sorted(eps_seen)}")
+    heads, act, mlp = shape
+    grid_h, grid_w = (int(g) for g in visual.grid_size)
+    config = {"layers": len(blocks), "width": width, "heads": heads, "mlp": mlp, "grid_h": grid_h, "grid_w": grid_w,
+              "patch": int(visual.conv1.kernel_size[0]), "out_dim": int(tensors["proj_w"].shape[1]), "act": act,
+              "ln_pre": ln_pre}
+    return VitWeights.from_tensors(config, eps_seen.pop(), tensors)
+
+
+def _outer_tensors(visual: nn.Module, width: int) -> tuple[dict[str, np.ndarray], int, set[float]]:
+    """The tensors around the blocks: patch embedding, positions (the class embedding added to row 0,
+    as eager adds it), LayerNorms before and after the blocks, projection; with the ``ln_pre`` flag
+    (0: the tower has none) and the LayerNorm epsilons seen."""
+    conv = visual.conv1
     tensors: dict[str, np.ndarray] = {}
-    conv_w = _np(conv.weight)  # [W, 3, p, p]
-    tensors["patch_w"] = conv_w.reshape(width, -1).T
+    tensors["patch_w"] = _np(conv.weight).reshape(width, -1).T  # conv weight [W, 3, p, p]
     tensors["patch_b"] = _bias(conv, width)
     pos = _np(visual.positional_embedding).copy()
     pos[0] += _np(visual.class_embedding)  # eager adds the class embedding to position 0's row
@@ -145,40 +162,40 @@ def tower_tensors(visual: nn.Module) -> VitWeights:
     eps_seen.add(eps)
     tensors["proj_w"] = _np(visual.proj)
     tensors["proj_b"] = np.zeros(tensors["proj_w"].shape[1], np.float32)
+    return tensors, ln_pre, eps_seen
 
-    heads, act, mlp = None, None, None
-    for i, block in enumerate(blocks):
-        if isinstance(block, ClassTokenBlock):
-            if i != len(blocks) - 1:
-                raise ExportError("fp32-native: a class-token-only block that is not the last block")
-            block = block.block
-        if type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv"):
-            raise ExportError(f"fp32-native: block {i} is {type(block).__name__}; expected open_clip's "
-                              "ResidualAttentionBlock (self-attention)")
-        qkv_w, qkv_b, out_proj, block_heads = _attention_weights(block.attn, width)
-        fc1, fc2 = block.mlp.c_fc, block.mlp.c_proj
-        block_act = _activation(block.mlp.gelu)
-        if heads not in (None, block_heads) or act not in (None, block_act) or mlp not in (None, fc1.out_features):
-            raise ExportError(f"fp32-native: block {i} differs from block 0 in heads, activation or MLP width")
-        heads, act, mlp = block_heads, block_act, fc1.out_features
-        ls1, ls2 = _scale(block.ls_1, width), _scale(block.ls_2, width)
-        p = f"{i}."
-        tensors[p + "ln1_w"], tensors[p + "ln1_b"], eps1 = _layer_norm(block.ln_1, width)
-        tensors[p + "ln2_w"], tensors[p + "ln2_b"], eps2 = _layer_norm(block.ln_2, width)
-        eps_seen |= {eps1, eps2}
-        if i == len(blocks) - 1:  # the class token's query apart; keys and values for all tokens
-            tensors["q_w"], tensors["q_b"] = qkv_w[:width].T, qkv_b[:width]
-            tensors[p + "qkv_w"], tensors[p + "qkv_b"] = qkv_w[width:].T, qkv_b[width:]
-        else:
-            tensors[p + "qkv_w"], tensors[p + "qkv_b"] = qkv_w.T, qkv_b
-        tensors[p + "out_w"], tensors[p + "out_b"] = _np(out_proj.weight).T * ls1, _bias(out_proj, width) * ls1
-        tensors[p + "fc1_w"], tensors[p + "fc1_b"] = _np(fc1.weight).T, _bias(fc1, mlp)
-        tensors[p + "fc2_w"], tensors[p + "fc2_b"] = _np(fc2.weight).T * ls2, _bias(fc2, width) * ls2
-    if len(eps_seen) != 1:
-        raise ExportError(f"fp32-native: the tower's LayerNorms use different epsilons {sorted(eps_seen)}")
-    config = {"layers": len(blocks), "width": width, "heads": heads, "mlp": mlp, "grid_h": grid_h, "grid_w": grid_w,
-              "patch": patch, "out_dim": int(tensors["proj_w"].shape[1]), "act": act, "ln_pre": ln_pre}
-    return VitWeights.from_tensors(config, eps_seen.pop(), tensors)
+
+def _block_tensors(i: int, block: nn.Module, width: int, last: bool
+                   ) -> tuple[dict[str, np.ndarray], tuple[int, int, int], set[float]]:
+    """Block ``i``'s tensors (layer scales folded into the output projections), its (heads,
+    activation, MLP width) and its LayerNorm epsilons. The last block computes only the class
+    token's query (``q_w``, ``q_b``), and keys and values for every token."""
+    from clipfold.compile.stages.optimize import ClassTokenBlock
+    from open_clip.transformer import ResidualAttentionBlock
+
+    if isinstance(block, ClassTokenBlock):
+        if not last:
+            raise ExportError("fp32-native: a class-token-only block that is not the last block")
+        block = block.block
+    if type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv"):
+        raise ExportError(f"fp32-native: block {i} is {type(block).__name__}; expected open_clip's "
+                          "ResidualAttentionBlock (self-attention)")
+    qkv_w, qkv_b, out_proj, heads = _attention_weights(block.attn, width)
+    fc1, fc2 = block.mlp.c_fc, block.mlp.c_proj
+    act, mlp = _activation(block.mlp.gelu), fc1.out_features
+    ls1, ls2 = _scale(block.ls_1, width), _scale(block.ls_2, width)
+    p, tensors = f"{i}.", {}
+    tensors[p + "ln1_w"], tensors[p + "ln1_b"], eps1 = _layer_norm(block.ln_1, width)
+    tensors[p + "ln2_w"], tensors[p + "ln2_b"], eps2 = _layer_norm(block.ln_2, width)
+    if last:  # the class token's query apart; keys and values for all tokens
+        tensors["q_w"], tensors["q_b"] = qkv_w[:width].T, qkv_b[:width]
+        tensors[p + "qkv_w"], tensors[p + "qkv_b"] = qkv_w[width:].T, qkv_b[width:]
+    else:
+        tensors[p + "qkv_w"], tensors[p + "qkv_b"] = qkv_w.T, qkv_b
+    tensors[p + "out_w"], tensors[p + "out_b"] = _np(out_proj.weight).T * ls1, _bias(out_proj, width) * ls1
+    tensors[p + "fc1_w"], tensors[p + "fc1_b"] = _np(fc1.weight).T, _bias(fc1, mlp)
+    tensors[p + "fc2_w"], tensors[p + "fc2_b"] = _np(fc2.weight).T * ls2, _bias(fc2, width) * ls2
+    return tensors, (heads, act, mlp), {eps1, eps2}
 
 
 def build_native_variant(visual: nn.Module, head, stage: Path, inputs, outputs, top_k: int, kernel_head,

@@ -86,17 +86,8 @@ def build_variants(precisions: Sequence[str], stage: Path, sources: Sources, spe
         return []
     check_early(precisions, quant, gate_cfg)
     say = progress or (lambda message: None)
-    calib = calib_source = None
-    calibrated = bool(set(CALIBRATED) & set(wanted))
-    if calibrated:
-        calib, calib_source = gating.calibration_images(spec, quant)
-    calib_files = gating.calibration_paths(quant) if calibrated and quant.calib is not None else ()
-    selection = gating.selection_images(spec, labels, gate_cfg, calib_files)
-    held, search = selection.gate, selection.search
-    record = {"calibration": calib_source, **selection.record} if calibrated else dict(selection.record)
-    say(f"gate: fp32 on {held.source}; choices on {search.source}")
-    fp32_out = gating.run_graph(sources.fused, sources.inputs, sources.outputs, held.pixels, head=sources.head)
-    fp32_search = gating.run_graph(sources.fused, sources.inputs, sources.outputs, search.pixels, head=sources.head)
+    images = _judging_images(wanted, sources, spec, labels, quant, gate_cfg)
+    say(f"gate: fp32 on {images.held.source}; choices on {images.search.source}")
     variants = []
     with quantize.scratch_dir(stage) as scratch:
         scratch = Path(scratch)
@@ -112,38 +103,77 @@ def build_variants(precisions: Sequence[str], stage: Path, sources: Sources, spe
         for precision in wanted:
             say(f"building {precision}: {PRECISIONS[precision][0]}")
             if precision == "bf16":  # the fp32 graph itself, run in bf16: gated, nothing built
-                from clipfold.compile.precision.bf16 import build_bf16
-
-                # bf16 makes no choice: every held-out image judges it (the search share included)
-                every = gating.held_out_images(spec, labels, gate_cfg)
-                every_out = gating.run_graph(sources.fused, sources.inputs, sources.outputs, every.pixels,
-                                             head=sources.head)
-                variants.append(build_bf16(sources, every, every_out, gate_cfg, verify.tie_tolerance,
-                                           lambda run: _eager_parity(run, reference, verify), say))
+                variants.append(_bf16_variant(sources, spec, labels, reference, verify, gate_cfg, say))
                 continue
-            builder = _Builder(precision, stage / variant_file(precision), scratch, source, quant, calib,
-                               search.pixels[:32])
-            details, figures, kept = builder.build_and_gate(
-                lambda path: gating.measure(fp32_out, _run_variant(precision, path, sources, held.pixels), held,
-                                            gate_cfg, verify.tie_tolerance),
-                lambda path: gating.measure(fp32_search, _run_variant(precision, path, sources, search.pixels), search,
-                                            gate_cfg, verify.tie_tolerance), gate_cfg, say)
-            if "tensorrt" in PRECISIONS[precision][1]:
-                check_tensorrt_graph(stage / variant_file(precision), precision)
-            if calib_source is not None and "calibration" in details:
-                details["calibration_source"] = calib_source
-            figures = Gate(**{**figures.__dict__, "kept_float": tuple(kept), "selection": record})
-            built = stage / variant_file(precision)
-            parity = _eager_parity(lambda pixels: _run_variant(precision, built, sources, pixels), reference, verify)
-            say(f"  {precision}: min cosine {figures.embedding_cosine_min:.5f}, top-1 agreement "
-                f"{figures.top1_agreement:.1%}" + (f", accuracy {figures.accuracy:.1%} (fp32 {figures.reference_accuracy:.1%})"
-                                                    if figures.accuracy is not None else "")
-                + (f"; {len(kept)} node(s) returned to float" if kept else ""))
-            variants.append(Variant(name=precision, file=variant_file(precision), format="onnx", precision=precision,
-                                    inputs=sources.inputs, outputs=sources.outputs, parity=parity, top_k=sources.top_k,
-                                    backends=PRECISIONS[precision][1], quantization=details, gate=figures,
-                                    fused_ops=quantize.fused_op_counts(stage / variant_file(precision))))
+            builder = _Builder(precision, stage / variant_file(precision), scratch, source, quant, images.calib,
+                               images.search.pixels[:32])
+            variants.append(_quantized_variant(builder, stage, sources, images, reference, verify, gate_cfg, say))
     return variants
+
+
+@dataclass
+class _JudgingImages:
+    """The images every variant is judged on: ``held`` (the gate) and ``search`` (every choice) with
+    fp32's outputs on each, the calibration images, and the record of the split kept in each gate."""
+
+    held: gating.HeldOut
+    search: gating.HeldOut
+    fp32_held: dict[str, np.ndarray]
+    fp32_search: dict[str, np.ndarray]
+    record: dict
+    calib: np.ndarray | None = None
+    calib_source: str | None = None
+
+
+def _judging_images(wanted: Sequence[str], sources: Sources, spec: PreprocessSpec, labels: Sequence[str],
+                    quant: QuantConfig, gate_cfg: GateConfig) -> _JudgingImages:
+    calib = calib_source = None
+    calibrated = bool(set(CALIBRATED) & set(wanted))
+    if calibrated:
+        calib, calib_source = gating.calibration_images(spec, quant)
+    calib_files = gating.calibration_paths(quant) if calibrated and quant.calib is not None else ()
+    selection = gating.selection_images(spec, labels, gate_cfg, calib_files)
+    held, search = selection.gate, selection.search
+    record = {"calibration": calib_source, **selection.record} if calibrated else dict(selection.record)
+    fp32_held = gating.run_graph(sources.fused, sources.inputs, sources.outputs, held.pixels, head=sources.head)
+    fp32_search = gating.run_graph(sources.fused, sources.inputs, sources.outputs, search.pixels, head=sources.head)
+    return _JudgingImages(held, search, fp32_held, fp32_search, record, calib, calib_source)
+
+
+def _bf16_variant(sources: Sources, spec: PreprocessSpec, labels: Sequence[str], reference: Reference,
+                  verify: VerifyConfig, gate_cfg: GateConfig, say: Callable[[str], None]) -> Variant:
+    """bf16 makes no choice: every held-out image judges it (the search share included)."""
+    from clipfold.compile.precision.bf16 import build_bf16
+
+    every = gating.held_out_images(spec, labels, gate_cfg)
+    every_out = gating.run_graph(sources.fused, sources.inputs, sources.outputs, every.pixels, head=sources.head)
+    return build_bf16(sources, every, every_out, gate_cfg, verify.tie_tolerance,
+                      lambda run: _eager_parity(run, reference, verify), say)
+
+
+def _quantized_variant(builder: _Builder, stage: Path, sources: Sources, images: _JudgingImages, reference: Reference,
+                       verify: VerifyConfig, gate_cfg: GateConfig, say: Callable[[str], None]) -> Variant:
+    """Build ``builder``'s precision into ``stage``, gated (its search on the search images), and describe it."""
+    precision, built = builder.precision, builder.out
+    details, figures, kept = builder.build_and_gate(
+        lambda path: gating.measure(images.fp32_held, _run_variant(precision, path, sources, images.held.pixels),
+                                    images.held, gate_cfg, verify.tie_tolerance),
+        lambda path: gating.measure(images.fp32_search, _run_variant(precision, path, sources, images.search.pixels),
+                                    images.search, gate_cfg, verify.tie_tolerance), gate_cfg, say)
+    if "tensorrt" in PRECISIONS[precision][1]:
+        check_tensorrt_graph(built, precision)
+    if images.calib_source is not None and "calibration" in details:
+        details["calibration_source"] = images.calib_source
+    figures = Gate(**{**figures.__dict__, "kept_float": tuple(kept), "selection": images.record})
+    parity = _eager_parity(lambda pixels: _run_variant(precision, built, sources, pixels), reference, verify)
+    say(f"  {precision}: min cosine {figures.embedding_cosine_min:.5f}, top-1 agreement "
+        f"{figures.top1_agreement:.1%}" + (f", accuracy {figures.accuracy:.1%} (fp32 {figures.reference_accuracy:.1%})"
+                                            if figures.accuracy is not None else "")
+        + (f"; {len(kept)} node(s) returned to float" if kept else ""))
+    return Variant(name=precision, file=variant_file(precision), format="onnx", precision=precision,
+                   inputs=sources.inputs, outputs=sources.outputs, parity=parity, top_k=sources.top_k,
+                   backends=PRECISIONS[precision][1], quantization=details, gate=figures,
+                   fused_ops=quantize.fused_op_counts(built))
 
 
 def _run_variant(precision: str, path: Path, sources: Sources, pixels: np.ndarray) -> dict[str, np.ndarray]:
