@@ -203,7 +203,7 @@ def engine_pixels(engine, images):
      "'SCORES' is already produced by an earlier step"),
 ])
 def test_triton_validation_names_each_problem(repository, tmp_path, mutation, message):
-    from clipfold.compile.triton_server.repository import validate_repository
+    from clipfold.compile.triton_server.validate import validate_repository
 
     copy = shutil.copytree(repository, tmp_path / "repo")
     model, old, new = mutation
@@ -254,7 +254,7 @@ def test_triton_export_refuses_a_kernel_head_bundle(tmp_path):
 
 
 def test_triton_validation_counts_the_labels(repository, tmp_path):
-    from clipfold.compile.triton_server.repository import validate_repository
+    from clipfold.compile.triton_server.validate import validate_repository
 
     copy = shutil.copytree(repository, tmp_path / "repo")
     labels = copy / "tiny_labels" / "labels.txt"
@@ -289,7 +289,8 @@ def _with_plan(tmp_path, profile=None):
 
 
 def test_triton_export_of_a_tensorrt_plan(tmp_path, capsys):
-    from clipfold.compile.triton_server.repository import TritonExportConfig, export_triton, validate_repository
+    from clipfold.compile.triton_server.repository import TritonExportConfig, export_triton
+    from clipfold.compile.triton_server.validate import validate_repository
 
     bundle = _with_plan(tmp_path)
     out = tmp_path / "repo"

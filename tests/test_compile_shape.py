@@ -1,0 +1,75 @@
+"""The shape of compile/, read from the source (imports parsed with ``ast`` as in test_import_rules):
+
+- compile/ has no import cycle, function-level imports counted (``profiling/run.py`` and
+  ``profiling/rows.py`` once imported each other);
+- the reduced-precision, TensorRT, Triton-export and profiling packages keep modules under ~400 lines
+  and functions under ~60 (issue 21: one idea per module, small named steps).
+"""
+
+from __future__ import annotations
+
+import ast
+
+from tests.test_import_rules import ROOT, _in, source_tree
+
+PACKAGES = ("precision", "tensorrt", "triton_server", "profiling")
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 60
+
+
+def cycles(tree: dict[str, tuple[str, ...]], package: str) -> list[list[str]]:
+    """Every strongly connected set of two or more modules of ``package`` (Tarjan's algorithm);
+    importing a package that contains the importer does not count (it is the importer's own parent)."""
+    nodes = sorted(n for n in tree if _in(n, package) and n != package)
+    edges = {n: sorted({m for i in tree[n] for m in nodes if m != n and _in(i, m) and not _in(n, m)}) for n in nodes}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = stack[stack.index(v):]
+            del stack[stack.index(v):]
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for n in nodes:
+        if n not in index:
+            visit(n)
+    return found
+
+
+def test_compile_has_no_import_cycle():
+    assert cycles(source_tree(), "clipfold.compile") == []
+
+
+def test_the_cycle_check_finds_a_lazy_circle():
+    tree = dict(source_tree())
+    rows, run = "clipfold.compile.profiling.rows", "clipfold.compile.profiling.run"
+    tree[rows] = tree[rows] + (f"{run}.eager_name",)  # the function-level import rows.py once had
+    assert [rows, run] in cycles(tree, "clipfold.compile")
+
+
+def _too_long(path) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    long = [f"{path.relative_to(ROOT)}: {len(text.splitlines())} lines"] if len(text.splitlines()) > MAX_MODULE_LINES else []
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lines = node.end_lineno - node.lineno + 1
+            if lines > MAX_FUNCTION_LINES:
+                long.append(f"{path.relative_to(ROOT)}: {node.name} is {lines} lines")
+    return long
+
+
+def test_precision_tensorrt_triton_and_profiling_are_small_modules_of_small_functions():
+    paths = [p for package in PACKAGES for p in sorted((ROOT / "compile" / package).rglob("*.py"))]
+    assert len(paths) >= 15
+    assert [problem for path in paths for problem in _too_long(path)] == []
