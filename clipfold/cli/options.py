@@ -140,7 +140,7 @@ AUTO_VARIANT = ("a variant name, or auto: the fastest this CPU runs, from the bu
                 "short measurement")
 
 
-def add_threads(parser, help: str = "ONNX Runtime threads per graph (default: all usable cores)") -> None:
+def add_threads(parser, help: str = "runtime threads per graph (default: every core this process may use)") -> None:
     parser.add_argument("--threads", type=int, default=None, metavar="N", help=help)
 
 
