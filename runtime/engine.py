@@ -87,18 +87,7 @@ class Engine:
         ``expect_digest``: open only the bundle of this digest (``clipfold inspect`` prints it; see
         :func:`~clipfold.runtime.bundle.schema.bundle_digest`); its files are then always checked."""
         path = Path(path)
-        recover_swap(path)  # a compile --overwrite killed between its two renames
-        if not path.is_dir():
-            raise BundleError(f"bundle {path} not found (expected a directory holding {MANIFEST_NAME})")
-        manifest, digest = Manifest.read_with_digest(path)
-        if expect_digest is not None and _bare(expect_digest) != _bare(digest):
-            raise BundleError(f"bundle {path} has digest {digest}, not the expected {expect_digest}; refusing to open "
-                              "another bundle than the one pinned")
-        if verify_checksums or expect_digest is not None:
-            verify_files(path, manifest)
-        else:  # unchecked contents, but never a file outside the bundle
-            for rel in manifest.files:
-                contained(path, rel)
+        manifest, digest = _read_checked(path, verify_checksums, expect_digest)
         if variant == "auto":  # the fastest variant that runs on this CPU (runtime/variant_choice.py)
             from clipfold.runtime.variant_choice import choose, log
 
@@ -112,10 +101,7 @@ class Engine:
             engine.variant_reason = reason
             return engine
         chosen = manifest.variant(variant)
-        if text_variant is not None:
-            names = ["fp32"] + [v.name for v in manifest.text.variants] if manifest.text is not None else []
-            if text_variant not in names:
-                raise BundleError(f"bundle has no text variant {text_variant!r}; it has {names or 'no text tower'}")
+        _check_text_variant(manifest, text_variant)
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         backend = chosen.backends[0] if backend is None else backend
@@ -261,6 +247,31 @@ def verify_files(path: Path, manifest: Manifest) -> None:
     _verify_files(path, manifest.files)
     if manifest.head.kernel is not None:
         check_folder_listed(path, manifest.head.kernel, manifest.files)
+
+
+def _read_checked(path: Path, verify_checksums: bool, expect_digest: str | None) -> tuple[Manifest, str]:
+    """The bundle's manifest and digest, once an interrupted replacement is repaired, the digest is the
+    pinned one (if any) and every file is inside the bundle with its checksum (or, unchecked, inside)."""
+    recover_swap(path)  # a compile --overwrite killed between its two renames
+    if not path.is_dir():
+        raise BundleError(f"bundle {path} not found (expected a directory holding {MANIFEST_NAME})")
+    manifest, digest = Manifest.read_with_digest(path)
+    if expect_digest is not None and _bare(expect_digest) != _bare(digest):
+        raise BundleError(f"bundle {path} has digest {digest}, not the expected {expect_digest}; refusing to open "
+                          "another bundle than the one pinned")
+    if verify_checksums or expect_digest is not None:
+        verify_files(path, manifest)
+    else:  # unchecked contents, but never a file outside the bundle
+        for rel in manifest.files:
+            contained(path, rel)
+    return manifest, digest
+
+
+def _check_text_variant(manifest: Manifest, text_variant: str | None) -> None:
+    if text_variant is not None:
+        names = ["fp32"] + [v.name for v in manifest.text.variants] if manifest.text is not None else []
+        if text_variant not in names:
+            raise BundleError(f"bundle has no text variant {text_variant!r}; it has {names or 'no text tower'}")
 
 
 def _bare(digest: str) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import clipfold.runtime.retrieval.index as index_module
 import numpy as np
@@ -103,11 +103,7 @@ def build_index_ray(bundle: str | Path, folder: str | Path, out: str | Path, sto
     ray = _ray()
     started = not ray.is_initialized()
     if started:
-        if address is None and not os.environ.get("RAY_ADDRESS"):
-            ray.init(num_cpus=actors * threads_per_actor, include_dashboard=False, logging_level="ERROR",
-                     log_to_driver=False)
-        else:  # an existing cluster: --address, or RAY_ADDRESS as `ray job submit` sets it
-            ray.init(address=address, logging_level="ERROR")
+        _start(ray, address, actors * threads_per_actor)
     quiet = logging.getLogger("ray.data")
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # Ray Data logs every execution plan at INFO; progress is ours
@@ -115,27 +111,9 @@ def build_index_ray(bundle: str | Path, folder: str | Path, out: str | Path, sto
     bars = context.enable_progress_bars
     try:
         context.enable_progress_bars = False
-        items = [{"rel": rel, "path": str(path.resolve())} for rel, path in todo]
-        blocks = max(1, -(-len(items) // batch_size))
-        dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-            _Embedder, batch_size=batch_size, batch_format="numpy", num_cpus=threads_per_actor,
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            fn_constructor_kwargs={"bundle": str(Path(engine.path).resolve()), "variant": engine.variant.name,
-                                   "identity": writer.identity, "threads": threads_per_actor, "batch": batch_size})
-        done = 0
+        dataset = _dataset(ray, engine, writer.identity, todo, actors, threads_per_actor, batch_size)
         try:
-            for batch in dataset.iter_batches(batch_size=index_module.BATCH_FILES, batch_format="numpy"):
-                reasons = []
-                for failed in map(str, batch["error"]):
-                    kind, _, message = failed.partition(": ")
-                    kind = getattr(errors, kind, None) if failed else None
-                    kind = kind if isinstance(kind, type) and issubclass(kind, ClipfoldError) else ClipfoldError
-                    if failed and (strict or not issubclass(kind, errors.ImageError)):
-                        raise kind(message)  # the batches committed so far stay; a re-run resumes after them
-                    reasons.append(message if failed else None)
-                writer.commit([str(rel) for rel in batch["rel"]], np.asarray(batch["embedding"], dtype=np.float32),
-                              reasons)
-                done += len(batch["rel"])
+            for done in _commit(dataset, writer, strict):
                 if progress is not None:
                     progress(f"indexed {done:,}/{len(todo):,} new or changed images (Ray, {actors} actors)")
         except ray.exceptions.RayError as exc:
@@ -146,3 +124,46 @@ def build_index_ray(bundle: str | Path, folder: str | Path, out: str | Path, sto
         if started:
             ray.shutdown()
     return writer.finish(progress)
+
+
+def _start(ray, address: str | None, cpus: int) -> None:
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    else:  # an existing cluster: --address, or RAY_ADDRESS as `ray job submit` sets it
+        ray.init(address=address, logging_level="ERROR")
+
+
+def _dataset(ray, engine, identity: dict, todo, actors: int, threads: int, batch_size: int):
+    """The files to embed as a Ray dataset, mapped through a pool of ``actors`` :class:`_Embedder`."""
+    items = [{"rel": rel, "path": str(path.resolve())} for rel, path in todo]
+    blocks = max(1, -(-len(items) // batch_size))
+    return ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        _Embedder, batch_size=batch_size, batch_format="numpy", num_cpus=threads,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        fn_constructor_kwargs={"bundle": str(Path(engine.path).resolve()), "variant": engine.variant.name,
+                               "identity": identity, "threads": threads, "batch": batch_size})
+
+
+def _commit(dataset, writer: IndexWriter, strict: bool) -> Iterator[int]:
+    """Stream the embeddings back and commit them as index shards, one batch at a time; yields the
+    number of images committed so far after each."""
+    done = 0
+    for batch in dataset.iter_batches(batch_size=index_module.BATCH_FILES, batch_format="numpy"):
+        reasons = [_failure(str(failed), strict) for failed in batch["error"]]
+        writer.commit([str(rel) for rel in batch["rel"]], np.asarray(batch["embedding"], dtype=np.float32), reasons)
+        done += len(batch["rel"])
+        yield done
+
+
+def _failure(failed: str, strict: bool) -> str | None:
+    """An actor's "Type: message" for one image: the reason it is recorded as broken (None: embedded),
+    raised as that ClipfoldError instead when it is not a bad image or ``strict`` (the batches committed
+    so far stay; a re-run resumes after them)."""
+    if not failed:
+        return None
+    kind, _, message = failed.partition(": ")
+    kind = getattr(errors, kind, None)
+    kind = kind if isinstance(kind, type) and issubclass(kind, ClipfoldError) else ClipfoldError
+    if strict or not issubclass(kind, errors.ImageError):
+        raise kind(message)
+    return message

@@ -30,6 +30,8 @@ from typing import Any, Awaitable, Callable
 
 from clipfold.runtime.serve.grpc_tensors import parse_request, response_tensors
 from clipfold.runtime.serve.inference_protocol import TensorMeta
+from clipfold.runtime.serve.limits import PayloadTooLarge, RequestTimeout
+from clipfold.runtime.serve.models import VERSION, UnknownModel, platform_of
 
 from clipfold.errors import (
     BatcherClosedError,
@@ -64,9 +66,6 @@ class _Failed(Exception):
 
 def status_of(exc: BaseException) -> tuple[Any, str]:
     """The gRPC status code and message for a request's failure."""
-    from clipfold.runtime.serve.app import UnknownModel
-    from clipfold.runtime.serve.limits import PayloadTooLarge, RequestTimeout
-
     if isinstance(exc, UnknownModel):
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, (PayloadTooLarge, DecompressionBombError, QueueFullError)):
@@ -131,8 +130,6 @@ class GrpcService(_Servicer):
         return call
 
     def _model(self, name: str, version: str = ""):
-        from clipfold.runtime.serve.app import VERSION, UnknownModel
-
         model = self.s.models.get(name)
         if model is None:
             raise UnknownModel(f"unknown model {name[:100]!r}; served: {sorted(self.s.models)}")
@@ -153,7 +150,6 @@ class GrpcService(_Servicer):
     async def ModelReady(self, request, context):
         # As Triton: an unknown model or version is not ready (no error).
         m = self.s.models.get(request.name)
-        from clipfold.runtime.serve.app import VERSION
         return pb.ModelReadyResponse(ready=bool(m is not None and request.version in ("", VERSION) and self.s.ready))
 
     async def ServerMetadata(self, request, context):
@@ -163,24 +159,20 @@ class GrpcService(_Servicer):
 
     async def ModelMetadata(self, request, context):
         async def answer():
-            from clipfold.runtime.serve.app import VERSION, _platform
-
             m = self._model(request.name, request.version)
             tensor = pb.ModelMetadataResponse.TensorMetadata
             return pb.ModelMetadataResponse(
-                name=m.name, versions=[VERSION], platform=_platform(m),
+                name=m.name, versions=[VERSION], platform=platform_of(m),
                 inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in self._inputs(m)],
                 outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in m.outputs])
         return await self._unary(context, "ModelMetadata", request.name, answer)
 
     async def ModelConfig(self, request, context):
         async def answer():
-            from clipfold.runtime.serve.app import _platform
-
             m = self._model(request.name, request.version)
             alternatives = m.kind == "image"  # pixels or image: each optional, one of them required
             config = mc.ModelConfig(
-                name=m.name, platform=_platform(m), max_batch_size=self.config.max_batch,
+                name=m.name, platform=platform_of(m), max_batch_size=self.config.max_batch,
                 input=[mc.ModelInput(name=t.name, data_type=mc.DataType.Value(_datatype(t)),
                                      dims=list(t.shape[1:]) or [1], optional=alternatives) for t in self._inputs(m)],
                 output=[mc.ModelOutput(name=t.name, data_type=mc.DataType.Value(_datatype(t)),
@@ -192,8 +184,6 @@ class GrpcService(_Servicer):
         return await self._unary(context, "ModelConfig", request.name, answer)
 
     async def RepositoryIndex(self, request, context):
-        from clipfold.runtime.serve.app import VERSION
-
         state = "READY" if self.s.ready else "UNAVAILABLE"
         return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(
             name=n, version=VERSION, state=state) for n in self.s.models])
@@ -241,8 +231,6 @@ class GrpcService(_Servicer):
                 task.cancel()
 
     async def _infer(self, request):
-        from clipfold.runtime.serve.app import VERSION
-
         if isinstance(request, _Malformed):
             raise RequestError(request.message)
         s, m = self.s, self._model(request.model_name, request.model_version)
@@ -263,7 +251,7 @@ class GrpcService(_Servicer):
                 if rows > self.config.max_items:
                     raise RequestError(f"{rows} images in one request; this server decodes at most "
                                        f"{self.config.max_items} per request")
-                pixels = await loop.run_in_executor(None, s._pixels, m, list(req.inputs["image"]), deadline)
+                pixels = await loop.run_in_executor(None, s.decode_pixels, m, list(req.inputs["image"]), deadline)
             else:
                 pixels = req.inputs["pixels"]
             out = await s.rows(m, pixels)
@@ -272,7 +260,7 @@ class GrpcService(_Servicer):
                 texts = [t.decode("utf-8") for t in req.inputs["text"]]
             except UnicodeDecodeError as exc:
                 raise RequestError(f"input 'text' must be UTF-8: {exc}") from None
-            embedded = await loop.run_in_executor(None, s._embed_text, m, texts)
+            embedded = await loop.run_in_executor(None, s.embed_texts, m, texts)
             out = {"embedding": embedded.embeddings, "truncated": embedded.truncated}
         metas, raws = response_tensors({name: out[name] for name in req.outputs})
         return pb.ModelInferResponse(model_name=m.name, model_version=VERSION, id=req.id,

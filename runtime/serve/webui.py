@@ -20,7 +20,7 @@ import io
 from pathlib import Path
 
 from clipfold.runtime.images import load_image
-from clipfold.runtime.serve.app import UnknownModel
+from clipfold.runtime.serve.models import UnknownModel
 
 UI_DIR = Path(__file__).parent / "ui"
 STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
