@@ -49,7 +49,12 @@ _HOMES = {
     "ClipfoldError": "clipfold.errors",
 }
 
-__all__ = sorted(_HOMES) + ["__version__"]
+__all__ = [
+    "BatchProfile", "ClipfoldError", "CompileConfig", "Engine", "EngineBuildConfig", "FitConfig", "GateConfig",
+    "HeadAddConfig", "Index", "ProfileConfig", "QuantConfig", "ServeConfig", "ShardedIndex", "TritonExportConfig",
+    "__version__", "add_head", "build_engines", "build_index", "compile_bundle", "evaluate_folder", "export_triton",
+    "fit_adapter", "list_models", "profile", "serve",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -16,7 +16,9 @@ INDEX = "clipfold.runtime.retrieval.index"
 def _build(args: argparse.Namespace):
     from clipfold import Engine, build_index
 
-    progress = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr)
+
     if args.ray:
         from clipfold.runtime.retrieval.ray_index import build_index_ray
 

@@ -15,7 +15,8 @@ import importlib
 import inspect
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from clipfold.errors import ConfigError
 
