@@ -81,6 +81,12 @@ def test_every_command_help_ends_with_examples_of_itself(path):
         assert cli.build_parser().parse_args(shlex.split(line)[1:]).func is not None
 
 
+@pytest.mark.parametrize("group", ["engine", "head", "export"])
+def test_a_command_group_help_shows_an_example_of_its_command(group):
+    text = cli.build_parser()._subparsers._group_actions[0].choices[group].format_help()
+    assert "examples:" in text and f"  clipfold {group} " in text.split("examples:", 1)[1]
+
+
 def test_the_old_spellings_are_hidden():
     for path, parser in COMMANDS.items():
         visible = {s for a in _visible(parser) for s in a.option_strings}

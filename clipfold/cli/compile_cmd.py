@@ -195,7 +195,7 @@ def register(sub) -> None:
                   default_value=o.default(COMPILE, "backend"), choices=BACKENDS, old=("--target",))
     o.add_batch_profile(t)
 
-    engine = o.group(sub, "engine", "TensorRT engines of a bundle")
+    engine = o.group(sub, "engine", "TensorRT engines of a bundle", ["clipfold engine build gda.bundle"])
     p = o.command(engine, "build", "build, gate and add TensorRT plans for this machine's GPU", [
         "clipfold engine build gda.bundle",
         "clipfold engine build gda.bundle --variant tensorrt-fp16 --max-batch 32",

@@ -30,7 +30,8 @@ def cmd_export_triton(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    export = o.group(sub, "export", "hand a bundle to another serving system")
+    export = o.group(sub, "export", "hand a bundle to another serving system",
+                     ["clipfold export triton pets.bundle --out triton-repo"])
     p = o.command(export, "triton", "write a Triton Inference Server model repository (ensemble of preprocessing, "
                   "the engine and labels), validated against the graph", [
                       "clipfold export triton pets.bundle --out triton-repo",

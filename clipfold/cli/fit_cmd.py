@@ -78,7 +78,8 @@ def _register_fit(sub) -> None:
 def _register_head_add(sub) -> None:
     from clipfold.compile.adapters.registry import IMPORTERS
 
-    heads = o.group(sub, "head", "manage the extra heads of a bundle")
+    heads = o.group(sub, "head", "manage the extra heads of a bundle",
+                    ["clipfold head add pets.bundle --name breeds --labels breeds.txt"])
     p = o.command(heads, "add", "add a head (label set, fitted adapter or head-only checkpoint) without "
                   "re-exporting the image tower", [
                       "clipfold head add pets.bundle --name breeds --labels breeds.txt",

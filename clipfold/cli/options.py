@@ -80,19 +80,23 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+def _examples(lines: list[str]) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
 def command(sub, name: str, help: str, examples: list[str], func: Callable[[argparse.Namespace], int],
             description: str | None = None) -> argparse.ArgumentParser:
     """A subcommand whose --help ends with its examples; ``func(args)`` runs it."""
-    epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples)
-    parser = sub.add_parser(name, help=help, description=description or help, epilog=epilog,
+    parser = sub.add_parser(name, help=help, description=description or help, epilog=_examples(examples),
                             formatter_class=HelpFormatter)
     parser.set_defaults(func=func)
     return parser
 
 
-def group(sub, name: str, help: str) -> argparse._SubParsersAction:
+def group(sub, name: str, help: str, examples: list[str]) -> argparse._SubParsersAction:
     """A command with subcommands (``engine build``, ``head add``, ``export triton``)."""
-    parser = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+    parser = sub.add_parser(name, help=help, description=help, epilog=_examples(examples),
+                            formatter_class=HelpFormatter)
     return parser.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
 
 
