@@ -270,9 +270,8 @@ def _with_plan(tmp_path, profile=None):
 
     from clipfold.compile.config import CompileConfig
     from clipfold.compile.pipeline import compile_bundle
-    from clipfold.runtime.bundle.layout import MANIFEST_NAME
     from clipfold.runtime.bundle.schema import EngineRecord
-    from clipfold.runtime.bundle.write import checksum_tree
+    from clipfold.runtime.bundle.write import checksum_tree, write_manifest
 
     bundle = compile_bundle(CompileConfig(labels=("red circle", "green star", "blue square"), top_k=3,
                                           out=Path(tmp_path) / "t.bundle", precisions=("fp32", "tensorrt-fp16"))).path
@@ -284,7 +283,7 @@ def _with_plan(tmp_path, profile=None):
     variants = tuple(dataclasses.replace(v, engines=(record,)) if v.name == "tensorrt-fp16" else v
                      for v in manifest.variants)
     manifest = dataclasses.replace(manifest, variants=variants, files=checksum_tree(bundle))
-    (bundle / MANIFEST_NAME).write_text(manifest.to_json())
+    write_manifest(bundle, manifest)
     return bundle
 
 
