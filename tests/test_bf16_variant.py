@@ -7,7 +7,7 @@ import pytest
 from clipfold.compile.config import CompileConfig
 from clipfold.compile.pipeline import compile_bundle
 from clipfold.compile.precision.config import GateConfig
-from clipfold.compile.precision.gate import held_out_images
+from clipfold.compile.precision.image_sets import held_out_images
 from clipfold.runtime import Engine
 from clipfold.runtime.preprocess import preprocess
 from PIL import Image

@@ -3,7 +3,9 @@
 - compile/ has no import cycle, function-level imports counted (``profiling/run.py`` and
   ``profiling/rows.py`` once imported each other);
 - the reduced-precision, TensorRT, Triton-export and profiling packages keep modules under ~400 lines
-  and functions under ~60 (issue 21: one idea per module, small named steps).
+  and functions under ~60 (issue 21: one idea per module, small named steps);
+- the calibration / search / gate image sets are reached through their one home,
+  compile/precision/image_sets.py, not through the gate module that once held them.
 """
 
 from __future__ import annotations
@@ -73,3 +75,26 @@ def test_precision_tensorrt_triton_and_profiling_are_small_modules_of_small_func
     paths = [p for package in PACKAGES for p in sorted((ROOT / "compile" / package).rglob("*.py"))]
     assert len(paths) >= 15
     assert [problem for path in paths for problem in _too_long(path)] == []
+
+
+def _through_the_gate(path, image_set_names: set[str]) -> list[str]:
+    """Image-set names a source imports from the gate module or reads as attributes of it."""
+    gate = "clipfold.compile.precision.gate"
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    aliases = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for alias in node.names if alias.name == gate}
+    found = [f"{path.relative_to(ROOT)}: from gate import {alias.name}" for node in ast.walk(tree)
+             if isinstance(node, ast.ImportFrom) and node.module == gate
+             for alias in node.names if alias.name in image_set_names]
+    found += [f"{path.relative_to(ROOT)}: {ast.unparse(node)}" for node in ast.walk(tree)
+              if isinstance(node, ast.Attribute) and node.attr in image_set_names
+              and ast.unparse(node.value) in aliases | {gate}]
+    return found
+
+
+def test_the_image_sets_are_reached_through_their_home():
+    home = ast.parse((ROOT / "compile" / "precision" / "image_sets.py").read_text(encoding="utf-8"))
+    names = {n.name for n in home.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and not n.name.startswith("_")}
+    assert {"held_out_images", "selection_images", "calibration_images", "HeldOut"} <= names
+    paths = [p for folder in ("compile", "tests", "benchmarks") for p in sorted((ROOT / folder).rglob("*.py"))]
+    assert [hit for path in paths for hit in _through_the_gate(path, names)] == []

@@ -8,7 +8,8 @@ import pytest
 from clipfold.compile.config import CompileConfig
 from clipfold.compile.pipeline import compile_bundle
 from clipfold.compile.precision.config import GateConfig, QuantConfig, parse_precisions
-from clipfold.compile.precision.gate import held_out_images, run_graph
+from clipfold.compile.precision.gate import run_graph
+from clipfold.compile.precision.image_sets import held_out_images
 from clipfold.compile.precision.quantize import prepare
 from clipfold.compile.stages.optimize import op_counts
 from clipfold.compile.tiny import data
@@ -149,11 +150,11 @@ def test_the_search_keeps_the_fewest_nodes_in_float_or_refuses(tiny_labels, tmp_
     here the search sees the gate's own images, so the fewest count it finds is judged on the very
     images it passed on, on every CPU, rather than on a second set where it may fall either side of
     the limit. (Top-1 at 0.95: the cosine limit is what drives this search.)"""
-    import clipfold.compile.precision.gate as gating
+    import clipfold.compile.precision.image_sets as image_sets
 
-    split = gating.selection_images
-    monkeypatch.setattr(gating, "selection_images",
-                        lambda *a, **kw: (lambda s: gating.Selection(s.gate, s.gate, s.record))(split(*a, **kw)))
+    split = image_sets.selection_images
+    monkeypatch.setattr(image_sets, "selection_images",
+                        lambda *a, **kw: (lambda s: image_sets.Selection(s.gate, s.gate, s.record))(split(*a, **kw)))
     full = compile_bundle(CompileConfig(labels=tiny_labels, out=tmp_path / "full", precisions="int8-static",
                                         quant=QuantConfig(search=False),
                                         gate=GateConfig(min_cosine=0.0, min_top1_agreement=0.0)))

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from clipfold.compile.precision import quantize
 from clipfold.compile.precision.config import QuantConfig
-from clipfold.compile.precision.gate import calibration_images
+from clipfold.compile.precision.image_sets import calibration_images
 from clipfold.compile.tiny import data
 from clipfold.runtime.preprocess import preprocess
 from onnx import TensorProto, helper

@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import clipfold.compile.precision.gate as gating
+import clipfold.compile.precision.image_sets as image_sets
 import numpy as np
 from clipfold.compile.precision.config import GateConfig
 from clipfold.runtime.bundle.agreement import Gate
@@ -53,7 +54,7 @@ def run_bf16(path: Path, sources, pixels: np.ndarray) -> dict[str, np.ndarray]:
                           f"{str(exc).splitlines()[0][:300] if str(exc) else ''}") from exc
 
 
-def build_bf16(sources, held: gating.HeldOut, fp32_out: dict[str, np.ndarray], gate_cfg: GateConfig,
+def build_bf16(sources, held: image_sets.HeldOut, fp32_out: dict[str, np.ndarray], gate_cfg: GateConfig,
                tie_tolerance: float, parity_of, say) -> Variant:
     """Gate OpenVINO bf16 on ``sources.fused`` against fp32 on the held-out images; the variant,
     or :class:`GateError` naming every figure that missed. ``parity_of(run)`` gives the figures

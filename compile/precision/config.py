@@ -1,4 +1,6 @@
-"""Typed options for reduced-precision variants and the accuracy gate they must pass.
+"""Typed options for reduced-precision variants and the accuracy gate they must pass, and the table
+of precisions (``PRECISIONS``: what each is and which backends run it). Only data and its checks:
+variants.py builds the variants, gate.py measures them, image_sets.py picks their images.
 
 A variant is named after its precision. fp32 is always built first: it is verified against
 open_clip eager, and every other variant is then gated against it on held-out images.

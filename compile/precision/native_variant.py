@@ -6,6 +6,9 @@ faster than ONNX Runtime's on the CPUs this project targets (``make bench`` repo
 Only open_clip's plain class-token ``VisionTransformer`` is taken; :func:`tower_tensors` names what
 else it found. The weights are read from the tower after input normalization was folded into its
 patch embedding, so the variant takes the same raw uint8 pixels as the ONNX graphs.
+
+This module builds the variant at compile time (torch in, packed weights out, verified against
+open_clip eager); ``runtime/backends/native.py`` (the ``native`` backend) runs it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from clipfold.runtime.bundle.layout import NATIVE_DIR, NATIVE_HEAD_FILE
 from torch import nn
 
 from clipfold.errors import ExportError
-
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

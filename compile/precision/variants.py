@@ -9,7 +9,7 @@ what the search left in float; the whole compile then writes nothing.
 
 Every choice (whether to search, the ranking, each bisection step) is made on the *search*
 images; the figures recorded and held to the limits come from the disjoint *gate* images, on which
-nothing was chosen (:func:`~.gate.selection_images`; the split is recorded in ``Gate.selection``).
+nothing was chosen (:func:`~.image_sets.selection_images`; the split is recorded in ``Gate.selection``).
 
 Sensitivity of a quantized node = how much error it *adds*: one minus the cosine of its output
 against fp32, minus the same for its activation input, both measured with every node quantized.
@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 
 import clipfold.compile.precision.float16 as float16
 import clipfold.compile.precision.gate as gating
+import clipfold.compile.precision.image_sets as image_sets
 import clipfold.compile.precision.quantize as quantize
 import numpy as np
 import onnx
@@ -70,7 +71,7 @@ def check_early(precisions: Sequence[str], quant: QuantConfig, gate_cfg: GateCon
             raise BackendUnavailableError("fp32-native needs an x86-64 CPU with AVX2 and FMA to run and be verified; "
                                           "this one lacks them (the fp32 variant runs everywhere)")
     if wanted and quant.calib is not None and set(CALIBRATED) & set(wanted):
-        gating.calibration_paths(quant)
+        image_sets.calibration_paths(quant)
     if wanted and gate_cfg.data is not None:
         read_folder(gate_cfg.data)
     if wanted and gate_cfg.search_data is not None:
@@ -116,8 +117,8 @@ class _JudgingImages:
     """The images every variant is judged on: ``held`` (the gate) and ``search`` (every choice) with
     fp32's outputs on each, the calibration images, and the record of the split kept in each gate."""
 
-    held: gating.HeldOut
-    search: gating.HeldOut
+    held: image_sets.HeldOut
+    search: image_sets.HeldOut
     fp32_held: dict[str, np.ndarray]
     fp32_search: dict[str, np.ndarray]
     record: dict
@@ -130,9 +131,9 @@ def _judging_images(wanted: Sequence[str], sources: Sources, spec: PreprocessSpe
     calib = calib_source = None
     calibrated = bool(set(CALIBRATED) & set(wanted))
     if calibrated:
-        calib, calib_source = gating.calibration_images(spec, quant)
-    calib_files = gating.calibration_paths(quant) if calibrated and quant.calib is not None else ()
-    selection = gating.selection_images(spec, labels, gate_cfg, calib_files)
+        calib, calib_source = image_sets.calibration_images(spec, quant)
+    calib_files = image_sets.calibration_paths(quant) if calibrated and quant.calib is not None else ()
+    selection = image_sets.selection_images(spec, labels, gate_cfg, calib_files)
     held, search = selection.gate, selection.search
     record = {"calibration": calib_source, **selection.record} if calibrated else dict(selection.record)
     fp32_held = gating.run_graph(sources.fused, sources.inputs, sources.outputs, held.pixels, head=sources.head)
@@ -145,7 +146,7 @@ def _bf16_variant(sources: Sources, spec: PreprocessSpec, labels: Sequence[str],
     """bf16 makes no choice: every held-out image judges it (the search share included)."""
     from clipfold.compile.precision.bf16 import build_bf16
 
-    every = gating.held_out_images(spec, labels, gate_cfg)
+    every = image_sets.held_out_images(spec, labels, gate_cfg)
     every_out = gating.run_graph(sources.fused, sources.inputs, sources.outputs, every.pixels, head=sources.head)
     return build_bf16(sources, every, every_out, gate_cfg, verify.tie_tolerance,
                       lambda run: _eager_parity(run, reference, verify), say)

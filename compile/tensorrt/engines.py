@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import clipfold.compile.precision.gate as gating
+import clipfold.compile.precision.image_sets as image_sets
 import numpy as np
 from clipfold.compile.precision.config import GateConfig
 from clipfold.compile.tensorrt.build import BatchProfile, build_engine, gpu_identity
@@ -70,7 +71,7 @@ def build_engines(cfg: EngineBuildConfig, progress: Callable[[str], None] | None
     targets = tensorrt_variants(manifest, cfg.variants)  # before gpu_identity: no TensorRT variant says so first
     here = gpu_identity()
     targets = _buildable(targets, here, bool(cfg.variants), say)
-    held = gating.held_out_images(manifest.preprocess, manifest.labels, cfg.gate)
+    held = image_sets.held_out_images(manifest.preprocess, manifest.labels, cfg.gate)
     reference = fp32.run_pixels(held.pixels)
     built, new_files, written, obsolete = {}, {}, [], []
     try:
