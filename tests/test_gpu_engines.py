@@ -173,6 +173,23 @@ def test_manifest_records_engines_and_checks_their_files(trt_bundle):
         _record(profile={"min": 8, "opt": 4, "max": 64})
 
 
+def test_fp8_plans_need_compute_capability_8_9():
+    """engine build on a GPU below 8.9 (no FP8 tensor cores): the default list skips the fp8 variant
+    and says so; asking for it by name is a ConfigError naming the GPU. From 8.9 on, all are built."""
+    from types import SimpleNamespace
+
+    from clipfold.compile.tensorrt.engines import _buildable
+
+    targets = [SimpleNamespace(name=n, precision=n) for n in ("tensorrt-fp16", "fp8")]
+    said: list[str] = []
+    ampere = {"gpu": "NVIDIA A100", "compute_capability": "8.0"}
+    assert [v.name for v in _buildable(targets, ampere, False, said.append)] == ["tensorrt-fp16"]
+    assert said == ["skipping ['fp8']: FP8 needs compute capability 8.9 or newer, NVIDIA A100 has 8.0"]
+    with pytest.raises(errors.ConfigError, match=r"\['fp8'\] need FP8 tensor cores .* NVIDIA A100 has 8.0"):
+        _buildable(targets, ampere, True, said.append)
+    assert _buildable(targets, {"gpu": "NVIDIA H100", "compute_capability": "9.0"}, True, said.append) == targets
+
+
 @pytest.mark.skipif(GPU, reason="checks the messages of a machine without TensorRT or a GPU")
 def test_without_tensorrt_the_gpu_paths_say_what_is_missing(trt_bundle, tiny_bundle, tmp_path, capsys):
     with pytest.raises(errors.BackendUnavailableError, match=r"clipfold\[gpu\]"):
