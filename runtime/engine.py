@@ -85,7 +85,7 @@ class Engine:
         cores with other work, such as a server.
 
         ``expect_digest``: open only the bundle of this digest (``clipfold inspect`` prints it; see
-        :func:`~clipfold.runtime.bundle.schema.bundle_digest`); its files are then always checked."""
+        :func:`~clipfold.runtime.bundle.files.bundle_digest`); its files are then always checked."""
         path = Path(path)
         manifest, digest = _read_checked(path, verify_checksums, expect_digest)
         if variant == "auto":  # the fastest variant that runs on this CPU (runtime/variant_choice.py)

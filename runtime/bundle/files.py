@@ -5,15 +5,17 @@ manifest is read); here a path is also resolved on disk, so that a symlink insid
 cannot lead out of it (:func:`contained`). :func:`verify_files` checks every file at
 ``Engine.open``; a file the engine opens later (the text tower and its tokenizer, on the first
 text query) is checked again right before it is opened (:func:`verified`), so a file changed after
-the engine started is refused, not served.
+the engine started is refused, not served. :func:`bundle_digest` is a bundle's identity, read from
+its manifest.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path, PurePosixPath
-from typing import Mapping
+from typing import Any, Mapping
 
 from clipfold.errors import BundleError, ChecksumError
 
@@ -82,3 +84,13 @@ def check_folder_listed(bundle: Path, folder: str, files: Mapping[str, str]) -> 
         if (path.is_file() or path.is_symlink()) and rel not in files:
             raise ChecksumError(f"bundle {bundle} holds {rel} in {folder}/, which its manifest lists no checksum for; "
                                 "recompile the bundle")
+
+
+def bundle_digest(data: dict[str, Any]) -> str:
+    """A bundle's identity: ``sha256:`` + the sha256 of its manifest as canonical JSON (the parsed
+    manifest.json dumped with sorted keys, no whitespace, UTF-8, non-ASCII kept). The manifest
+    records the sha256 of every other file and each is checked when the bundle is opened, so the
+    digest covers the manifest and every file; any edit (a label, a threshold, a file) changes it,
+    re-indenting manifest.json does not."""
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return "sha256:" + hashlib.sha256(canonical).hexdigest()

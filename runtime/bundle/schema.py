@@ -10,14 +10,13 @@ runtime/bundle/agreement.py, the file names in runtime/bundle/layout.py. A manif
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from clipfold.runtime.bundle.agreement import Gate, HeadParity, Parity, TextGate, TextParity
-from clipfold.runtime.bundle.files import check_relative
+from clipfold.runtime.bundle.files import bundle_digest, check_relative
 from clipfold.runtime.bundle.layout import GALLERY_FILE, MANIFEST_NAME, native_files
 
 from clipfold.errors import BundleError, SchemaVersionError
@@ -383,16 +382,6 @@ class Manifest:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise BundleError(f"cannot read {path}: {exc}") from None
         return cls.from_dict(data), bundle_digest(data)
-
-
-def bundle_digest(data: dict[str, Any]) -> str:
-    """A bundle's identity: ``sha256:`` + the sha256 of its manifest as canonical JSON (the parsed
-    manifest.json dumped with sorted keys, no whitespace, UTF-8, non-ASCII kept). The manifest
-    records the sha256 of every other file and each is checked when the bundle is opened, so the
-    digest covers the manifest and every file; any edit (a label, a threshold, a file) changes it,
-    re-indenting manifest.json does not."""
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    return "sha256:" + hashlib.sha256(canonical).hexdigest()
 
 
 def _coerce(cls: type, value: Any) -> Any:
