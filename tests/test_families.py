@@ -162,7 +162,7 @@ def test_fp32_native_on_a_resnet_is_refused_before_any_export(tmp_path, monkeypa
     def no_head(*args, **kwargs):
         raise AssertionError("the refusal must come before the head is built and the tower exported")
 
-    monkeypatch.setattr(pipeline, "_adapt", no_head)
+    monkeypatch.setattr(pipeline, "resolve_head", no_head)
     config = CompileConfig(labels=("cat", "dog"), out=tmp_path / "rn.bundle", model="RN50", templates="label",
                            precisions=("fp32-native",))
     with pytest.raises(ExportError, match="VisionTransformer only; this tower is ModifiedResNet"):
