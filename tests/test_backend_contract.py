@@ -67,7 +67,7 @@ def reference(bundle, tiny, pixels):
 def _unavailable(name: str, bundle) -> str | None:
     if name == "tensorrt":
         have = "installed" if importlib.util.find_spec("tensorrt") else "not installed"
-        return (f"TensorRT runs tensorrt-* variants built on an NVIDIA GPU (compile --target tensorrt, then engine "
+        return (f"TensorRT runs tensorrt-* variants built on an NVIDIA GPU (compile --backend tensorrt, then engine "
                 f"build; tests/test_gpu_engines.py); TensorRT is {have} here")
     if name == "onnxruntime-cuda":
         import onnxruntime as ort

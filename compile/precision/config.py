@@ -26,7 +26,7 @@ PRECISIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "int8-weight": ("weight-only int8 MatMul (MatMulNBits)", ("onnxruntime",)),
     "int4-weight": ("weight-only int4 MatMul (MatMulNBits)", ("onnxruntime",)),
     "fp8": ("FP8 E4M3 QDQ graph for TensorRT on Hopper (checked here with emulated Q/DQ)", ("tensorrt",)),
-    # TensorRT-bound graphs on standard operators (compile --target tensorrt), for a strongly typed network
+    # TensorRT-bound graphs on standard operators (compile --backend tensorrt), for a strongly typed network
     "tensorrt-fp16": ("mixed fp16 graph for TensorRT: LayerNorm, softmax, reductions and the head stay fp32",
                       ("tensorrt",)),
     "tensorrt-int8": ("int8 QDQ graph for TensorRT: symmetric s8 activations and weights, ranges calibrated on "

@@ -53,7 +53,7 @@ def tensorrt_variants(manifest, wanted: tuple[str, ...] = ()) -> list:
     bound = [v for v in manifest.variants if "tensorrt" in v.backends]
     if not wanted:
         if not bound:
-            raise BundleError("this bundle has no TensorRT-bound variant; compile it with --target tensorrt "
+            raise BundleError("this bundle has no TensorRT-bound variant; compile it with --backend tensorrt "
                               "--precision fp16,int8,fp8 (or --precision tensorrt-fp16,...) first")
         return bound
     missing = [name for name in wanted if name not in {v.name for v in bound}]

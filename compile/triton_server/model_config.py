@@ -13,7 +13,7 @@ from clipfold.errors import ConfigError
 
 MARKER = "clipfold-export.json"  # Triton scans sub-folders only: a file at the root is ignored
 KINDS = ("cpu", "gpu")
-# --platform -> (Triton platform, model-name suffix, file in the model's version folder)
+# --backend -> (Triton platform, model-name suffix, file in the model's version folder)
 PLATFORMS = {"onnxruntime": ("onnxruntime_onnx", "onnx", "model.onnx"), "tensorrt": ("tensorrt_plan", "trt", "model.plan")}
 
 # manifest dtype -> Triton DataType name; the ONNX Runtime type string of each.

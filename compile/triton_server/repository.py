@@ -80,7 +80,7 @@ class TritonExportConfig:
         if self.kind not in KINDS:
             raise ConfigError(f"instance kind {self.kind!r} is not one of {KINDS}")
         if self.platform == "tensorrt" and self.kind != "gpu":
-            raise ConfigError("a TensorRT plan runs on a GPU: --kind gpu (the default with --platform tensorrt)")
+            raise ConfigError("a TensorRT plan runs on a GPU: --device gpu (the default with --backend tensorrt)")
 
 
 def _external_data(path: Path) -> list[str]:
@@ -102,7 +102,7 @@ def _check_exportable(manifest: Manifest, variant: Variant, platform: str) -> No
         raise BundleError(f"variant {variant.name!r} is a {variant.format} engine; the Triton export takes ONNX variants")
     if platform == "onnxruntime" and "onnxruntime" not in variant.backends:
         raise BundleError(f"variant {variant.name!r} ({variant.precision}) is a graph for {list(variant.backends)}, not "
-                          "for ONNX Runtime; export its TensorRT plan with --platform tensorrt, or another variant")
+                          "for ONNX Runtime; export its TensorRT plan with --backend tensorrt, or another variant")
     names = [spec.name for spec in variant.outputs]
     if len(variant.inputs) != 1 or variant.inputs[0].dtype != "uint8" or {"scores", "indices"} - set(names):
         raise BundleError(f"variant {variant.name!r} is not a pixels -> top-k graph (inputs "

@@ -57,7 +57,7 @@ def open_backend(name: str, graph: Variant | ExtraHead, path: Path, threads: int
                 " (and TensorRT is not installed here: install clipfold[gpu] on a machine with an NVIDIA GPU)"
             raise BackendUnavailableError(
                 f"variant {graph.name!r} ({graph.precision}) is a graph for {list(graph.backends)}, not for TensorRT; "
-                f"TensorRT runs the tensorrt-* and fp8 variants (compile --target tensorrt){missing}")
+                f"TensorRT runs the tensorrt-* and fp8 variants (compile --backend tensorrt){missing}")
         from clipfold.runtime.backends.tensorrt import open_tensorrt
 
         return open_tensorrt(graph, Path(path).parent)
