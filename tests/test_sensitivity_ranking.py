@@ -118,3 +118,23 @@ def test_rank_batch_fits_the_budget():
     assert quantize.rank_batch(one_image_bytes=100, images=32, budget=1000) == 10
     assert quantize.rank_batch(one_image_bytes=5000, images=32, budget=1000) == 1
     assert quantize.rank_batch(one_image_bytes=1, images=32, budget=1000) == 32
+
+
+def test_a_streamed_save_parses_to_the_same_model(tiny_bundle, tmp_path):
+    """save_streamed writes one initializer at a time (onnx.save holds three copies of the weights)."""
+    model = onnx.load(str(tiny_bundle.path / tiny_bundle.manifest.variant("fp32").file))
+    expected = model.SerializeToString()
+    quantize.save_streamed(model, tmp_path / "streamed.onnx")
+    assert len(model.graph.initializer) == 0  # spent: its weights went to the file one by one
+    assert onnx.load(str(tmp_path / "streamed.onnx")).SerializeToString() == expected
+
+
+def test_types_are_inferred_the_same_without_the_weights(tiny_bundle):
+    model = onnx.load(str(tiny_bundle.path / tiny_bundle.manifest.variant("fp32").file))
+    light = quantize._without_weights(model, small=64)
+    assert sum(t.ByteSize() for t in light.graph.initializer) < sum(t.ByteSize() for t in model.graph.initializer) / 10
+
+    def types(m):
+        return {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(m).graph.value_info}
+
+    assert types(light) == types(model) and len(types(model)) > 20
