@@ -14,22 +14,13 @@ from typing import Sequence
 
 import numpy as np
 from clipfold.compile.precision.config import GateConfig
-
-# The image sets, re-exported for the callers that still reach them through this module
-# (compile/precision/variants.py, bf16.py, compile/tensorrt/engines.py); their home is image_sets.py.
-from clipfold.compile.precision.image_sets import (  # noqa: F401
-    HeldOut,
-    Selection,
-    calibration_images,
-    calibration_paths,
-    held_out_images,
-    selection_images,
-)
+from clipfold.compile.precision.image_sets import HeldOut
 from clipfold.runtime.backends.base import Backend
 from clipfold.runtime.backends.kernel_head import KernelHead, KernelHeadBackend
 from clipfold.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from clipfold.runtime.bundle.agreement import Gate
 from clipfold.runtime.bundle.schema import TensorSpec
+
 
 def run_graph(path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], pixels: np.ndarray,
               batch_size: int = 16, head: KernelHead | None = None) -> dict[str, np.ndarray]:
