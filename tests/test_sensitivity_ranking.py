@@ -12,9 +12,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from clipfold.compile.precision import quantize
+from clipfold.compile.precision import quantize, sensitivity
 from clipfold.compile.precision.config import QuantConfig
 from clipfold.compile.precision.image_sets import calibration_images
+from clipfold.compile.stages.streamed_save import save_streamed, without_weights
 from clipfold.compile.tiny import data
 from clipfold.runtime.preprocess import preprocess
 from onnx import TensorProto, helper
@@ -78,7 +79,7 @@ def test_streamed_ranking_of_int8_static_is_the_all_at_once_ranking(quantized, b
     assert len(nodes) > 10
     expected = _all_at_once(out, src, nodes, pixels)
     # batch 5 leaves a short last batch: a mean of batch means would weigh its images differently
-    assert quantize.rank_by_added_error(out, src, nodes, pixels, batch=batch) == expected
+    assert sensitivity.rank_by_added_error(out, src, nodes, pixels, batch=batch) == expected
 
 
 def test_the_default_batch_runs_all_images_at_once_when_they_fit(quantized):
@@ -86,52 +87,53 @@ def test_the_default_batch_runs_all_images_at_once_when_they_fit(quantized):
     batching: within the budget (the tiny model's 32 images) it is the all-at-once ranking."""
     graphs, pixels = quantized
     out, src, nodes = graphs["int8-dynamic"]
-    assert quantize.rank_by_added_error(out, src, nodes, pixels) == _all_at_once(out, src, nodes, pixels)
+    assert sensitivity.rank_by_added_error(out, src, nodes, pixels) == _all_at_once(out, src, nodes, pixels)
 
 
 def test_the_ranking_holds_one_batch_of_activations_at_a_time(quantized, monkeypatch):
     graphs, pixels = quantized
     out, src, nodes = graphs["int8-static"]
     expected = _all_at_once(out, src, nodes, pixels)
-    runs, call = [], quantize._Activations.__call__
+    runs, call = [], sensitivity._Activations.__call__
 
     def recorded(self, batch_pixels):
         result = call(self, batch_pixels)
         runs.append((len(batch_pixels), sum(a.nbytes for a in result.values())))
         return result
 
-    monkeypatch.setattr(quantize._Activations, "__call__", recorded)
-    monkeypatch.setattr(quantize, "RANK_BATCH_BYTES", 1)  # less than one image's activations
-    assert quantize.rank_by_added_error(out, src, nodes, pixels) == expected
+    monkeypatch.setattr(sensitivity._Activations, "__call__", recorded)
+    monkeypatch.setattr(sensitivity, "RANK_BATCH_BYTES", 1)  # less than one image's activations
+    assert sensitivity.rank_by_added_error(out, src, nodes, pixels) == expected
     assert [n for n, _ in runs] == [1] * (2 + 2 * IMAGES)  # two runs size the batch, then one image at a time
     one_image = runs[0][1] + runs[1][1]  # both graphs' activations of one image
 
     runs.clear()
-    monkeypatch.setattr(quantize, "RANK_BATCH_BYTES", 3 * one_image)
-    assert quantize.rank_by_added_error(out, src, nodes, pixels) == expected
+    monkeypatch.setattr(sensitivity, "RANK_BATCH_BYTES", 3 * one_image)
+    assert sensitivity.rank_by_added_error(out, src, nodes, pixels) == expected
     sizes = [n for n, _ in runs[2:]]
     assert sizes == [3, 3] * (IMAGES // 3) + [IMAGES % 3] * 2
     assert max(nbytes for _, nbytes in runs) <= 3 * one_image
 
 
 def test_rank_batch_fits_the_budget():
-    assert quantize.rank_batch(one_image_bytes=100, images=32, budget=1000) == 10
-    assert quantize.rank_batch(one_image_bytes=5000, images=32, budget=1000) == 1
-    assert quantize.rank_batch(one_image_bytes=1, images=32, budget=1000) == 32
+    assert sensitivity.rank_batch(one_image_bytes=100, images=32, budget=1000) == 10
+    assert sensitivity.rank_batch(one_image_bytes=5000, images=32, budget=1000) == 1
+    assert sensitivity.rank_batch(one_image_bytes=1, images=32, budget=1000) == 32
 
 
 def test_a_streamed_save_parses_to_the_same_model(tiny_bundle, tmp_path):
-    """save_streamed writes one initializer at a time (onnx.save holds three copies of the weights)."""
+    """save_streamed writes one initializer at a time (onnx.save holds three copies of the weights);
+    the export, the fusion and the quantizers' graphs are written with it."""
     model = onnx.load(str(tiny_bundle.path / tiny_bundle.manifest.variant("fp32").file))
     expected = model.SerializeToString()
-    quantize.save_streamed(model, tmp_path / "streamed.onnx")
+    save_streamed(model, tmp_path / "streamed.onnx")
     assert len(model.graph.initializer) == 0  # spent: its weights went to the file one by one
     assert onnx.load(str(tmp_path / "streamed.onnx")).SerializeToString() == expected
 
 
 def test_types_are_inferred_the_same_without_the_weights(tiny_bundle):
     model = onnx.load(str(tiny_bundle.path / tiny_bundle.manifest.variant("fp32").file))
-    light = quantize._without_weights(model, small=64)
+    light = without_weights(model, small=64)
     assert sum(t.ByteSize() for t in light.graph.initializer) < sum(t.ByteSize() for t in model.graph.initializer) / 10
 
     def types(m):

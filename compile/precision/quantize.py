@@ -27,7 +27,7 @@ from typing import Iterable
 
 import numpy as np
 from clipfold.compile.precision.config import QuantConfig
-from clipfold.compile.precision.gate import row_cosine
+from clipfold.compile.stages.streamed_save import save_streamed, without_weights
 
 from clipfold.errors import ConfigError
 
@@ -112,7 +112,7 @@ def unpack_attention(model):
                                       name=f"{p}/mha", domain="com.microsoft", **mha_attrs))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    onnx.checker.check_model(_without_weights(model), full_check=False)  # the new nodes; weights are as loaded
+    onnx.checker.check_model(without_weights(model), full_check=False)  # the new nodes; weights are as loaded
     return model
 
 
@@ -151,25 +151,6 @@ def prepare(src: Path, dst: Path, unpack: bool) -> list[str]:
     del model
     release_memory()
     return always
-
-
-def save_streamed(model, dst: Path) -> None:
-    """Write ``model`` to ``dst`` as one protobuf file, one initializer at a time; empties ``model``'s
-    initializers.
-
-    ``onnx.save`` serializes the whole model into one buffer and copies that into a bytes object:
-    three copies of the weights at its peak (ViT-L-14: 3.6 GB). Here each initializer is written as
-    a ModelProto holding only it, then the rest of the model; protobuf merges concatenated messages
-    (repeated fields append), so the file parses to the same model, initializers in order.
-    """
-    onnx = _onnx()
-    with open(dst, "wb") as f:
-        for tensor in model.graph.initializer:
-            piece = onnx.ModelProto()
-            piece.graph.initializer.add().CopyFrom(tensor)
-            f.write(piece.SerializeToString())
-        model.graph.ClearField("initializer")
-        f.write(model.SerializeToString())
 
 
 def release_memory() -> None:
@@ -319,113 +300,3 @@ def fused_op_counts(path: Path) -> dict[str, int]:
     interesting = set(FUSED_OPS) | {"QAttention", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits",
                                     "QuantizeLinear", "DequantizeLinear", "MultiHeadAttention"}
     return {op: n for op, n in sorted(op_counts(path).items()) if op in interesting}
-
-
-RANK_BATCH_BYTES = 1 << 30  # activations of both graphs held at once by the sensitivity ranking
-
-
-def _with_outputs(path: Path, tensors: list[str], dst: Path) -> Path:
-    """``path`` with ``tensors`` added as graph outputs, saved as ``dst`` (next to ``path``, so that
-    external weight files resolve); nothing of the model is kept in memory afterwards."""
-    onnx = _onnx()
-    from onnx import TensorProto, helper
-
-    model = onnx.load(str(path), load_external_data=False)
-    present = {o.name for o in model.graph.output}
-    types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
-    if not all(t in types for t in tensors):
-        try:
-            inferred = onnx.shape_inference.infer_shapes(_without_weights(model))
-            types = {**{v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}, **types}
-            del inferred
-        except Exception:  # inference is only a source of dtypes here; unknown ones default to float
-            pass
-    model.graph.output.extend(helper.make_tensor_value_info(t, types.get(t) or TensorProto.FLOAT, None)
-                              for t in tensors if t not in present)
-    save_streamed(model, dst)
-    return dst
-
-
-def _without_weights(model, small: int = 4096):
-    """A copy of ``model`` for type inference: initializers over ``small`` bytes become typed graph
-    inputs, so that inference does not copy the weights (four times: to C++ and back)."""
-    from onnx import helper
-
-    light = _onnx().ModelProto()
-    for field, value in model.ListFields():
-        if field.name != "graph":
-            getattr(light, field.name).extend(value) if field.label == field.LABEL_REPEATED else \
-                (getattr(light, field.name).CopyFrom(value) if field.type == field.TYPE_MESSAGE
-                 else setattr(light, field.name, value))
-    for field, value in model.graph.ListFields():
-        if field.name == "initializer":
-            for tensor in value:
-                if tensor.ByteSize() <= small:
-                    light.graph.initializer.add().CopyFrom(tensor)
-                else:
-                    light.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
-        elif field.label == field.LABEL_REPEATED:
-            getattr(light.graph, field.name).extend(value)
-        elif field.type == field.TYPE_MESSAGE:
-            getattr(light.graph, field.name).CopyFrom(value)
-        else:
-            setattr(light.graph, field.name, value)
-    return light
-
-
-class _Activations:
-    """An ONNX Runtime session returning ``tensors`` of a graph (those it has), without the CPU
-    arena, so that what one batch held is returned before the next runs."""
-
-    def __init__(self, path: Path, tensors: list[str]):
-        import onnxruntime as ort
-
-        dst = path.with_name(f".{path.stem}.rank.onnx")
-        try:
-            options = ort.SessionOptions()
-            options.enable_cpu_mem_arena = False
-            self.session = ort.InferenceSession(str(_with_outputs(path, tensors, dst)), options,
-                                                providers=["CPUExecutionProvider"])
-        finally:
-            dst.unlink(missing_ok=True)
-        wanted = set(tensors)
-        self.names = [o.name for o in self.session.get_outputs() if o.name in wanted]
-
-    def __call__(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        return dict(zip(self.names, self.session.run(self.names, {"pixels": pixels})))
-
-
-def rank_batch(one_image_bytes: int, images: int, budget: int) -> int:
-    """Images per ranking batch: as many as keep both graphs' activations within ``budget``."""
-    return max(1, min(images, budget // max(one_image_bytes, 1)))
-
-
-def rank_by_added_error(quantized: Path, reference: Path, nodes: list[str], pixels: np.ndarray,
-                        batch: int | None = None) -> list[str]:
-    """``nodes`` sorted by the error each adds: (1 - cos) of its output minus that of its input.
-
-    Streams: the images run in batches (``batch``, or as many as keep both graphs' activations
-    within :data:`RANK_BATCH_BYTES`), and only each tensor's per-image cosines are kept. The
-    cosine is per image, so the figures do not depend on the batching, except through
-    int8-dynamic's activation scale, which its quantizer takes over the whole batch.
-    """
-    onnx = _onnx()
-    graph = onnx.load(str(reference), load_external_data=False).graph
-    by_name = {n.name: n for n in graph.node}
-    ios = {name: (by_name[name].input[0], by_name[name].output[0]) for name in nodes if name in by_name}
-    del graph, by_name
-    tensors = sorted({t for pair in ios.values() for t in pair})
-    ref, got = _Activations(Path(reference), tensors), _Activations(Path(quantized), tensors)
-    common = [t for t in ref.names if t in set(got.names)]
-    if batch is None:
-        one = sum(a.nbytes for a in ref(pixels[:1]).values()) + sum(a.nbytes for a in got(pixels[:1]).values())
-        batch = rank_batch(one, len(pixels), RANK_BATCH_BYTES)
-    cosines: dict[str, list[np.ndarray]] = {t: [] for t in common}
-    for lo in range(0, len(pixels), batch):
-        a, b = ref(pixels[lo:lo + batch]), got(pixels[lo:lo + batch])
-        for t in common:
-            cosines[t].append(row_cosine(a[t], b[t]))
-        del a, b
-    error = {t: float(np.mean(1.0 - np.concatenate(c))) for t, c in cosines.items()}
-    added = {name: error.get(out, 0.0) - error.get(inp, 0.0) for name, (inp, out) in ios.items()}
-    return sorted(added, key=lambda name: -added[name])

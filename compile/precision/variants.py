@@ -27,6 +27,7 @@ import clipfold.compile.precision.float16 as float16
 import clipfold.compile.precision.gate as gating
 import clipfold.compile.precision.image_sets as image_sets
 import clipfold.compile.precision.quantize as quantize
+import clipfold.compile.precision.sensitivity as sensitivity
 import numpy as np
 import onnx
 from clipfold.compile.config import VerifyConfig
@@ -285,4 +286,4 @@ class _Builder:
 
     def _rank(self) -> list[str]:
         """Quantized nodes ordered by the error they add (largest first)."""
-        return quantize.rank_by_added_error(self.out, self.src, self.candidates, self.probe)
+        return sensitivity.rank_by_added_error(self.out, self.src, self.candidates, self.probe)

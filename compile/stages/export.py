@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from clipfold.compile.heads.ir import Head
+from clipfold.compile.stages.streamed_save import save_ir
 from clipfold.runtime.bundle.schema import TensorSpec
 from torch import nn
 
@@ -179,6 +180,9 @@ def _export(graph: nn.Module, example: torch.Tensor, input_name: str, output_nam
                 input_names=[input_name], output_names=output_names,
                 dynamic_shapes={input_name: {0: batch}},
             )
-            program.save(str(path), external_data=param_bytes > EXTERNAL_DATA_BYTES)
+            if param_bytes > EXTERNAL_DATA_BYTES:
+                program.save(str(path), external_data=True)
+            else:  # program.save's own writer holds three copies of the weights (peak memory)
+                save_ir(program.model, path)
     except Exception as exc:
         raise ExportError(f"ONNX export of {what} failed: {one_line(exc)}") from exc

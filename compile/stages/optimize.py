@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from clipfold.compile.stages.streamed_save import save_ir
 from torch import nn
 
 from clipfold.errors import ExportError
@@ -159,7 +160,7 @@ def fuse_for_onnxruntime(src: Path, dst: Path) -> dict[str, int]:
         # initializer (no size limit) so quantizers see a constant weight.
         fold_constants(model, input_size_limit=1 << 62, output_size_limit=1 << 62)
         split = split_skip_layer_norm(model)
-        ir.save(model, str(dst))
+        save_ir(model, dst)  # ir.save holds three copies of the weights (peak memory)
     except Exception as exc:  # the rewriter is a third-party pass over our own graph
         raise ExportError(f"ONNX Runtime graph fusion of {Path(src).name} failed: {type(exc).__name__}: {exc}") from exc
     applied = {name: int(n) for name, n in counts.items() if n}
