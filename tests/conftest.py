@@ -49,6 +49,26 @@ def tiny_text_bundle(tmp_path_factory, tiny_labels):
     return compile_bundle(CompileConfig(labels=tiny_labels, out=out, top_k=5, text=True))
 
 
+@pytest.fixture(scope="session")
+def tiny_text_top3_bundle(tmp_path_factory, tiny_labels):
+    """The same at top-3 (test_text, test_bundle_trust); tests that change it copy it first."""
+    from clipfold.compile.config import CompileConfig
+    from clipfold.compile.pipeline import compile_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "t.bundle"
+    return compile_bundle(CompileConfig(labels=tiny_labels, out=out, top_k=3, text=True))
+
+
+@pytest.fixture(scope="session")
+def tiny_native_bundle(tmp_path_factory, tiny_labels):
+    """The tiny bundle with the fp32-native variant beside fp32 (test_native, test_backend_contract)."""
+    from clipfold.compile.config import CompileConfig
+    from clipfold.compile.pipeline import compile_bundle
+
+    out = tmp_path_factory.mktemp("native") / "tiny.bundle"
+    return compile_bundle(CompileConfig(labels=tiny_labels, out=out, top_k=5, precisions=("fp32", "fp32-native")))
+
+
 def compile_random(model: str, out, labels=("cat", "dog", "car", "tree", "boat", "house")):
     """A random-weight real architecture; one template keeps the text tower cheap."""
     from clipfold.compile.config import CompileConfig
@@ -57,10 +77,29 @@ def compile_random(model: str, out, labels=("cat", "dog", "car", "tree", "boat",
     return compile_bundle(CompileConfig(labels=labels, out=out, model=model, templates="label", top_k=3))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
+def random_bundle(tmp_path_factory):
+    """``random_bundle(model)``: compile_random's bundle of that architecture (seed 0), compiled once per
+    session and shared (test_compile_parity checks it, test_extra_heads copies it); never change it."""
+    import torch
+
+    built = {}
+
+    def get(model: str):
+        if model not in built:
+            torch.manual_seed(0)
+            built[model] = compile_random(model, tmp_path_factory.mktemp("random") / f"{model}.bundle")
+        return built[model]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def gda_task(tmp_path_factory):
     """A GDA head on the tiny model's background task, which it is confident about (so agreement
-    between precisions is meaningful), with labelled support and test folders: (dir, adapter, test)."""
+    between precisions is meaningful), with labelled support and test folders: (dir, adapter, test).
+    Fitted once per session for six test files: they only read it and write bundles of their own
+    names (bf16, trt, all, profiled, search) into dir."""
     from clipfold.compile.adapters.fit import FitConfig, fit_adapter
     from clipfold.compile.tiny import data
     from clipfold.compile.tiny.samples import write_background_folder

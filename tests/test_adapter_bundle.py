@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from clipfold.compile import tiny as tiny_pkg
@@ -19,6 +16,7 @@ from clipfold.runtime.bundle.files import sha256_file
 
 from clipfold import errors
 
+from .cli_run import run_cli
 from .test_gda import BACKGROUNDS, _features, _shots
 
 LABELS = tuple(f"{b} background" for b in BACKGROUNDS)
@@ -50,8 +48,7 @@ def test_adapter_file_round_trip(gda_adapter):
 def test_cli_compiles_an_adapter_and_the_engine_is_adapted(gda_adapter, tmp_path):
     adapter, path = gda_adapter
     out = tmp_path / "gda.bundle"
-    proc = subprocess.run([sys.executable, "-m", "clipfold", "compile", "--adapter", str(path), "--out", str(out),
-                           "--top-k", "2"], capture_output=True, text=True, timeout=300)
+    proc = run_cli("compile", "--adapter", path, "--out", out, "--top-k", "2")  # in-process: the command, not the process
     assert proc.returncode == 0, proc.stderr
     engine = Engine.open(out)
     m = engine.manifest

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +15,8 @@ from clipfold.runtime.bundle.schema import SCHEMA_VERSION
 from safetensors.torch import save_file
 
 from clipfold import errors
+
+from .cli_run import run_cli
 
 
 def _compile(tmp_path, **kw):
@@ -156,8 +156,7 @@ def test_unknown_variant_and_bad_k(tiny_bundle):
 
 
 # --- CLI: one error line, non-zero exit, no traceback ------------------------------------------
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "clipfold", *args], capture_output=True, text=True, timeout=300)
+_cli = run_cli  # in-process: main() itself turns a ClipfoldError into one line (an escaped exception fails here)
 
 
 def test_cli_reports_errors_without_traceback(bundle_copy, tmp_path):

@@ -23,13 +23,10 @@ from clipfold import errors
 
 
 @pytest.fixture(scope="module")
-def base_bundle(tmp_path_factory, tiny_labels):
-    """The tiny model with its text tower, compiled once; tests copy it before changing it."""
-    from clipfold.compile.config import CompileConfig
-    from clipfold.compile.pipeline import compile_bundle
-
-    out = tmp_path_factory.mktemp("trust") / "base.bundle"
-    return compile_bundle(CompileConfig(labels=tiny_labels, out=out, top_k=3, text=True)).path
+def base_bundle(tiny_text_top3_bundle):
+    """The tiny model with its text tower, compiled once per session (conftest.py); tests copy it before
+    changing it."""
+    return tiny_text_top3_bundle.path
 
 
 @pytest.fixture

@@ -15,8 +15,6 @@ from clipfold.compile.tiny import data
 from clipfold.runtime import Engine
 from clipfold.runtime.preprocess import preprocess
 
-from .conftest import compile_random
-
 
 def _check_manifest_parity(result):
     variant = result.manifest.variant()
@@ -56,9 +54,8 @@ def test_tiny_parity(tiny_bundle):
     ("RN50", "modified-resnet"),
     ("convnext_tiny", "timm"),
 ])
-def test_random_weight_architecture_parity(tmp_path, model_name, family):
-    torch.manual_seed(0)
-    result = compile_random(model_name, tmp_path / f"{model_name}.bundle")
+def test_random_weight_architecture_parity(random_bundle, model_name, family):
+    result = random_bundle(model_name)  # compile_random under seed 0, once per session (conftest.py)
     assert result.manifest.model.family == family
     assert result.manifest.model.pretrained is None
     _check_manifest_parity(result)

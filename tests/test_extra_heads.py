@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from clipfold.compile.adapters.fit import FitConfig, fit_adapter
-from clipfold.compile.config import CompileConfig
 from clipfold.compile.heads.add import HeadAddConfig, add_head
-from clipfold.compile.pipeline import compile_bundle
 from clipfold.runtime import Engine
 from clipfold.runtime.bundle.schema import SCHEMA_VERSION
 
 from clipfold import errors
 
+from .cli_run import run_cli
 from .engine_parity import assert_topk_matches, normalized_pixels
 from .test_fit import _write_folder
 from .test_gda import BACKGROUNDS, _shots
@@ -27,9 +26,9 @@ TEMPLATES = ("a photo on a {}.", "a {}.")
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_labels, tmp_path_factory):
-    out = tmp_path_factory.mktemp("heads") / "multi.bundle"
-    return compile_bundle(CompileConfig(labels=tiny_labels, out=out, top_k=5)).path
+def bundle(tiny_bundle, tmp_path_factory):
+    """The session's tiny bundle (conftest.py), copied: these tests add heads to it."""
+    return Path(shutil.copytree(tiny_bundle.path, tmp_path_factory.mktemp("heads") / "multi.bundle"))
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +69,7 @@ def pixels_to_images(pixels):
     return [Image.fromarray(p.transpose(1, 2, 0)) for p in pixels]
 
 
-def test_replace_and_refusals(bundle, gda_file, tmp_path):
+def test_replace_and_refusals(bundle, gda_file, tmp_path, random_bundle):
     add_head(HeadAddConfig(bundle, "bg2", labels=BG, templates=TEMPLATES))
     old = Engine.open(bundle, head="bg2").head.file
     with pytest.raises(errors.BundleError, match="already has a head 'bg2'; pass --replace"):
@@ -84,22 +83,15 @@ def test_replace_and_refusals(bundle, gda_file, tmp_path):
         HeadAddConfig(bundle, "default", labels=BG)
     with pytest.raises(errors.BundleError, match=r"no head 'nope'; it has \['default'"):
         Engine.open(bundle, head="nope")
-    other = compile_bundle(CompileConfig(labels=("a", "b"), out=tmp_path / "rn.bundle", model="RN50",
-                                         templates="label", top_k=1, verify=_quick())).path
+    # A random-weight RN50 bundle (the session's, conftest.py random_bundle), copied: the refusal must write nothing.
+    other = Path(shutil.copytree(random_bundle("RN50").path, tmp_path / "rn.bundle"))
     with pytest.raises(errors.CheckpointError, match="adapters need a backbone with fixed weights"):
         add_head(HeadAddConfig(other, "gda", adapter=gda_file))
     assert not (other / "heads").exists() or not any((other / "heads").iterdir())
 
 
-def _quick():
-    from clipfold.compile.config import VerifyConfig
-
-    return VerifyConfig(random_images=2, generated_images=0)
-
-
 def test_cli_head_add_classify_and_inspect(bundle, tmp_path):
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "clipfold", *args], capture_output=True, text=True, timeout=300)
+    cli = run_cli  # in-process: this test is about the commands, not the process
 
     proc = cli("head", "add", str(bundle), "--name", "cli-bg", "--labels", ",".join(BG), "--templates", "label",
                "--top-k", "2")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from clipfold.compile.adapters.features import ViewConfig
@@ -16,6 +13,7 @@ from clipfold.runtime.image_folders import evaluate_folder, read_folder
 
 from clipfold import errors
 
+from .cli_run import run_cli
 from .test_gda import BACKGROUNDS, _shots
 
 _write_folder = write_background_folder
@@ -26,8 +24,7 @@ def support(tmp_path_factory):
     return _write_folder(tmp_path_factory.mktemp("support"), _shots(12, 11))
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "clipfold", *args], capture_output=True, text=True, timeout=300)
+_cli = run_cli  # in-process (no torch re-import per run); these tests are about the commands, not the process
 
 
 @pytest.fixture(scope="module")

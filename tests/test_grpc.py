@@ -20,8 +20,6 @@ import time
 
 import numpy as np
 import pytest
-from clipfold.compile.config import CompileConfig
-from clipfold.compile.pipeline import compile_bundle
 from clipfold.compile.tiny import data
 from clipfold.runtime import Engine
 from clipfold.runtime.preprocess import preprocess
@@ -55,9 +53,8 @@ def _samples(n: int, seed: int):
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory, tiny_labels):
-    tmp = tmp_path_factory.mktemp("grpc")
-    return compile_bundle(CompileConfig(labels=tiny_labels, out=tmp / "tiny.bundle", top_k=5, text=True)).path
+def bundle(tiny_text_bundle):
+    return tiny_text_bundle.path  # the session's tiny model with its text tower (conftest.py); only read here
 
 
 @pytest.fixture(scope="module")

@@ -119,13 +119,11 @@ def test_every_fitted_method_compiles_to_its_head(tiny, support, tmp_path, metho
 
 
 def test_cli_imports_a_checkpoint_and_bad_ones_write_nothing(tiny, tmp_path):
-    import subprocess
-    import sys
-
     from clipfold import errors
 
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "clipfold", *args], capture_output=True, text=True, timeout=300)
+    from .cli_run import run_cli as cli
+
+    # in-process: this test is about the command, not the process
 
     ctx = test_coop.word_embeddings(tiny, "a photo of a")
     test_coop.write_dassl_checkpoint(tmp_path / "out", "prompt_learner", {"ctx": ctx}, epoch=7)

@@ -143,9 +143,8 @@ def test_an_image_conditioned_head_is_refused(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def native_bundle(tmp_path_factory, tiny_labels):
-    out = tmp_path_factory.mktemp("native") / "tiny.bundle"
-    return compile_bundle(CompileConfig(labels=tiny_labels, out=out, top_k=5, precisions=("fp32", "fp32-native")))
+def native_bundle(tiny_native_bundle):
+    return tiny_native_bundle  # compiled once per session (conftest.py)
 
 
 def test_bundle_variant_runs_natively_and_equals_fp32(native_bundle, tiny_labels):

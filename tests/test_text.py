@@ -24,9 +24,8 @@ from .test_layout import BLOCK_TORCH
 
 
 @pytest.fixture(scope="module")
-def text_bundle(tmp_path_factory, tiny_labels):
-    return compile_bundle(CompileConfig(labels=tiny_labels, out=tmp_path_factory.mktemp("text") / "t.bundle",
-                                        top_k=3, text=True))
+def text_bundle(tiny_text_top3_bundle):
+    return tiny_text_top3_bundle  # compiled once per session (conftest.py); only read here
 
 
 def _varied_strings(n: int, seed: int = 0) -> list[str]:

@@ -18,8 +18,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from clipfold.compile.config import CompileConfig
-from clipfold.compile.pipeline import compile_bundle
 from clipfold.compile.tiny import data
 from clipfold.compile.tiny.samples import write_photos
 from clipfold.runtime import Engine
@@ -35,11 +33,11 @@ SEARCH = "a green triangle"
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory, tiny_labels):
+def demo(tmp_path_factory, tiny_text_bundle):
     """A bundle with a text tower and an index of the demo's generated photos (``make demo``), plus
     a file outside the indexed folder that a symlink inside it points to."""
     tmp = tmp_path_factory.mktemp("ui")
-    bundle = compile_bundle(CompileConfig(labels=tiny_labels, out=tmp / "tiny.bundle", top_k=5, text=True)).path
+    bundle = Path(shutil.copytree(tiny_text_bundle.path, tmp / "tiny.bundle"))  # compiled once per session
     photos = write_photos(tmp, n=40)
     secret = tmp / "secret.png"
     data.generate(1, seed=3)[0].image.save(secret)
