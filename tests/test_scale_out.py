@@ -263,9 +263,11 @@ def test_triton_validation_counts_the_labels(repository, tmp_path):
         validate_repository(copy)
 
 
-def _with_plan(tmp_path, profile=None):
+def _with_plan(tmp_path, profile=None, compiled=None):
     """A TensorRT-bound bundle carrying a plan record, as `clipfold engine build` leaves it on a GPU
-    machine. The plan's bytes are a stand-in: without TensorRT nothing here can read a plan."""
+    machine. The plan's bytes are a stand-in: without TensorRT nothing here can read a plan. With
+    ``compiled`` (a bundle this function made before) its copy is used instead of a second compile:
+    the plan, the record and the file list are all written again below."""
     import dataclasses
 
     from clipfold.compile.config import CompileConfig
@@ -273,8 +275,11 @@ def _with_plan(tmp_path, profile=None):
     from clipfold.runtime.bundle.schema import EngineRecord
     from clipfold.runtime.bundle.write import checksum_tree, write_manifest
 
-    bundle = compile_bundle(CompileConfig(labels=("red circle", "green star", "blue square"), top_k=3,
-                                          out=Path(tmp_path) / "t.bundle", precisions=("fp32", "tensorrt-fp16"))).path
+    if compiled is not None:
+        bundle = Path(shutil.copytree(compiled, Path(tmp_path) / "t.bundle"))
+    else:
+        bundle = compile_bundle(CompileConfig(labels=("red circle", "green star", "blue square"), top_k=3,
+                                              out=Path(tmp_path) / "t.bundle", precisions=("fp32", "tensorrt-fp16"))).path
     (bundle / "p.plan").write_bytes(b"plan for sm 8.7")
     (bundle / "p.cache").write_bytes(b"timing cache")
     record = EngineRecord(file="p.plan", timing_cache="p.cache", tensorrt="10.3.0", gpu="Orin",
@@ -321,7 +326,7 @@ def test_triton_export_of_a_tensorrt_plan(tmp_path, capsys):
                      "--platform", "tensorrt", *args]) == 2
         assert re.search(message, capsys.readouterr().err)
     # A plan whose profile starts above 1 cannot take Triton's single requests (nor its warm-up).
-    later = _with_plan(tmp_path / "min8", profile={"min": 8, "opt": 8, "max": 32})
+    later = _with_plan(tmp_path / "min8", profile={"min": 8, "opt": 8, "max": 32}, compiled=bundle)
     with pytest.raises(errors.ConfigError, match="batch profile starts at 8; Triton sends batches from 1"):
         export_triton(TritonExportConfig(later, tmp_path / "r4", variant="tensorrt-fp16", platform="tensorrt",
                                          max_batch=16))
