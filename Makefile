@@ -65,8 +65,9 @@ test-all: $(STAMP) browser
 
 # One registered model of every open_clip family compiled with --text, random weights (tests/test_families.py):
 # each passes parity or is refused in one line. Long: a few minutes per model on 2 cores, under 6 GB.
+# Then ViT-L-14 with int8 variants and --text under 8 GiB peak (tests/test_large_models.py, ~20 min).
 test-families: $(STAMP)
-	$(PY) -m pytest -q -m slow tests/test_families.py
+	$(PY) -m pytest -q -m slow tests/test_families.py tests/test_large_models.py
 
 # The bundled CLIP tokenizer against open_clip.tokenize on all 1,112,064 code points (about 10 minutes).
 test-tokenizer-sweep: $(STAMP)

@@ -37,3 +37,31 @@ def test_minmax_calibration_runs_one_image_at_a_time_and_changes_nothing(tiny_bu
     quantize.int8_static(src, tmp_path / "entropy.onnx", always, QuantConfig(calibration="entropy"), calib,
                          tmp_path / "entropy.json")
     assert max(batches) == 8
+
+
+def test_int8_static_is_one_file_equal_to_quantizing_in_memory(tiny_bundle, tmp_path):
+    """ORT writes its calibration graph and the result with external data (lean); the variant is re-embedded."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    src = tmp_path / "unpacked.onnx"
+    always = quantize.prepare(tiny_bundle.path / tiny_bundle.manifest.variant("fp32").file, src, unpack=True)
+    calib, _ = calibration_images(tiny_bundle.manifest.preprocess, QuantConfig())
+    quantize.int8_static(src, tmp_path / "q.onnx", always, QuantConfig(), calib, tmp_path / "r.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx", "r.json", "unpacked.onnx"]
+    # the same options in memory, as before (one file, no external data)
+    quantize_static(src, tmp_path / "m.onnx", quantize.PixelReader(calib, 8), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=["MatMul", "Conv", "Gemm"], per_channel=False, weight_type=QuantType.QInt8,
+                    activation_type=QuantType.QUInt8, nodes_to_exclude=always,
+                    calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=tmp_path / "r.json",
+                    extra_options={"MatMulConstBOnly": True, "WeightSymmetric": True, "ActivationSymmetric": False,
+                                   "CalibMovingAverage": False, "QuantizeBias": True})
+    a, b = onnx.load(str(tmp_path / "q.onnx")), onnx.load(str(tmp_path / "m.onnx"))
+    assert [n.SerializeToString() for n in a.graph.node] == [n.SerializeToString() for n in b.graph.node]
+    assert {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in a.graph.initializer} == \
+        {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in b.graph.initializer}
+    run = [ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]) for f in ("q.onnx", "m.onnx")]
+    out = [r.run(None, {"pixels": calib[:4]}) for r in run]
+    assert all(np.array_equal(x, y) for x, y in zip(*out))

@@ -140,3 +140,12 @@ def test_types_are_inferred_the_same_without_the_weights(tiny_bundle):
         return {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(m).graph.value_info}
 
     assert types(light) == types(model) and len(types(model)) > 20
+
+
+def test_a_streamed_save_over_2_gb_is_refused_as_onnx_save_refuses(tmp_path, monkeypatch):
+    model = onnx.helper.make_model(onnx.helper.make_graph(
+        [], "g", [], [], [onnx.numpy_helper.from_array(np.zeros(1000, np.float32), f"w{i}") for i in range(3)]))
+    monkeypatch.setattr(onnx.checker, "MAXIMUM_PROTOBUF", 5000)  # stands for 2 GB: three 4 kB tensors exceed it
+    with pytest.raises(ValueError, match="larger than the 2 GB limit"):
+        save_streamed(model, tmp_path / "big.onnx")
+    assert not (tmp_path / "big.onnx").exists()

@@ -268,11 +268,29 @@ def int8_static(src: Path, dst: Path, exclude: list[str], cfg: QuantConfig, cali
         quantize_static(src, dst, reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=ops,
                         per_channel=cfg.per_channel and not fp8, weight_type=weight_type,
                         activation_type=activation_type, nodes_to_exclude=exclude, calibrate_method=method,
-                        calibration_cache_path=cache, extra_options=extra)
+                        calibration_cache_path=cache, extra_options=extra,
+                        # its calibration graph written with onnx.save held 3 more copies of the weights
+                        use_external_data_format=True)
+    _embed_external_data(dst)
+    release_memory()
     return {"method": "static QDQ", "calibration": calibration, "calibration_images": int(len(calib)),
             "weights": "fp8 e4m3" if fp8 else "int8 symmetric",
             "activations": "fp8 e4m3" if fp8 else "int8 symmetric" if symmetric else "uint8",
             "per_channel": cfg.per_channel and not fp8, "op_types": ops}
+
+
+def _embed_external_data(path: Path) -> None:
+    """Rewrite ``path`` (saved with its weights in ``path.name + '.data'``) as one self-contained file."""
+    onnx = _onnx()
+    data = path.with_name(path.name + ".data")
+    if not data.exists():
+        return
+    model = onnx.load(str(path))  # reads the weights in
+    for tensor in model.graph.initializer:
+        del tensor.external_data[:]
+        tensor.ClearField("data_location")
+    save_streamed(model, path)
+    data.unlink()
 
 
 def weight_only(src: Path, dst: Path, exclude: list[str], cfg: QuantConfig, bits: int) -> dict:

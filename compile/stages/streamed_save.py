@@ -17,13 +17,21 @@ def save_streamed(model, dst: Path) -> None:
     """Write the ``onnx.ModelProto`` ``model`` to ``dst`` as one file; empties its initializers."""
     import onnx
 
+    written = 0
     with open(dst, "wb") as f:
         for tensor in model.graph.initializer:
             piece = onnx.ModelProto()
             piece.graph.initializer.add().CopyFrom(tensor)
-            f.write(piece.SerializeToString())
-        model.graph.ClearField("initializer")
-        f.write(model.SerializeToString())
+            written += f.write(piece.SerializeToString())
+            if written > onnx.checker.MAXIMUM_PROTOBUF:  # as onnx.save refuses: no protobuf parser reads it
+                break
+        else:
+            model.graph.ClearField("initializer")
+            f.write(model.SerializeToString())
+            return
+    Path(dst).unlink()
+    raise ValueError(f"The proto size is larger than the 2 GB limit ({Path(dst).name}): its weights would need "
+                     "external data")
 
 
 def save_ir(model, dst: Path) -> None:
