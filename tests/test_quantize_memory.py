@@ -65,3 +65,16 @@ def test_int8_static_is_one_file_equal_to_quantizing_in_memory(tiny_bundle, tmp_
     run = [ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]) for f in ("q.onnx", "m.onnx")]
     out = [r.run(None, {"pixels": calib[:4]}) for r in run]
     assert all(np.array_equal(x, y) for x, y in zip(*out))
+
+
+def test_a_graph_over_2_gb_is_refused_in_one_line_before_quantizing(tiny_bundle, tmp_path, monkeypatch):
+    """ViT-H-14's fp32 graph is 3.1 GB with its weights: the quantizers' single-file graphs cannot hold it."""
+    import onnx
+    import pytest
+
+    from clipfold.errors import ExportError
+
+    monkeypatch.setattr(onnx.checker, "MAXIMUM_PROTOBUF", 10_000)  # stands for 2 GB
+    with pytest.raises(ExportError, match=r"one file under 2 GB; model.onnx with its weights is .* drop --precision") as info:
+        quantize.prepare(tiny_bundle.path / tiny_bundle.manifest.variant("fp32").file, tmp_path / "f.onnx", unpack=False)
+    assert "\n" not in str(info.value) and not (tmp_path / "f.onnx").exists()

@@ -29,7 +29,7 @@ import numpy as np
 from clipfold.compile.precision.config import QuantConfig
 from clipfold.compile.stages.streamed_save import save_streamed, without_weights
 
-from clipfold.errors import ConfigError
+from clipfold.errors import ConfigError, ExportError
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +147,19 @@ def prepare(src: Path, dst: Path, unpack: bool) -> list[str]:
     if unpack:
         unpack_attention(model)
     always = sorted(set(head_nodes(model)) | set(activation_matmuls(model)))
-    save_streamed(model, dst)
+    try:
+        save_streamed(model, dst)
+    except ValueError:  # the quantizers read and write single-file graphs (protobuf's 2 GB limit)
+        raise ExportError(f"reduced-precision variants need the fp32 graph as one file under 2 GB; {Path(src).name} "
+                          f"with its weights is {_weight_gb(model):.1f} GB (the fp32 variant builds; drop --precision)") \
+            from None
     del model
     release_memory()
     return always
+
+
+def _weight_gb(model) -> float:
+    return sum(t.ByteSize() for t in model.graph.initializer) / 1e9
 
 
 def release_memory() -> None:
