@@ -72,7 +72,7 @@ def pixels_to_images(pixels):
 def test_replace_and_refusals(bundle, gda_file, tmp_path, random_bundle):
     add_head(HeadAddConfig(bundle, "bg2", labels=BG, templates=TEMPLATES))
     old = Engine.open(bundle, head="bg2").head.file
-    with pytest.raises(errors.BundleError, match="already has a head 'bg2'; pass --replace"):
+    with pytest.raises(errors.BundleError, match="already has a head 'bg2'; pass --overwrite"):
         add_head(HeadAddConfig(bundle, "bg2", labels=BG, templates=("{}",)))
     manifest = add_head(HeadAddConfig(bundle, "bg2", labels=BG, templates=("{}",), replace=True))
     new = manifest.extra_head("bg2").file

@@ -117,7 +117,7 @@ def add_head(config: HeadAddConfig, progress: Callable[[str], None] | None = Non
     manifest = engine.manifest
     existing = [h for h in manifest.heads if h.name == config.name]
     if existing and not config.replace:
-        raise BundleError(f"bundle {config.bundle} already has a head {config.name!r}; pass --replace to replace it")
+        raise BundleError(f"bundle {config.bundle} already has a head {config.name!r}; pass --overwrite (HeadAddConfig replace=True) to replace it")
     head, labels, info = _build(config, manifest, progress)
     if head.embed_dim != manifest.model.embed_dim:
         raise ConfigError(f"the head reads {head.embed_dim}-dim embeddings, the bundle produces "
@@ -149,7 +149,7 @@ def add_head(config: HeadAddConfig, progress: Callable[[str], None] | None = Non
                               "was built; add the head again")
         before = [h for h in current.heads if h.name == config.name]
         if before and not config.replace:
-            raise BundleError(f"bundle {config.bundle} already has a head {config.name!r}; pass --replace to replace it")
+            raise BundleError(f"bundle {config.bundle} already has a head {config.name!r}; pass --overwrite (HeadAddConfig replace=True) to replace it")
         replaced.extend(before)
         files = {k: v for k, v in current.files.items() if not any(k == h.file for h in before)}
         files[rel] = digest
