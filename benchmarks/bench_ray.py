@@ -65,6 +65,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import ray
+
     from clipfold.compile.profiling.run import machine
     from clipfold.runtime import Engine
     from clipfold.runtime.retrieval.index import build_index

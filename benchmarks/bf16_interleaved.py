@@ -20,6 +20,8 @@ import torch
 def main(rounds: int = 20) -> None:
     import open_clip
     import openvino as ov
+
+    from benchmarks.image_peers import export_plain
     from clipfold.compile.config import CompileConfig
     from clipfold.compile.heads.zero_shot import build_zero_shot_head
     from clipfold.compile.pipeline import compile_bundle
@@ -27,8 +29,6 @@ def main(rounds: int = 20) -> None:
     from clipfold.compile.stages.load import load_model
     from clipfold.compile.tiny import data
     from clipfold.runtime import Engine
-
-    from benchmarks.image_peers import export_plain
 
     labels = tuple(data.class_names())
     with tempfile.TemporaryDirectory() as tmp:

@@ -40,6 +40,9 @@ import os
 import onnxruntime as ort
 import pytest
 import torch
+
+from benchmarks.gemm_floor import floor_model, gemm_shapes, gflop
+from benchmarks.image_peers import peers
 from clipfold.compile.adapters.fit import FitConfig, fit_adapter
 from clipfold.compile.config import CompileConfig
 from clipfold.compile.heads.zero_shot import build_zero_shot_head
@@ -52,9 +55,6 @@ from clipfold.runtime import Engine
 from clipfold.runtime.backends.onnxruntime import cpu_session_options
 from clipfold.runtime.backends.openvino import bf16_refusal
 from clipfold.runtime.preprocess import preprocess
-
-from benchmarks.gemm_floor import floor_model, gemm_shapes, gflop
-from benchmarks.image_peers import peers
 
 LABELS = tuple(data.class_names())
 MODEL = os.environ.get("CLIPFOLD_BENCH_MODEL", "ViT-B-32")  # clipfold-tiny: a quick check of the benchmark itself

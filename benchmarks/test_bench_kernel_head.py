@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from clipfold.kernels import Gallery
 from clipfold.kernels.topk.launcher import kernel_isa
 from clipfold.runtime.backends.kernel_head import KernelHead

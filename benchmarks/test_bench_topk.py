@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from clipfold.kernels import Gallery, topk_similarity
 from clipfold.kernels.topk.launcher import kernel_isa, topk_cpu
 

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from clipfold.compile.profiling.run import machine
 from clipfold.kernels import Gallery
 from clipfold.kernels.topk.launcher import available_isas, topk_cpu

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipfold.compile.precision.config import GateConfig, QuantConfig, check_text_precisions, parse_precisions
-
 from clipfold.errors import ConfigError, LabelError
 
 DEFAULT_MODEL = "clipfold-tiny"

@@ -18,9 +18,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-import clipfold.runtime.bundle.write as bundle
 import numpy as np
 import torch
+
+import clipfold.runtime.bundle.write as bundle
 from clipfold.compile.config import CompileConfig, VerifyConfig
 from clipfold.compile.precision.config import PRECISIONS, QuantConfig
 from clipfold.compile.precision.native_variant import build_native_variant
@@ -40,12 +41,11 @@ from clipfold.compile.stages.optimize import (
 )
 from clipfold.compile.stages.text_tower import build_text_variants, export_text
 from clipfold.compile.stages.verify import Reference, eager_reference, verification_pixels, verify_onnx
+from clipfold.errors import ExportError
 from clipfold.kernels import Gallery
 from clipfold.runtime.backends.kernel_head import KernelHead
 from clipfold.runtime.bundle.layout import KERNEL_HEAD_DIR, ONNX_FILE, PORTABLE_FILE, row_width
 from clipfold.runtime.bundle.schema import Manifest, PreprocessSpec, TextTower, Variant
-
-from clipfold.errors import ExportError
 
 __all__ = ["CompileConfig", "VerifyConfig", "CompileResult", "compile_bundle"]
 

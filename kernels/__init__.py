@@ -9,11 +9,11 @@ a small C kernel loaded with ctypes (see :mod:`.topk.launcher`); importing this 
 from __future__ import annotations
 
 import numpy as np
+
+from clipfold.errors import ConfigError
 from clipfold.kernels.topk.gallery import STORAGES, Gallery
 from clipfold.kernels.topk.launcher import check_queries, rescore, topk_cpu
 from clipfold.kernels.topk.reference import topk_reference
-
-from clipfold.errors import ConfigError
 
 __all__ = ["Gallery", "STORAGES", "topk_similarity", "topk_reference"]
 

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
+
+from clipfold.errors import BundleError, ConfigError
 from clipfold.runtime.backends.base import Backend
 from clipfold.runtime.backends.kernel_head import KernelHead, KernelHeadBackend
 from clipfold.runtime.backends.registry import open_backend
@@ -25,8 +27,6 @@ from clipfold.runtime.bundle.swap import recover_swap
 from clipfold.runtime.images import ImageSource, load_image
 from clipfold.runtime.preprocess import preprocess
 from clipfold.runtime.text_encoder import TextEmbeddings
-
-from clipfold.errors import BundleError, ConfigError
 
 if TYPE_CHECKING:
     from clipfold.runtime.batcher import DynamicBatcher

@@ -26,10 +26,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from clipfold.runtime.bundle.schema import PreprocessSpec
 from PIL import Image, ImageOps
 
 from clipfold.errors import ImageError
+from clipfold.runtime.bundle.schema import PreprocessSpec
 
 # torchvision's pil_modes_mapping: InterpolationMode -> Pillow resampling filter.
 _RESAMPLE = {

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from clipfold.runtime.bundle.schema import TextTower
-from clipfold.runtime.text_bound import clean_enough
 
 from clipfold.errors import BackendUnavailableError, BundleError, ConfigError
+from clipfold.runtime.bundle.schema import TextTower
+from clipfold.runtime.text_bound import clean_enough
 
 CACHE_SIZE = 4096
 

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from clipfold.runtime.bundle.layout import PROFILES_FILE
-from clipfold.runtime.bundle.schema import Manifest, Variant
 
 from clipfold.errors import BundleError, ClipfoldError
+from clipfold.runtime.bundle.layout import PROFILES_FILE
+from clipfold.runtime.bundle.schema import Manifest, Variant
 
 log = logging.getLogger("clipfold.runtime")
 

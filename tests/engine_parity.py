@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from clipfold.compile.config import VerifyConfig
 from clipfold.compile.stages.verify import verification_pixels
 from clipfold.runtime import Engine

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from clipfold.compile.adapters.base import Support
 from clipfold.compile.heads.zero_shot import build_zero_shot_head
 from clipfold.compile.tiny import data

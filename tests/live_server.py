@@ -33,6 +33,7 @@ class LiveServer:
 
     def __init__(self, server):
         import uvicorn
+
         from clipfold.runtime.serve.app import create_app, uvicorn_options
 
         self.server, self.port = server, free_port()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from clipfold import errors
 from clipfold.compile import tiny as tiny_pkg
 from clipfold.compile.adapters.gda import fit_gaussian, gda_head, select_alpha
 from clipfold.compile.adapters.store import Adapter, Backbone, load_adapter, save_adapter
@@ -13,8 +15,6 @@ from clipfold.compile.pipeline import compile_bundle
 from clipfold.compile.tiny import data
 from clipfold.runtime import Engine
 from clipfold.runtime.bundle.files import sha256_file
-
-from clipfold import errors
 
 from .cli_run import run_cli
 from .test_gda import BACKGROUNDS, _features, _shots

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
+from clipfold import errors
 from clipfold.compile import tiny as tiny_pkg
 from clipfold.compile.adapters import ape
 from clipfold.compile.adapters.base import Support
@@ -13,8 +15,6 @@ from clipfold.compile.config import CompileConfig
 from clipfold.compile.heads.zero_shot import build_zero_shot_head
 from clipfold.compile.pipeline import compile_bundle
 from clipfold.runtime.bundle.files import sha256_file
-
-from clipfold import errors
 
 from .engine_parity import assert_engine_matches
 from .test_gda import BACKGROUNDS, _features, _shots

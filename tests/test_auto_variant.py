@@ -8,6 +8,8 @@ import logging
 
 import numpy as np
 import pytest
+
+from clipfold import errors
 from clipfold.compile.config import CompileConfig
 from clipfold.compile.pipeline import compile_bundle
 from clipfold.compile.precision.config import GateConfig
@@ -16,8 +18,6 @@ from clipfold.runtime import Engine, variant_choice
 from clipfold.runtime.bundle.layout import PROFILES_FILE
 from clipfold.runtime.bundle.schema import Manifest
 from clipfold.runtime.variant_choice import choose, cpu_signature, read_records, write_record
-
-from clipfold import errors
 
 RELAXED = GateConfig(min_cosine=0.0, min_top1_agreement=0.0, max_accuracy_drop=1.0, images=8)
 

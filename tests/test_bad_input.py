@@ -8,13 +8,13 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
+from clipfold import errors
 from clipfold.compile.config import CompileConfig, read_labels
 from clipfold.compile.pipeline import compile_bundle
 from clipfold.runtime import Engine
 from clipfold.runtime.bundle.schema import SCHEMA_VERSION
-from safetensors.torch import save_file
-
-from clipfold import errors
 
 from .cli_run import run_cli
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from clipfold import errors
 from clipfold.compile.config import CompileConfig
 from clipfold.compile.pipeline import compile_bundle
 from clipfold.compile.precision.config import GateConfig
 from clipfold.compile.precision.image_sets import held_out_images
 from clipfold.runtime import Engine
 from clipfold.runtime.preprocess import preprocess
-from PIL import Image
-
-from clipfold import errors
 
 ov_backend = pytest.importorskip("clipfold.runtime.backends.openvino")
 pytest.importorskip("openvino")

@@ -8,12 +8,12 @@ import sys
 import time
 
 import pytest
+
+from clipfold import errors
 from clipfold.compile import pipeline
 from clipfold.compile.config import CompileConfig
 from clipfold.runtime import Engine
 from clipfold.runtime.bundle.schema import Manifest
-
-from clipfold import errors
 
 
 def test_bundle_layout_and_manifest(tiny_bundle):

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from clipfold.runtime import Engine
 
 from clipfold import errors
+from clipfold.runtime import Engine
 
 
 @pytest.fixture(scope="module")
@@ -188,9 +188,8 @@ def test_a_pinned_open_checks_files_even_when_asked_not_to(bundle):
 
 def test_serve_expect_digest_refuses_another_bundle(bundle, capsys):
     pytest.importorskip("starlette")
-    from clipfold.runtime.serve.app import open_models
-
     from clipfold.cli import main
+    from clipfold.runtime.serve.app import open_models
 
     pinned = Engine.open(bundle).digest
     engines, _ = open_models([bundle], expect_digests={"t": pinned})
@@ -237,10 +236,10 @@ def test_a_server_answers_a_changed_tokenizer_with_503_naming_it_and_keeps_servi
     import urllib.request
 
     import grpc
+
     from clipfold.runtime.serve.app import ClipfoldServer, open_models
     from clipfold.runtime.serve.config import ServeConfig
     from clipfold.runtime.serve.grpc_service import status_of
-
     from tests.live_server import LiveServer
 
     engines, _ = open_models([bundle])

@@ -81,8 +81,9 @@ def test_the_reader_never_runs_a_payload(tmp_path, kind):
 
 @pytest.mark.parametrize("save", ["zip", "legacy", "safetensors"])
 def test_the_reader_loads_benign_tensors_in_every_format(tmp_path, save):
-    from clipfold.compile.stages.checkpoint import read_checkpoint
     from safetensors.torch import save_file
+
+    from clipfold.compile.stages.checkpoint import read_checkpoint
 
     state = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4, dtype=torch.float16)}
     path = tmp_path / "ok.bin"

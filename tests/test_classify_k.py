@@ -12,10 +12,10 @@ import warnings
 
 import numpy as np
 import pytest
-from clipfold.runtime import Engine
-from clipfold.runtime.engine import TopKClampedWarning
 
 from clipfold import cli, errors
+from clipfold.runtime import Engine
+from clipfold.runtime.engine import TopKClampedWarning
 
 LABELS = ("red circle", "blue square", "green triangle")
 

@@ -233,9 +233,8 @@ def test_a_changed_config_default_changes_the_cli_default(monkeypatch):
 
 
 def test_the_tensorrt_precision_names_are_decided_by_the_config_not_the_cli():
-    from clipfold.compile.config import CompileConfig
-
     from clipfold.cli.compile_cmd import _config
+    from clipfold.compile.config import CompileConfig
 
     api = CompileConfig(labels=("a", "b"), out="o", backend="tensorrt", precisions=("fp16", "int8", "fp8"))
     assert api.precisions == ("fp32", "tensorrt-fp16", "tensorrt-int8", "fp8")
@@ -296,14 +295,13 @@ print("ok")
 
 
 def test_the_public_names_are_the_deep_ones():
+    import clipfold
     from clipfold.compile.adapters.fit import FitConfig, fit_adapter
     from clipfold.compile.heads.add import HeadAddConfig, add_head
     from clipfold.compile.profiling.run import ProfileConfig, profile
     from clipfold.compile.tensorrt.engines import EngineBuildConfig, build_engines
     from clipfold.compile.triton_server.repository import TritonExportConfig, export_triton
     from clipfold.runtime.retrieval.index import build_index
-
-    import clipfold
 
     for obj in (FitConfig, fit_adapter, HeadAddConfig, add_head, ProfileConfig, profile, EngineBuildConfig,
                 build_engines, TritonExportConfig, export_triton, build_index):

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from clipfold import errors
 from clipfold.compile.adapters import clip_adapter
 from clipfold.compile.adapters.base import ImportRequest, Support
 from clipfold.compile.config import CompileConfig
 from clipfold.compile.heads.zero_shot import build_zero_shot_head
 from clipfold.compile.pipeline import compile_bundle
 from clipfold.compile.tiny import data
-
-from clipfold import errors
 
 from .engine_parity import assert_engine_matches
 from .test_gda import BACKGROUNDS, _features, _shots

@@ -8,10 +8,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from clipfold.compile.adapters.base import ImportRequest
-from clipfold.compile.adapters.cocoop import import_cocoop
 
 from clipfold import errors
+from clipfold.compile.adapters.base import ImportRequest
+from clipfold.compile.adapters.cocoop import import_cocoop
 
 from .test_coop import (
     LABELS,

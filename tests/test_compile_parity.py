@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from clipfold.compile.config import VerifyConfig
 from clipfold.compile.heads.zero_shot import build_zero_shot_head
 from clipfold.compile.stages.fold import fold_input_normalization
@@ -101,8 +102,9 @@ def test_compare_allows_ties_but_not_wrong_picks():
 
 def test_head_matches_open_clip_zero_shot_classifier():
     """Our ensemble equals open_clip's own build_zero_shot_classifier."""
-    from clipfold.compile.tiny import TEMPLATES
     from open_clip import build_zero_shot_classifier
+
+    from clipfold.compile.tiny import TEMPLATES
 
     loaded = load_model("clipfold-tiny")
     labels = data.class_names()[:5]
@@ -167,6 +169,7 @@ def test_runtime_sessions_keep_the_split_layernorms(tiny_bundle, tmp_path):
     kernel is ~4x slower), and the runtime's session options stop ONNX Runtime from re-fusing them,
     which its defaults do for some of them."""
     import onnxruntime as ort
+
     from clipfold.compile.stages.optimize import op_counts
     from clipfold.runtime.backends.onnxruntime import cpu_session_options
 
@@ -209,6 +212,7 @@ def test_split_skip_layer_norm_computes_what_the_fused_operator_does(bias, epsil
     import onnx
     import onnx_ir as ir
     import onnxruntime as ort
+
     from clipfold.compile.stages.optimize import split_skip_layer_norm
 
     fused = _skip_layer_norm_chain(bias, epsilon, names)
@@ -227,8 +231,8 @@ def test_split_skip_layer_norm_computes_what_the_fused_operator_does(bias, epsil
 
 def test_split_skip_layer_norm_refuses_when_its_statistics_are_read():
     import onnx_ir as ir
-    from clipfold.compile.stages.optimize import split_skip_layer_norm
 
+    from clipfold.compile.stages.optimize import split_skip_layer_norm
     from clipfold.errors import ExportError
 
     with pytest.raises(ExportError, match="second: a SkipLayerNormalization whose mean"):

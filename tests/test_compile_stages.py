@@ -8,15 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from clipfold import errors
 from clipfold.compile.adapters.fit import FitConfig, fit_adapter
 from clipfold.compile.config import CompileConfig, VerifyConfig, generated_images
 from clipfold.compile.heads.add import HeadAddConfig, add_head
 from clipfold.compile.pipeline import compile_bundle
 from clipfold.compile.tiny import data
 from clipfold.compile.tiny.samples import write_background_folder
-
-from clipfold import errors
-
 
 COMPILE = Path(__file__).resolve().parents[1] / "compile"
 TEMPLATES = ("a photo on a {}.", "a {}.")

@@ -10,14 +10,14 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+
+from clipfold import errors
 from clipfold.compile.adapters.base import ImportRequest
 from clipfold.compile.adapters.coop import import_coop
 from clipfold.compile.adapters.prompt_text import PromptTextTower
 from clipfold.compile.stages.verify import encode_pixels
 from clipfold.compile.tiny import data
 from clipfold.runtime.preprocess import preprocess
-
-from clipfold import errors
 
 LABELS = ("red circle", "green_square", "blue triangle", "yellow star", "purple cross")
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from clipfold import errors
 from clipfold.compile.adapters.fit import FitConfig, fit_adapter
 from clipfold.compile.heads.add import HeadAddConfig, add_head
 from clipfold.runtime import Engine
 from clipfold.runtime.bundle.schema import SCHEMA_VERSION
-
-from clipfold import errors
 
 from .cli_run import run_cli
 from .engine_parity import assert_topk_matches, normalized_pixels

@@ -17,13 +17,13 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+
 from clipfold.compile.config import CompileConfig
 from clipfold.compile.heads.zero_shot import encode_prompts, pooled_positions
 from clipfold.compile.pipeline import compile_bundle
 from clipfold.compile.stages.export import EmbeddingGraph, export_onnx
 from clipfold.compile.stages.fold import fold_input_normalization, input_readers
 from clipfold.compile.stages.load import load_model
-
 from clipfold.errors import ClipfoldError, ExportError, ModelError
 
 from .families_helpers import make_unigram_tokenizer

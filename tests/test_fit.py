@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from clipfold import errors
 from clipfold.compile.adapters.features import ViewConfig
 from clipfold.compile.adapters.fit import FitConfig, fit_adapter
 from clipfold.compile.tiny import data
 from clipfold.compile.tiny.samples import write_background_folder
 from clipfold.runtime import Engine
 from clipfold.runtime.image_folders import evaluate_folder, read_folder
-
-from clipfold import errors
 
 from .cli_run import run_cli
 from .test_gda import BACKGROUNDS, _shots

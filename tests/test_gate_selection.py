@@ -6,16 +6,16 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import clipfold.compile.precision.image_sets as image_sets
 import numpy as np
 import pytest
+
+import clipfold.compile.precision.image_sets as image_sets
+from clipfold import errors
 from clipfold.compile.precision.config import GateConfig, QuantConfig
 from clipfold.compile.precision.variants import _Builder
 from clipfold.compile.tiny import data
 from clipfold.compile.tiny.samples import write_background_folder
 from clipfold.runtime.bundle.agreement import Gate
-
-from clipfold import errors
 
 LABELS = tuple(f"{b} background" for b in data.BACKGROUNDS)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
+from clipfold import errors
 from clipfold.compile.adapters.gda import ALPHA_GRID, fit_gaussian, gda_head, select_alpha
 from clipfold.compile.config import VerifyConfig
 from clipfold.compile.heads.ir import Head, Linear
@@ -14,8 +16,6 @@ from clipfold.compile.stages.fold import fold_input_normalization
 from clipfold.compile.stages.verify import eager_reference, encode_pixels, verification_pixels, verify_onnx
 from clipfold.compile.tiny import data
 from clipfold.runtime.preprocess import preprocess
-
-from clipfold import errors
 
 BACKGROUNDS = list(data.BACKGROUNDS)
 

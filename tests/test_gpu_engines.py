@@ -10,15 +10,15 @@ import json
 import numpy as np
 import onnx
 import pytest
+
+from clipfold import errors
+from clipfold.cli import main
 from clipfold.compile.config import CompileConfig
 from clipfold.compile.pipeline import compile_bundle
 from clipfold.compile.precision.config import GateConfig
 from clipfold.compile.tensorrt.build import FP32_OP_TYPES, node_float_types, tensorrt_problems
 from clipfold.runtime import Engine
 from clipfold.runtime.bundle.schema import EngineRecord, Manifest
-
-from clipfold import errors
-from clipfold.cli import main
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -217,6 +217,7 @@ def test_without_tensorrt_the_gpu_paths_say_what_is_missing(trt_bundle, tiny_bun
 
 def test_profiler_reports_gpu_references_it_cannot_run(tiny_bundle):
     import torch
+
     from clipfold.compile.profiling.run import ProfileConfig, profile
 
     if torch.cuda.is_available():

@@ -20,22 +20,23 @@ import time
 
 import numpy as np
 import pytest
+
 from clipfold.compile.tiny import data
+from clipfold.errors import BatcherClosedError, ConfigError, QueueFullError
 from clipfold.runtime import Engine
 from clipfold.runtime.preprocess import preprocess
-
-from clipfold.errors import BatcherClosedError, ConfigError, QueueFullError
 
 grpc = pytest.importorskip("grpc")
 grpcclient = pytest.importorskip("tritonclient.grpc")
 pytest.importorskip("uvicorn")
-from clipfold.runtime.serve.app import ClipfoldServer, ServeConfig, open_models  # noqa: E402
-from clipfold.runtime.serve.grpc_service import check_port, status_of  # noqa: E402
-from clipfold.runtime.serve.limits import PayloadTooLarge, RequestTimeout  # noqa: E402
 from tritonclient.grpc import aio as grpcaio  # noqa: E402
 from tritonclient.grpc import service_pb2 as pb  # noqa: E402
 from tritonclient.grpc import service_pb2_grpc as pb_grpc  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from clipfold.runtime.serve.app import ClipfoldServer, ServeConfig, open_models  # noqa: E402
+from clipfold.runtime.serve.grpc_service import check_port, status_of  # noqa: E402
+from clipfold.runtime.serve.limits import PayloadTooLarge, RequestTimeout  # noqa: E402
 
 from .live_server import LiveServer, free_port, hold_engine  # noqa: E402
 
@@ -358,10 +359,9 @@ def test_full_queue_answers_resource_exhausted(bundle, reference):
 
 
 def test_a_batch_over_max_batch_is_refused_from_its_shape_before_its_contents_are_read():
+    from clipfold.errors import RequestError
     from clipfold.runtime.serve.grpc_tensors import parse_request
     from clipfold.runtime.serve.inference_protocol import TensorMeta
-
-    from clipfold.errors import RequestError
 
     text = TensorMeta("text", "BYTES", (-1,))
     request = pb.ModelInferRequest(model_name="tiny-text", inputs=[_tensor("text", "BYTES", (100_000,))],

@@ -7,8 +7,9 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from clipfold.compile.heads.zero_shot import build_zero_shot_head, encode_prompts, pooled_positions
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+
+from clipfold.compile.heads.zero_shot import build_zero_shot_head, encode_prompts, pooled_positions
 
 
 def _prompts(classes: int, templates: int = 80) -> list[str]:

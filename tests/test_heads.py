@@ -7,6 +7,8 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+
+from clipfold import errors
 from clipfold.compile.config import VerifyConfig
 from clipfold.compile.heads.ir import Cache, Head, Linear
 from clipfold.compile.heads.zero_shot import build_zero_shot_head
@@ -16,8 +18,6 @@ from clipfold.compile.stages.load import load_model
 from clipfold.compile.stages.verify import eager_reference, encode_pixels, verification_pixels, verify_onnx
 from clipfold.compile.tiny import TEMPLATES, data
 from clipfold.runtime.preprocess import preprocess
-
-from clipfold import errors
 
 
 def _unit(*shape, seed=0):

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 import clipfold.compile.precision.speed_check as speed_check
 import clipfold.kernels.vit.tower as vit
 import clipfold.runtime.backends.openvino as openvino_backend
-import pytest
+from clipfold import errors
 from clipfold.compile.config import CompileConfig
 from clipfold.compile.pipeline import compile_bundle
-
-from clipfold import errors
 
 
 def _compile(adapter, out, messages, **kwargs):

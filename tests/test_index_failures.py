@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 
-import clipfold.runtime.retrieval.index as index_module
 import numpy as np
 import pytest
+
+import clipfold.runtime.retrieval.index as index_module
+from clipfold.cli import main
 from clipfold.runtime import Engine
 from clipfold.runtime.retrieval.index import Index
-
-from clipfold.cli import main
 
 
 @pytest.fixture()

@@ -8,14 +8,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
+
+from clipfold import errors
+from clipfold.cli import main
 from clipfold.compile.config import CompileConfig
 from clipfold.compile.pipeline import compile_bundle
 from clipfold.kernels import Gallery
 from clipfold.runtime import SCHEMA_VERSION, Engine
 from clipfold.runtime.backends.kernel_head import KernelHead
-
-from clipfold import errors
-from clipfold.cli import main
 
 from .engine_parity import assert_engine_matches
 

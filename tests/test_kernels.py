@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from clipfold import errors
 from clipfold.kernels import Gallery, topk_reference, topk_similarity
 from clipfold.kernels.topk.gallery import Shard, quantize_rows
 from clipfold.kernels.topk.launcher import ISAS, available_isas, kernel_isa, resolve_isa, topk_cpu
 from clipfold.kernels.topk.reference import same_topk
-
-from clipfold import errors
 
 
 def _data(n=5000, d=64, q=7, seed=0):

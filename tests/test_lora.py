@@ -8,14 +8,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from clipfold import errors
 from clipfold.compile.adapters.base import ImportRequest
 from clipfold.compile.adapters.lora import import_lora
 from clipfold.compile.stages.load import LoadedModel
 from clipfold.compile.tiny import data
 from clipfold.runtime.preprocess import preprocess
-from torch import nn
-
-from clipfold import errors
 
 from .fewshot_helpers import rel_diff
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from clipfold.compile.adapters.base import Support
-from clipfold.compile.adapters.lpp import fit_lpp
 
 from clipfold import errors
+from clipfold.compile.adapters.base import Support
+from clipfold.compile.adapters.lpp import fit_lpp
 
 from .fewshot_helpers import assert_matches_and_adapts, background_task, rel_diff, synthetic_task
 

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
+from clipfold import errors
 from clipfold.compile.adapters.base import ImportRequest
 from clipfold.compile.adapters.maple import MapleVisual, import_maple
 from clipfold.compile.stages.fold import find_input_conv, fold_input_normalization
 from clipfold.compile.tiny import data
 from clipfold.runtime.preprocess import preprocess
-
-from clipfold import errors
 
 from .test_coop import LABELS, rel_diff, word_embeddings, write_dassl_checkpoint, write_dassl_log
 

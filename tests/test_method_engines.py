@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from clipfold.compile.adapters.fit import FitConfig, fit_adapter
 from clipfold.compile.adapters.registry import FITTERS, IMPORTERS
 from clipfold.compile.config import CompileConfig

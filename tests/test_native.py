@@ -9,6 +9,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import QuickGELU, VisionTransformer
+from torch import nn
+
+from clipfold import errors
 from clipfold.compile.config import CompileConfig
 from clipfold.compile.pipeline import compile_bundle
 from clipfold.compile.precision.native_variant import build_native_variant, tower_tensors
@@ -16,10 +20,6 @@ from clipfold.compile.stages.optimize import keep_class_token_only, use_sdpa_att
 from clipfold.kernels.vit.tower import VitTower, VitWeights, kernel_available, pack_panels
 from clipfold.runtime import Engine
 from clipfold.runtime.bundle.schema import Manifest
-from open_clip.transformer import QuickGELU, VisionTransformer
-from torch import nn
-
-from clipfold import errors
 
 pytestmark = pytest.mark.skipif(not kernel_available(), reason="the ViT kernel needs x86-64 with AVX2 and FMA")
 
@@ -164,8 +164,9 @@ def test_bundle_variant_runs_natively_and_equals_fp32(native_bundle, tiny_labels
 
 
 def test_an_index_built_by_the_native_variant(native_bundle, tmp_path):
-    from clipfold.runtime.retrieval.index import Index, build_index, bundle_identity
     from PIL import Image
+
+    from clipfold.runtime.retrieval.index import Index, build_index, bundle_identity
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -209,9 +210,8 @@ def test_kernel_scored_head_bundle(tmp_path, tiny_labels):
 
 
 def test_cli_compiles_inspects_and_profiles_the_native_variant(tmp_path, capsys):
-    from clipfold.compile.profiling.run import ProfileConfig, profile
-
     from clipfold import cli
+    from clipfold.compile.profiling.run import ProfileConfig, profile
 
     out = tmp_path / "cli.bundle"
     assert cli.main(["compile", "--labels", "red circle,green square,blue star", "--out", str(out),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+
+from clipfold import cli, errors
 from clipfold.compile.config import CompileConfig
 from clipfold.compile.pipeline import compile_bundle
 from clipfold.compile.precision.config import GateConfig, QuantConfig, parse_precisions
@@ -16,8 +18,6 @@ from clipfold.compile.tiny import data
 from clipfold.compile.tiny.samples import write_background_folder
 from clipfold.runtime import Engine
 from clipfold.runtime.bundle.schema import Manifest
-
-from clipfold import cli, errors
 
 TEMPLATES = ("a photo on a {}.", "a {}.")
 ALL = ("int8-dynamic", "int8-static", "int8-weight", "int4-weight", "fp16", "fp8")

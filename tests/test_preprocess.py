@@ -17,13 +17,13 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from clipfold.runtime.bundle.schema import PreprocessSpec
-from clipfold.runtime.images import DEFAULT_MAX_PIXELS, load_image
-from clipfold.runtime.preprocess import preprocess, preprocess_one
 from PIL import Image, ImageFile
 from torchvision.transforms import Compose, InterpolationMode, Normalize
 
 from clipfold.errors import DecompressionBombError, ImageError
+from clipfold.runtime.bundle.schema import PreprocessSpec
+from clipfold.runtime.images import DEFAULT_MAX_PIXELS, load_image
+from clipfold.runtime.preprocess import preprocess, preprocess_one
 
 MODES = ("RGB", "RGBA", "L", "P", "CMYK", "LA", "I;16", "1")
 # (width, height): degenerate, thin both ways, odd, smaller/larger than every target, square.

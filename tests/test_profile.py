@@ -6,12 +6,12 @@ import json
 import shutil
 
 import pytest
+
+from clipfold import cli, errors
 from clipfold.compile.config import CompileConfig
 from clipfold.compile.pipeline import compile_bundle
 from clipfold.compile.precision.config import GateConfig
 from clipfold.compile.profiling.run import ProfileConfig, Row, pareto, profile
-
-from clipfold import cli, errors
 
 
 @pytest.fixture(scope="module")

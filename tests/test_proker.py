@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from clipfold.compile.adapters.base import Support
-from clipfold.compile.adapters.proker import fit_proker
 
 from clipfold import errors
+from clipfold.compile.adapters.base import Support
+from clipfold.compile.adapters.proker import fit_proker
 
 from .fewshot_helpers import assert_matches_and_adapts, background_task, rel_diff, synthetic_task
 

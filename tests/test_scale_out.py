@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from clipfold.runtime import Engine
-from clipfold.runtime.bundle.schema import Manifest
 
 from clipfold import errors
 from clipfold.cli import main
+from clipfold.runtime import Engine
+from clipfold.runtime.bundle.schema import Manifest
 
 pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="the Triton export needs tritonclient[grpc]")
 

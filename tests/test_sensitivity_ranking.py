@@ -12,13 +12,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper
+
 from clipfold.compile.precision import quantize, sensitivity
 from clipfold.compile.precision.config import QuantConfig
 from clipfold.compile.precision.image_sets import calibration_images
 from clipfold.compile.stages.streamed_save import save_streamed, without_weights
 from clipfold.compile.tiny import data
 from clipfold.runtime.preprocess import preprocess
-from onnx import TensorProto, helper
 
 IMAGES = 32  # what the search ranks on (variants.py: search.pixels[:32])
 

@@ -21,13 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+
 from clipfold.compile.tiny import data
+from clipfold.errors import BatcherClosedError, ConfigError, QueueFullError, RequestError
 from clipfold.runtime import Engine
 from clipfold.runtime.batcher import DynamicBatcher, measure_preferred_batch
 from clipfold.runtime.preprocess import preprocess
 from clipfold.runtime.retrieval.index import Index, build_index
-
-from clipfold.errors import BatcherClosedError, ConfigError, QueueFullError, RequestError
 
 uvicorn = pytest.importorskip("uvicorn")
 httpclient = pytest.importorskip("tritonclient.http")

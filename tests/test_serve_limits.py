@@ -26,14 +26,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from clipfold.compile.tiny import data
+from clipfold.errors import RequestError
 from clipfold.runtime import Engine
 from clipfold.runtime.preprocess import preprocess
 from clipfold.runtime.serve.limits import PayloadTooLarge, PixelBudget, RequestTimeout, decode_body, pick_encoding
 from clipfold.runtime.text_bound import clean_enough
 from clipfold.runtime.text_encoder import clean_text
-
-from clipfold.errors import RequestError
 
 from .live_server import free_port, http_request
 
@@ -439,9 +439,8 @@ def test_decode_body_and_pick_encoding():
     ("header_timeout_s", 0, r"header_timeout_s must be in \(0, 3600\]"),
 ])
 def test_the_new_limits_are_checked_when_configured(field, value, message):
-    from clipfold.runtime.serve.config import ServeConfig
-
     from clipfold.errors import ConfigError
+    from clipfold.runtime.serve.config import ServeConfig
 
     with pytest.raises(ConfigError, match=message):
         ServeConfig(**{field: value})

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from clipfold.compile.adapters.base import ImportRequest
-from clipfold.compile.adapters.taskres import fit_taskres, import_taskres, train_residuals
-from clipfold.compile.tiny import data
 from torch.optim.lr_scheduler import CosineAnnealingLR, _LRScheduler
 
 from clipfold import errors
+from clipfold.compile.adapters.base import ImportRequest
+from clipfold.compile.adapters.taskres import fit_taskres, import_taskres, train_residuals
+from clipfold.compile.tiny import data
 
 from .fewshot_helpers import background_task, rel_diff
 from .test_coop import write_dassl_log

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
+from clipfold import errors
 from clipfold.compile.config import CompileConfig
 from clipfold.compile.pipeline import compile_bundle
 from clipfold.runtime import Engine
 from clipfold.runtime.text_encoder import ClipTokenizer
-
-from clipfold import errors
 
 from .test_layout import BLOCK_TORCH
 
@@ -111,10 +111,9 @@ def _write_images(folder, samples):
 
 
 def test_index_search_resume_and_refusals(text_bundle, tiny_bundle, tmp_path, capsys):
+    from clipfold.cli import main
     from clipfold.compile.tiny import data
     from clipfold.runtime.retrieval.index import Index, build_index
-
-    from clipfold.cli import main
 
     images = tmp_path / "images"
     _write_images(images, data.generate(40, seed=21))

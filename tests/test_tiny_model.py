@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
+
 from clipfold.compile import tiny
 from clipfold.compile.tiny import data, train
 from clipfold.runtime import Engine

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
+from clipfold import errors
 from clipfold.compile.adapters.tip import cache_keys, search_grid, search_hp, tip_adapter_head
 from clipfold.compile.heads.ir import Head, Linear
 from clipfold.compile.heads.zero_shot import build_zero_shot_head
 from clipfold.compile.tiny import data
-
-from clipfold import errors
 
 from .test_gda import BACKGROUNDS, _features, _shots
 

@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from clipfold import errors
 from clipfold.compile.adapters.base import ImportRequest, Support
 from clipfold.compile.adapters.tip_f import fit_tip_f, import_tip_f, train_adapter
 from clipfold.compile.heads.zero_shot import build_zero_shot_head
 from clipfold.compile.tiny import data
-from torch import nn
-
-from clipfold import errors
 
 from .fewshot_helpers import background_task, rel_diff
 from .test_gda import _features

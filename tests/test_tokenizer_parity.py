@@ -16,12 +16,12 @@ import random
 import numpy as np
 import open_clip
 import pytest
-from clipfold.compile.stages.text_tower import write_tokenizer
-from clipfold.compile.stages.tokenizer import model_tokenizer
-from clipfold.runtime.text_encoder import ClipTokenizer, PaddedTokenizer, clean_text
 from open_clip.tokenizer import _clean_canonicalize, _clean_lower, _clean_whitespace
 
+from clipfold.compile.stages.text_tower import write_tokenizer
+from clipfold.compile.stages.tokenizer import model_tokenizer
 from clipfold.errors import ConfigError
+from clipfold.runtime.text_encoder import ClipTokenizer, PaddedTokenizer, clean_text
 
 from .families_helpers import make_unigram_tokenizer
 

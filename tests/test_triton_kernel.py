@@ -24,10 +24,9 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 import clipfold.kernels.topk.triton_launcher as triton_topk
+from clipfold import errors  # noqa: E402
 from clipfold.kernels.topk.reference import same_topk, topk_reference  # noqa: E402
 from clipfold.kernels.topk.triton_launcher import plan, topk_similarity_triton  # noqa: E402
-
-from clipfold import errors  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 STORAGES = {"fp16": torch.float16, "bf16": torch.bfloat16}

@@ -18,11 +18,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
+
 from clipfold.compile.tiny import data
 from clipfold.compile.tiny.samples import write_photos
 from clipfold.runtime import Engine
 from clipfold.runtime.retrieval.index import Index, build_index
-from PIL import Image
 
 pytest.importorskip("uvicorn")
 from clipfold.runtime.serve.app import ClipfoldServer, ServeConfig, open_models, ui_enabled  # noqa: E402

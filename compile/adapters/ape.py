@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from clipfold.compile.adapters.base import Fitted, Support, floats_option
 from clipfold.compile.adapters.tip import cache_keys, search_grid
 from clipfold.compile.heads.ir import Cache, Head, Linear
-
 from clipfold.errors import ConfigError
 
 TEXT_SCALE = 100.0

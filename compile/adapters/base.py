@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from clipfold.compile.heads.ir import Head
 from torch import nn
 
+from clipfold.compile.heads.ir import Head
 from clipfold.errors import ConfigError
 
 

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from clipfold.compile.adapters.base import Fitted, Imported, ImportRequest, Support, require_keys
 from clipfold.compile.adapters.dassl import load_dassl_state
 from clipfold.compile.heads.ir import Head, Linear, ResidualMLP
 from clipfold.compile.heads.zero_shot import build_zero_shot_head
-
 from clipfold.errors import CheckpointError, ConfigError
 
 RATIO = 0.2

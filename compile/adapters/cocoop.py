@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from clipfold.compile.adapters.base import Imported, ImportRequest, require_keys
 from clipfold.compile.adapters.dassl import check_width, load_dassl_state, require_labels, tensor, word_init_prefix
 from clipfold.compile.adapters.prompt_text import PromptTextTower, build_prompts
-from torch import nn
-
 from clipfold.errors import CheckpointError
 
 KEYS = ("ctx", "meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight", "meta_net.linear2.bias")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from clipfold.compile.adapters.base import Imported, ImportRequest, option, require_keys
 from clipfold.compile.adapters.dassl import (
     check_width,
@@ -37,7 +38,6 @@ from clipfold.compile.adapters.dassl import (
 )
 from clipfold.compile.adapters.prompt_text import Prompts, PromptTextTower, build_prompts
 from clipfold.compile.heads.ir import Head, Linear
-
 from clipfold.errors import CheckpointError
 
 CLASS_TOKEN_POSITIONS = ("end", "middle", "front")

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from clipfold.compile.adapters.base import ImportRequest, load_torch_checkpoint
 
+from clipfold.compile.adapters.base import ImportRequest, load_torch_checkpoint
 from clipfold.errors import CheckpointError, ConfigError
 
 

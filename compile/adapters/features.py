@@ -28,12 +28,12 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from clipfold.runtime.images import load_image
-from clipfold.runtime.preprocess import preprocess
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from clipfold.errors import ConfigError
+from clipfold.runtime.images import load_image
+from clipfold.runtime.preprocess import preprocess
 
 AUG_SCALE = (0.5, 1.0)  # RandomResizedCrop scale in the official cache builders
 OFFICIAL_VIEWS = 11  # the plain view + augment_epoch (10) augmented passes

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
+
 from clipfold.compile.adapters import registry
 from clipfold.compile.adapters.base import Support
 from clipfold.compile.adapters.features import FeatureCache, ViewConfig, default_cache_dir
@@ -25,9 +26,8 @@ from clipfold.compile.adapters.store import Adapter, Backbone, save_adapter
 from clipfold.compile.config import DEFAULT_MODEL
 from clipfold.compile.heads.zero_shot import build_zero_shot_head, resolve_templates
 from clipfold.compile.stages.load import load_model
-from clipfold.runtime.image_folders import read_folder
-
 from clipfold.errors import CheckpointError, ConfigError
+from clipfold.runtime.image_folders import read_folder
 
 METHODS = tuple(registry.FITTERS)
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
 from clipfold.compile.adapters.base import Fitted, Support, floats_option
 from clipfold.compile.heads.ir import Head, Linear
-
 from clipfold.errors import ConfigError
 
 FIT_OPTIONS = ("alpha_grid",)  # clipfold fit --set alpha_grid=0.01,0.1,1

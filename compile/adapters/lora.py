@@ -34,10 +34,10 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
-from clipfold.compile.adapters.base import Imported, ImportRequest, load_torch_checkpoint, option, require_keys
-from clipfold.compile.heads.zero_shot import build_zero_shot_head
 from torch import nn
 
+from clipfold.compile.adapters.base import Imported, ImportRequest, load_torch_checkpoint, option, require_keys
+from clipfold.compile.heads.zero_shot import build_zero_shot_head
 from clipfold.errors import CheckpointError, ConfigError
 
 # loralib/utils.py: which residual blocks get LoRA for each ``position``.

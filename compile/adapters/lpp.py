@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from clipfold.compile.adapters.base import Fitted, Support
 from clipfold.compile.heads.ir import Head, Linear
-
 from clipfold.errors import ConfigError
 
 EPOCHS = 300  # configs/base.yaml train_epoch

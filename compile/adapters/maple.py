@@ -32,13 +32,13 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from clipfold.compile.adapters.base import Imported, ImportRequest, require_keys
 from clipfold.compile.adapters.coop import coop_prompt_embeddings
 from clipfold.compile.adapters.dassl import context_init, load_dassl_state, require_labels, tensor
 from clipfold.compile.adapters.prompt_text import PromptTextTower, build_prompts
 from clipfold.compile.heads.ir import Head, Linear
-from torch import nn
-
 from clipfold.errors import CheckpointError, ConfigError
 
 PREFIX = "prompt_learner."

@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from clipfold.compile.adapters.base import Fitted, Support, floats_option
 from clipfold.compile.heads.ir import Cache, Head, Linear
-
 from clipfold.errors import ConfigError
 
 BETA_GRID = (0.5, 3.0, 20)  # (start, end, steps) of configs/RN50/configs_proker/caltech101.yaml

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from clipfold.compile.heads.ir import Cache, Head, Linear, ResidualMLP
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from clipfold.compile.heads.ir import Cache, Head, Linear, ResidualMLP
 from clipfold.errors import CheckpointError, ConfigError
 
 FORMAT_VERSION = 1

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+
 from clipfold.compile.adapters.base import (
     Fitted,
     Imported,
@@ -42,7 +43,6 @@ from clipfold.compile.adapters.base import (
 )
 from clipfold.compile.adapters.dassl import load_dassl_state, run_config
 from clipfold.compile.heads.ir import Head, Linear
-
 from clipfold.errors import CheckpointError, ConfigError
 
 IMPORT_ALPHA = 0.5  # scripts/taskres/main.sh's SCALE for 10 of the 11 datasets (train.py's default is 1.0)

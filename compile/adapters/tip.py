@@ -17,9 +17,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
 from clipfold.compile.adapters.base import Fitted, Support, floats_option
 from clipfold.compile.heads.ir import Cache, Head, Linear
-
 from clipfold.errors import ConfigError
 
 # (beta, alpha) search ranges. The official configs set them per dataset: alpha up to 3 for ImageNet

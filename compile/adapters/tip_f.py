@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from clipfold.compile.adapters.base import (
     Fitted,
     Imported,
@@ -44,7 +45,6 @@ from clipfold.compile.adapters.base import (
 from clipfold.compile.adapters.tip import SEARCH_SCALE, SEARCH_STEP, cache_keys, search_hp
 from clipfold.compile.heads.ir import Cache, Head, Linear
 from clipfold.compile.heads.zero_shot import build_zero_shot_head
-
 from clipfold.errors import CheckpointError, ConfigError
 
 TEXT_SCALE = 100.0

@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
 from clipfold.compile.config import VerifyConfig, normalize_labels
 from clipfold.compile.heads.ir import Head
 from clipfold.compile.stages.adapt import plan_head, resolve_head
 from clipfold.compile.stages.export import HeadGraph, export_head_onnx, head_io_specs
 from clipfold.compile.stages.load import load_model
 from clipfold.compile.stages.verify import Reference, compare, verification_pixels
+from clipfold.errors import BundleError, CheckpointError, ConfigError, VerificationError
 from clipfold.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from clipfold.runtime.bundle.agreement import HeadParity
 from clipfold.runtime.bundle.files import sha256_file
@@ -36,8 +38,6 @@ from clipfold.runtime.bundle.layout import HEADS_DIR, extra_head_file
 from clipfold.runtime.bundle.schema import DEFAULT_HEAD, ExtraHead, HeadInfo, Manifest
 from clipfold.runtime.bundle.write import update_manifest
 from clipfold.runtime.engine import Engine
-
-from clipfold.errors import BundleError, CheckpointError, ConfigError, VerificationError
 
 ENCODER_METHODS = ("clip-lora", "maple", "cocoop")  # they change an encoder: a new bundle, not a head
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

@@ -13,9 +13,9 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
 from clipfold.compile import tiny
 from clipfold.compile.heads.ir import Head, Linear
-
 from clipfold.errors import ConfigError
 
 TEMPLATE_PRESETS = ("imagenet80", "simple", "tiny", "label")

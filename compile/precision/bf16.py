@@ -17,14 +17,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 import clipfold.compile.precision.gate as gating
 import clipfold.compile.precision.image_sets as image_sets
-import numpy as np
 from clipfold.compile.precision.config import GateConfig
+from clipfold.errors import BackendUnavailableError, ClipfoldError, ExportError, GateError
 from clipfold.runtime.bundle.agreement import Gate
 from clipfold.runtime.bundle.schema import Variant
-
-from clipfold.errors import BackendUnavailableError, ClipfoldError, ExportError, GateError
 
 BACKENDS = ("openvino",)
 DETAILS = {"method": "OpenVINO bf16 inference (INFERENCE_PRECISION_HINT=bf16) of the fp32 graph",

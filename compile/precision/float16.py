@@ -25,8 +25,9 @@ def convert(src: Path, dst: Path, exclude: list[str], cfg: QuantConfig, residual
     residual and bias adds LayerNorms read, and the slices between), as ONNX Runtime's fused
     ``SkipLayerNormalization`` kept it; the ONNX Runtime fp16 variant asks for it."""
     import onnx
-    from clipfold.compile.precision.quantize import quiet
     from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from clipfold.compile.precision.quantize import quiet
 
     blocked = sorted(set(cfg.keep_float) | set(ALWAYS_FP32))
     model = onnx.load(str(src))

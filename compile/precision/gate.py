@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
 from clipfold.compile.precision.config import GateConfig
 from clipfold.compile.precision.image_sets import HeldOut
 from clipfold.runtime.backends.base import Backend

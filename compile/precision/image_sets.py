@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
 from clipfold.compile.config import generated_images
 from clipfold.compile.precision.config import GateConfig, QuantConfig
+from clipfold.errors import ConfigError, ImageError
 from clipfold.runtime.bundle.schema import PreprocessSpec
 from clipfold.runtime.image_folders import IMAGE_SUFFIXES, read_folder
 from clipfold.runtime.images import load_image
 from clipfold.runtime.preprocess import preprocess
-
-from clipfold.errors import ConfigError, ImageError
 
 CALIB_SEED = 777  # generated calibration images; the gate's default seed is different
 SEARCH_SEED_OFFSET = 7919  # generated search images: gate seed + this (never the calibration seed)

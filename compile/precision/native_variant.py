@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from clipfold.kernels.vit.tower import VitWeights
-from clipfold.runtime.bundle.layout import NATIVE_DIR, NATIVE_HEAD_FILE
 from torch import nn
 
 from clipfold.errors import ExportError
+from clipfold.kernels.vit.tower import VitWeights
+from clipfold.runtime.bundle.layout import NATIVE_DIR, NATIVE_HEAD_FILE
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -172,8 +172,9 @@ def _block_tensors(i: int, block: nn.Module, width: int, last: bool
     """Block ``i``'s tensors (layer scales folded into the output projections), its (heads,
     activation, MLP width) and its LayerNorm epsilons. The last block computes only the class
     token's query (``q_w``, ``q_b``), and keys and values for every token."""
-    from clipfold.compile.stages.optimize import ClassTokenBlock
     from open_clip.transformer import ResidualAttentionBlock
+
+    from clipfold.compile.stages.optimize import ClassTokenBlock
 
     if isinstance(block, ClassTokenBlock):
         if not last:

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+
 from clipfold.compile.precision.config import QuantConfig
 from clipfold.compile.stages.streamed_save import save_streamed, without_weights
-
 from clipfold.errors import ConfigError, ExportError
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from clipfold.compile.precision.gate import row_cosine
 from clipfold.compile.stages.streamed_save import save_streamed, without_weights
 

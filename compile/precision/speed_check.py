@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from clipfold.runtime.bundle.schema import Variant
 
 from clipfold.errors import BackendUnavailableError, ConfigError
+from clipfold.runtime.bundle.schema import Variant
 
 IF_FASTER = ("fp32-native", "bf16")
 ROUNDS = 15  # timed calls each, at most

@@ -23,24 +23,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
+import onnx
+
 import clipfold.compile.precision.float16 as float16
 import clipfold.compile.precision.gate as gating
 import clipfold.compile.precision.image_sets as image_sets
 import clipfold.compile.precision.quantize as quantize
 import clipfold.compile.precision.sensitivity as sensitivity
-import numpy as np
-import onnx
 from clipfold.compile.config import VerifyConfig
 from clipfold.compile.precision.config import CALIBRATED, PRECISIONS, GateConfig, QuantConfig
 from clipfold.compile.stages.verify import Reference, compare
 from clipfold.compile.tensorrt.build import check_tensorrt_graph
+from clipfold.errors import BackendUnavailableError, ClipfoldError, ExportError, GateError
 from clipfold.runtime.backends.kernel_head import KernelHead
 from clipfold.runtime.bundle.agreement import Gate
 from clipfold.runtime.bundle.layout import variant_file
 from clipfold.runtime.bundle.schema import PreprocessSpec, TensorSpec, Variant
 from clipfold.runtime.image_folders import read_folder
-
-from clipfold.errors import BackendUnavailableError, ClipfoldError, ExportError, GateError
 
 log = logging.getLogger(__name__)
 

@@ -88,10 +88,9 @@ def _quality(predicted: list[str], truth: list[str] | None) -> float | None:
 
 
 def measure_engine(job: dict, cfg: dict) -> dict:
+    from clipfold.errors import BackendUnavailableError
     from clipfold.runtime import Engine
     from clipfold.runtime.bundle.schema import Manifest
-
-    from clipfold.errors import BackendUnavailableError
 
     bundle = Path(job["bundle"])
     variant = Manifest.read(bundle).variant(job["variant"])
@@ -119,6 +118,7 @@ def measure_eager(job: dict, cfg: dict) -> dict:
     import open_clip
     import torch
     import torch.nn.functional as F
+
     from clipfold.compile.heads.zero_shot import build_zero_shot_head
     from clipfold.compile.stages.load import load_model
     from clipfold.kernels.cpu_runtime import default_threads

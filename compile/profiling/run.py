@@ -21,9 +21,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from clipfold.compile.profiling.rows import EAGER, EAGER_MODES, eager_name, measure
-
 from clipfold.errors import BackendUnavailableError, ConfigError
-
 
 
 @dataclass(frozen=True)
@@ -126,9 +124,8 @@ def profile(cfg: ProfileConfig, progress: Callable[[str], None] | None = None) -
 def _record(cfg: ProfileConfig, jobs: list[tuple[str, dict]], rows: list[Row], say: Callable[[str], None]) -> None:
     """Each bundle's engine rows, measured with each variant's own backend, as this CPU's profile
     record in the bundle (``variant="auto"`` reads it; see :mod:`clipfold.runtime.variant_choice`)."""
-    from clipfold.runtime.variant_choice import write_record
-
     from clipfold.errors import ClipfoldError
+    from clipfold.runtime.variant_choice import write_record
 
     measured: dict[str, dict[str, dict]] = {}
     for (kind, job), row in zip(jobs, rows):

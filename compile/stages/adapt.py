@@ -14,15 +14,15 @@ from pathlib import Path
 from typing import Callable, Mapping, Protocol
 
 import torch
+
 from clipfold.compile.adapters import registry
 from clipfold.compile.adapters.base import ImportRequest
 from clipfold.compile.adapters.store import Adapter, load_adapter
 from clipfold.compile.heads.ir import Head
 from clipfold.compile.heads.zero_shot import build_zero_shot_head
+from clipfold.errors import ConfigError, LabelError
 from clipfold.runtime.bundle.files import sha256_file
 from clipfold.runtime.bundle.schema import HeadInfo
-
-from clipfold.errors import ConfigError, LabelError
 
 
 class HeadSpec(Protocol):

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from clipfold.compile.heads.ir import Head
-from clipfold.compile.stages.streamed_save import save_ir
-from clipfold.runtime.bundle.schema import TensorSpec
 from torch import nn
 
+from clipfold.compile.heads.ir import Head
+from clipfold.compile.stages.streamed_save import save_ir
 from clipfold.errors import ExportError
+from clipfold.runtime.bundle.schema import TensorSpec
 
 log = logging.getLogger(__name__)
 

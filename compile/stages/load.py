@@ -11,12 +11,12 @@ from typing import Any
 
 import open_clip
 import torch
+
 from clipfold.compile import tiny
 from clipfold.compile.stages.tokenizer import check_buildable, model_tokenizer
+from clipfold.errors import CheckpointError, ModelError, UnknownModelError
 from clipfold.runtime.bundle.files import sha256_file
 from clipfold.runtime.bundle.schema import ModelInfo, PreprocessSpec
-
-from clipfold.errors import CheckpointError, ModelError, UnknownModelError
 
 log = logging.getLogger(__name__)
 

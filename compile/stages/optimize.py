@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from clipfold.compile.stages.streamed_save import save_ir
 from torch import nn
 
+from clipfold.compile.stages.streamed_save import save_ir
 from clipfold.errors import ExportError
 
 log = logging.getLogger(__name__)

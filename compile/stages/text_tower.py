@@ -22,14 +22,14 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from clipfold.compile.heads.zero_shot import _encode_cut, causal_text
 from clipfold.compile.precision.gate import embedding_failures, row_cosine
 from clipfold.compile.stages.tokenizer import LocalHFTokenizer
+from clipfold.errors import ConfigError, ExportError, GateError, VerificationError
 from clipfold.runtime.bundle.agreement import TextGate, TextParity
 from clipfold.runtime.bundle.layout import TEXT_FILE, TOKENIZER_FILE, text_variant_file
 from clipfold.runtime.bundle.schema import TextTower, TextVariant
-
-from clipfold.errors import ConfigError, ExportError, GateError, VerificationError
 
 # Strings the verification adds to the label prompts: empty, unicode, emoji, HTML, over-long.
 # The text gate's held-out prompts: each label in phrasings unlike the verification prompts.
@@ -62,9 +62,10 @@ def context_length(model) -> int | None:
 
 def unsupported(loaded) -> str | None:
     """Why this model's text tower cannot be carried (None when it can)."""
-    from clipfold.compile.stages.tokenizer import MissingTokenizer
     from open_clip.tokenizer import SimpleTokenizer
     from open_clip.transformer import TextTransformer
+
+    from clipfold.compile.stages.tokenizer import MissingTokenizer
 
     tok, model = loaded.tokenizer, loaded.model
     if isinstance(tok, MissingTokenizer):

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import open_clip
 import torch
-from clipfold.runtime.text_encoder import CLEANUPS, clean_text
 
 from clipfold.errors import ConfigError, ModelError
+from clipfold.runtime.text_encoder import CLEANUPS, clean_text
 
 TOKENIZER_JSON = "tokenizer.json"
 

@@ -16,15 +16,15 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from clipfold.compile.config import VerifyConfig, generated_images
 from clipfold.compile.precision.gate import row_cosine
+from clipfold.errors import VerificationError
 from clipfold.runtime.backends.kernel_head import KernelHead, KernelHeadBackend
 from clipfold.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from clipfold.runtime.bundle.agreement import Parity
 from clipfold.runtime.bundle.schema import PreprocessSpec, TensorSpec
 from clipfold.runtime.preprocess import preprocess
-
-from clipfold.errors import VerificationError
 
 
 @dataclass

@@ -19,19 +19,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 import clipfold.compile.precision.gate as gating
 import clipfold.compile.precision.image_sets as image_sets
-import numpy as np
 from clipfold.compile.precision.config import GateConfig
 from clipfold.compile.tensorrt.build import BatchProfile, build_engine, gpu_identity
+from clipfold.errors import BundleError, ConfigError, GateError
 from clipfold.runtime import Engine
 from clipfold.runtime.backends.kernel_head import KernelHead, KernelHeadBackend
 from clipfold.runtime.bundle.files import sha256_file
 from clipfold.runtime.bundle.layout import engine_files
 from clipfold.runtime.bundle.schema import EngineRecord
 from clipfold.runtime.bundle.write import update_manifest
-
-from clipfold.errors import BundleError, ConfigError, GateError
 
 
 @dataclass(frozen=True)

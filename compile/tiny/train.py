@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from clipfold.compile.tiny import MODEL_NAME, TEMPLATES, data, register
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "tiny_model.json"
@@ -58,6 +59,7 @@ def multi_positive_clip_loss(image_f, text_f, scale, match) -> torch.Tensor:
 def zero_shot_accuracy(model, tokenizer, n: int = 1200, seed: int = HELD_OUT_SEED) -> dict:
     """Top-1/top-5 zero-shot accuracy on ``n`` held-out images with the TEMPLATES ensemble."""
     import open_clip
+
     from clipfold.compile.heads.zero_shot import build_zero_shot_head
 
     model.eval()
@@ -133,8 +135,9 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    from clipfold.runtime.bundle.files import sha256_file
     from safetensors.torch import save_file
+
+    from clipfold.runtime.bundle.files import sha256_file
 
     torch.set_num_threads(args.threads)
     model, tokenizer, seconds = train(args.steps, args.batch, args.lr, args.seed)

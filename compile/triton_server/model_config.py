@@ -7,9 +7,8 @@ imported here, so that the export imports this module and not the reverse).
 
 from __future__ import annotations
 
-from clipfold.runtime.bundle.schema import Variant
-
 from clipfold.errors import ConfigError
+from clipfold.runtime.bundle.schema import Variant
 
 MARKER = "clipfold-export.json"  # Triton scans sub-folders only: a file at the root is ignored
 KINDS = ("cpu", "gpu")

@@ -29,13 +29,19 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from clipfold.compile.triton_server.model_config import (KINDS, MARKER, ORT_DTYPES, PLATFORMS, model_names, protobuf,
-                                                         repository_configs)
+from clipfold.compile.triton_server.model_config import (
+    KINDS,
+    MARKER,
+    ORT_DTYPES,
+    PLATFORMS,
+    model_names,
+    protobuf,
+    repository_configs,
+)
 from clipfold.compile.triton_server.validate import validate_repository
+from clipfold.errors import BundleError, ConfigError
 from clipfold.runtime.bundle.schema import Manifest, Variant
 from clipfold.runtime.bundle.write import replace_dir
-
-from clipfold.errors import BundleError, ConfigError
 
 PYTHON_MODELS = Path(__file__).with_name("python_models")
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipfold.compile.triton_server.model_config import MARKER, ORT_DTYPES, protobuf
-
 from clipfold.errors import VerificationError
 
 

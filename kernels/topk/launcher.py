@@ -29,10 +29,10 @@ from importlib import machinery
 from pathlib import Path
 
 import numpy as np
-from clipfold.kernels.cpu_runtime import default_threads, load_extension
-from clipfold.kernels.topk.gallery import STORAGES, Gallery
 
 from clipfold.errors import ConfigError
+from clipfold.kernels.cpu_runtime import default_threads, load_extension
+from clipfold.kernels.topk.gallery import STORAGES, Gallery
 
 STORAGE_CODES = {"fp32": 0, "fp16": 1, "int8": 2}
 # A range is split across threads only when each part keeps at least this many multiply-adds

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-from clipfold.kernels.cpu_runtime import default_threads, load_extension
 
 from clipfold.errors import BundleError, ConfigError
+from clipfold.kernels.cpu_runtime import default_threads, load_extension
 
 CONFIG_KEYS = ("layers", "width", "heads", "mlp", "grid_h", "grid_w", "patch", "out_dim", "act", "ln_pre")
 GLOBALS = ("patch_w", "patch_b", "pos", "ln_pre_w", "ln_pre_b", "ln_post_w", "ln_post_b", "proj_w", "proj_b")

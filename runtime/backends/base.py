@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-from clipfold.runtime.bundle.schema import TensorSpec
 
 from clipfold.errors import ConfigError
+from clipfold.runtime.bundle.schema import TensorSpec
 
 
 class Backend:

@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+
+from clipfold.errors import BundleError
 from clipfold.kernels import Gallery, topk_similarity
 from clipfold.runtime.backends.base import Backend
 from clipfold.runtime.bundle.layout import row_width
 from clipfold.runtime.bundle.schema import TensorSpec
 
-from clipfold.errors import BundleError
 
 class KernelHead:
     """Open a head folder and turn unit embeddings into top-k scores and indices."""

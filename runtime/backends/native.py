@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from clipfold.errors import BundleError
 from clipfold.kernels.vit.tower import VitTower, VitWeights
 from clipfold.runtime.backends.base import Backend
 from clipfold.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from clipfold.runtime.bundle.layout import NATIVE_HEAD_FILE
 from clipfold.runtime.bundle.schema import TensorSpec
 
-from clipfold.errors import BundleError
 
 class NativeBackend(Backend):
     """``threads``: the kernel's (default: every usable core). ``spin`` changes nothing: the

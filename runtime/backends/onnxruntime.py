@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from clipfold.errors import BackendUnavailableError, BundleError
 from clipfold.kernels.cpu_runtime import default_threads
 from clipfold.runtime.backends.base import Backend
 from clipfold.runtime.bundle.schema import TensorSpec
-
-from clipfold.errors import BackendUnavailableError, BundleError
 
 
 class OnnxRuntimeBackend(Backend):

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from clipfold.errors import BackendUnavailableError
 from clipfold.kernels.cpu_runtime import default_threads
 from clipfold.runtime.backends.base import Backend
 from clipfold.runtime.bundle.schema import TensorSpec
-
-from clipfold.errors import BackendUnavailableError
 
 # variant precision -> OpenVINO inference precision
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}

@@ -13,10 +13,9 @@ import importlib
 import importlib.util
 from pathlib import Path
 
+from clipfold.errors import BackendUnavailableError
 from clipfold.runtime.backends.base import Backend
 from clipfold.runtime.bundle.schema import ExtraHead, Variant
-
-from clipfold.errors import BackendUnavailableError
 
 # name -> (module of clipfold.runtime.backends, class)
 BACKENDS: dict[str, tuple[str, str]] = {

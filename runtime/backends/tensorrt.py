@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-from clipfold.runtime.backends.base import Backend
-from clipfold.runtime.bundle.schema import EngineRecord, TensorSpec, Variant
 
 from clipfold.errors import BackendUnavailableError, ConfigError, EngineMismatchError
+from clipfold.runtime.backends.base import Backend
+from clipfold.runtime.bundle.schema import EngineRecord, TensorSpec, Variant
 
 
 def select_engine(variant: Variant, here: Mapping[str, str], bundle: str = "BUNDLE") -> EngineRecord:

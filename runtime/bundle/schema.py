@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clipfold.errors import BundleError, SchemaVersionError
 from clipfold.runtime.bundle.agreement import Gate, HeadParity, Parity, TextGate, TextParity
 from clipfold.runtime.bundle.files import bundle_digest, check_relative
 from clipfold.runtime.bundle.layout import GALLERY_FILE, MANIFEST_NAME, native_files
-
-from clipfold.errors import BundleError, SchemaVersionError
 
 SCHEMA_VERSION = 8  # 2: optional extra heads; 3: variants carry backends, quantization and an accuracy gate;
 # 4: a large head may live outside the graph (HeadInfo.kernel); an optional text tower (Manifest.text);

@@ -18,11 +18,10 @@ import os
 import shutil
 from pathlib import Path
 
+from clipfold.errors import BundleError, ClipfoldError
 from clipfold.runtime.bundle.files import verify_files
 from clipfold.runtime.bundle.layout import MANIFEST_NAME, old_dir, partial_dir, pid_of
 from clipfold.runtime.bundle.schema import Manifest
-
-from clipfold.errors import BundleError, ClipfoldError
 
 
 def pid_alive(pid: int) -> bool:

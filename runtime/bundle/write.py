@@ -23,12 +23,11 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
+from clipfold.errors import BundleError
 from clipfold.runtime.bundle.files import sha256_file
 from clipfold.runtime.bundle.layout import MANIFEST_NAME, old_dir, partial_dir, pid_of
 from clipfold.runtime.bundle.schema import Manifest
 from clipfold.runtime.bundle.swap import fsync_dir, pid_alive, recover_swap
-
-from clipfold.errors import BundleError
 
 
 def checksum_tree(root: Path) -> dict[str, str]:

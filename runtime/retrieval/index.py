@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+
+from clipfold.errors import BundleError, ChecksumError, ConfigError, ImageError
 from clipfold.kernels import STORAGES, Gallery, topk_similarity
 from clipfold.kernels.topk.gallery import read_json, write_json
 from clipfold.runtime.bundle.files import sha256_file
 from clipfold.runtime.image_folders import IMAGE_SUFFIXES
-
-from clipfold.errors import BundleError, ChecksumError, ConfigError, ImageError
 
 INDEX_FILE = "index.json"
 VERSION = 1

@@ -21,12 +21,12 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator
 
-import clipfold.runtime.retrieval.index as index_module
 import numpy as np
-from clipfold.runtime.retrieval.index import Index, IndexWriter, bundle_identity, embed_files
 
+import clipfold.runtime.retrieval.index as index_module
 from clipfold import errors
 from clipfold.errors import BundleError, ClipfoldError, ConfigError
+from clipfold.runtime.retrieval.index import Index, IndexWriter, bundle_identity, embed_files
 
 
 class _Embedder:

@@ -31,21 +31,21 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
+from clipfold.errors import BackendUnavailableError, BundleError, ConfigError
 from clipfold.runtime.engine import Engine
 from clipfold.runtime.retrieval.index import Index, bundle_identity
 from clipfold.runtime.serve.config import ServeConfig
 
-from clipfold.errors import BackendUnavailableError, BundleError, ConfigError
-
 try:  # the serve extra: pip install clipfold[serve]
-    from clipfold.runtime.serve.metrics import JsonLogFormatter
-    from clipfold.runtime.serve.server import ClipfoldServer, error_response
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
     from starlette.responses import Response
     from starlette.routing import Route
+
+    from clipfold.runtime.serve.metrics import JsonLogFormatter
+    from clipfold.runtime.serve.server import ClipfoldServer, error_response
     _MISSING: ImportError | None = None
 except ImportError as exc:  # reported by create_app, so `import clipfold.runtime.serve.app` always works
     _MISSING = exc

@@ -28,11 +28,6 @@ import logging
 import time
 from typing import Any, Awaitable, Callable
 
-from clipfold.runtime.serve.grpc_tensors import parse_request, response_tensors
-from clipfold.runtime.serve.inference_protocol import TensorMeta
-from clipfold.runtime.serve.limits import PayloadTooLarge, RequestTimeout
-from clipfold.runtime.serve.models import VERSION, UnknownModel, platform_of
-
 from clipfold.errors import (
     BatcherClosedError,
     BundleError,
@@ -42,6 +37,10 @@ from clipfold.errors import (
     QueueFullError,
     RequestError,
 )
+from clipfold.runtime.serve.grpc_tensors import parse_request, response_tensors
+from clipfold.runtime.serve.inference_protocol import TensorMeta
+from clipfold.runtime.serve.limits import PayloadTooLarge, RequestTimeout
+from clipfold.runtime.serve.models import VERSION, UnknownModel, platform_of
 
 try:  # the serve extra
     import grpc

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from clipfold.errors import RequestError
 from clipfold.runtime.serve.inference_protocol import (
     DATATYPES,
     TensorMeta,
@@ -21,8 +23,6 @@ from clipfold.runtime.serve.inference_protocol import (
     _parse_bytes_tensor,
     datatype_of,
 )
-
-from clipfold.errors import RequestError
 
 # The typed ``InferTensorContents`` field of each datatype (FP16 has none: raw only).
 CONTENTS_FIELD = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",

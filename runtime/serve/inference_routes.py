@@ -6,6 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from clipfold.errors import RequestError
 from clipfold.runtime.serve.inference_protocol import (
     HEADER_LENGTH,
     TensorMeta,
@@ -14,11 +19,6 @@ from clipfold.runtime.serve.inference_protocol import (
 )
 from clipfold.runtime.serve.json_query import INLINE_PARSE_BYTES
 from clipfold.runtime.serve.models import VERSION, platform_of
-from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-
-from clipfold.errors import RequestError
 
 
 class InferenceProtocolRoutes:

@@ -9,12 +9,12 @@ import binascii
 import re
 from typing import Any, Mapping
 
-from clipfold.runtime.serve.inference_protocol import load_json
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from clipfold.errors import RequestError
+from clipfold.runtime.serve.inference_protocol import load_json
 
 # Above this many bytes a body is parsed (decompressed, compressed) in the thread pool, not on the event loop.
 INLINE_PARSE_BYTES = 64 * 1024

@@ -5,13 +5,13 @@ lists the models and ``/metrics`` is Prometheus's."""
 
 from __future__ import annotations
 
-from clipfold.runtime.serve.json_query import int_param, read_query
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from clipfold.errors import RequestError
+from clipfold.runtime.serve.json_query import int_param, read_query
 
 
 class JsonRoutes:

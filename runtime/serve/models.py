@@ -8,13 +8,12 @@ import threading
 from dataclasses import dataclass
 from typing import Mapping
 
+from clipfold.errors import ConfigError, RequestError
 from clipfold.runtime.batcher import DynamicBatcher
 from clipfold.runtime.engine import Engine
 from clipfold.runtime.retrieval.index import Index
 from clipfold.runtime.serve.config import ServeConfig
 from clipfold.runtime.serve.inference_protocol import TensorMeta, datatype_of
-
-from clipfold.errors import ConfigError, RequestError
 
 log = logging.getLogger("clipfold.serve")
 VERSION = "1"  # every model has one version

@@ -8,12 +8,12 @@ import contextlib
 import time
 
 import numpy as np
+
+from clipfold.errors import ImageError, RequestError
 from clipfold.runtime.images import load_image, open_image
 from clipfold.runtime.preprocess import preprocess_one
 from clipfold.runtime.serve.limits import PayloadTooLarge, RequestTimeout
 from clipfold.runtime.serve.models import ServedModel
-
-from clipfold.errors import ImageError, RequestError
 
 
 class RequestWork:

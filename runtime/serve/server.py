@@ -16,6 +16,20 @@ import time
 from typing import Mapping
 
 import numpy as np
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+
+from clipfold.errors import (
+    BatcherClosedError,
+    BundleError,
+    ConfigError,
+    DecompressionBombError,
+    ImageError,
+    QueueFullError,
+    RequestError,
+)
 from clipfold.runtime.engine import Engine
 from clipfold.runtime.retrieval.index import Index
 from clipfold.runtime.serve.config import ServeConfig
@@ -34,20 +48,6 @@ from clipfold.runtime.serve.limits import (
 from clipfold.runtime.serve.metrics import Metrics
 from clipfold.runtime.serve.models import VERSION, ServedModel, UnknownModel, served_models
 from clipfold.runtime.serve.request_work import RequestWork
-from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
-
-from clipfold.errors import (
-    BatcherClosedError,
-    BundleError,
-    ConfigError,
-    DecompressionBombError,
-    ImageError,
-    QueueFullError,
-    RequestError,
-)
 
 log = logging.getLogger("clipfold.serve")
 

@@ -10,11 +10,11 @@ import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+from clipfold.errors import ClipfoldError
 from clipfold.runtime.bundle.schema import PreprocessSpec
 from clipfold.runtime.images import load_image
 from clipfold.runtime.preprocess import preprocess_one
-
-from clipfold.errors import ClipfoldError
 
 
 class TritonPythonModel:
