@@ -26,6 +26,7 @@ from clipfold.compile.config import CompileConfig, VerifyConfig
 from clipfold.compile.precision.config import PRECISIONS, QuantConfig
 from clipfold.compile.precision.native_variant import build_native_variant
 from clipfold.compile.precision.native_variant import check_tower as check_native_tower
+from clipfold.compile.precision.quantize import check_single_file
 from clipfold.compile.precision.speed_check import keep_if_faster, resolve
 from clipfold.compile.precision.variants import Sources, build_variants, check_early
 from clipfold.compile.stages.adapt import Adaptation, HeadPlan, plan_head, resolve_head
@@ -130,6 +131,7 @@ def _load(config: CompileConfig, conditional: tuple[str, ...], say: Say) -> tupl
             config = _skip_native(config, str(exc), say)
     if NATIVE in config.precisions:  # refused now, not after the fp32 build and its verification
         check_native_tower(loaded.model.visual)
+    check_single_file(config.precisions, sum(t.numel() * t.element_size() for t in loaded.model.visual.parameters()))
     return config, loaded
 
 

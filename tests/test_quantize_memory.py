@@ -7,6 +7,11 @@ from __future__ import annotations
 import filecmp
 import json
 
+import pytest
+
+from clipfold import errors
+from clipfold.compile import pipeline
+from clipfold.compile.config import CompileConfig
 from clipfold.compile.precision import quantize
 from clipfold.compile.precision.config import QuantConfig
 from clipfold.compile.precision.image_sets import calibration_images
@@ -78,3 +83,16 @@ def test_a_graph_over_2_gb_is_refused_in_one_line_before_quantizing(tiny_bundle,
     with pytest.raises(ExportError, match=r"one file under 2 GB; model.onnx with its weights is .* drop --precision") as info:
         quantize.prepare(tiny_bundle.path / tiny_bundle.manifest.variant("fp32").file, tmp_path / "f.onnx", unpack=False)
     assert "\n" not in str(info.value) and not (tmp_path / "f.onnx").exists()
+
+
+def test_a_tower_too_large_for_one_file_is_refused_before_any_export(monkeypatch, tmp_path):
+    """ViT-H-14's int8 was refused only after the whole fp32 build (its 2.5 GB of weights pass the
+    quantizers' single-file limit): the check now runs right after the model loads."""
+    exported = []
+    monkeypatch.setattr(quantize, "SINGLE_FILE_BYTES", 1000)  # the tiny tower's weights pass 1 kB
+    monkeypatch.setattr(pipeline, "export_onnx", lambda *a, **k: exported.append(a))
+    config = CompileConfig(labels=("cat", "dog"), out=tmp_path / "b.bundle", precisions=("fp32", "int8-dynamic"))
+    with pytest.raises(errors.ExportError, match="int8-dynamic need the fp32 graph as one file under 2 GB"):
+        pipeline.compile_bundle(config)
+    assert exported == [] and not (tmp_path / "b.bundle").exists()
+    quantize.check_single_file(("fp32", "fp32-native", "bf16"), 10**10)  # nothing rebuilt: nothing refused

@@ -158,6 +158,20 @@ def prepare(src: Path, dst: Path, unpack: bool) -> list[str]:
     return always
 
 
+# The quantizers read and write single-file graphs: protobuf's limit (onnx.checker.MAXIMUM_PROTOBUF).
+SINGLE_FILE_BYTES = 2**31
+REBUILT_ELSEWHERE = ("fp32", "fp32-native", "bf16")  # precisions that never pass through prepare()
+
+
+def check_single_file(precisions, weight_bytes: int) -> None:
+    """Refuse, before any export, reduced-precision variants of a tower whose weights alone pass the
+    single-file limit that :func:`prepare` would hit after the whole fp32 build (ViT-H-14: 2.5 GB)."""
+    rebuilt = [p for p in precisions if p not in REBUILT_ELSEWHERE]
+    if rebuilt and weight_bytes > SINGLE_FILE_BYTES:
+        raise ExportError(f"{', '.join(rebuilt)} need the fp32 graph as one file under 2 GB; this image tower's "
+                          f"weights are {weight_bytes / 1e9:.1f} GB (the fp32 variant builds; drop --precision)")
+
+
 def _weight_gb(model) -> float:
     return sum(t.ByteSize() for t in model.graph.initializer) / 1e9
 
