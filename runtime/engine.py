@@ -1,7 +1,7 @@
 """``Engine``: open a bundle, check it, and classify or embed images with it. No torch.
 
 A bundle's default head is fused into its graph, or, for a large linear head, scored by the top-k
-kernel after it (:mod:`.kernel_head`). An extra head (``clipfold head add``) is a
+kernel after it (:mod:`.backends.kernel_head`). An extra head (``clipfold head add``) is a
 second, small graph fed by the fused graph's ``embedding`` output: ``Engine.open(path,
 head="name")`` chains the two, and ``labels`` and ``classify`` then speak for that head.
 """

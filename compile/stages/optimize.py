@@ -18,7 +18,7 @@ Cost model (ViT-B-32, batch 1): GEMMs are ~85 % of the time and do not change; t
 ~400 small nodes (reshapes, transposes, slices, elementwise GELU pieces, separate bias and
 residual adds), each a kernel launch plus a pass over the activations. The fused graph uses
 ONNX Runtime contrib operators, so it is a graph for the ``onnxruntime`` backend only; a portable
-graph (standard operators) is kept for backends that need one (see :mod:`.precision`).
+graph (standard operators) is kept for backends that need one (see :mod:`clipfold.compile.precision`).
 """
 
 from __future__ import annotations

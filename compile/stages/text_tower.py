@@ -2,7 +2,7 @@
 
 The graph maps token ids (batch, tokens) to the unit text embedding. For a causal tower that
 pools the end-of-text token (CLIP, EVA) both dimensions are dynamic: the runtime cuts each batch
-right after its longest prompt's end token (see :mod:`.head`), so short queries cost a few tokens,
+right after its longest prompt's end token (see :mod:`clipfold.compile.heads.zero_shot`), so short queries cost a few tokens,
 not the full context. Any other open_clip text tower (SigLIP's and MobileCLIP's non-causal ones,
 CoCa's with its appended class token) runs ``encode_text`` over the full context. The tokenizer is
 a ``tokenizers`` file: CLIP's built from open_clip's own BPE vocabulary and merges, split at run

@@ -1,7 +1,7 @@
 """``clipfold engine build``: TensorRT plans for this machine's GPU, gated, added to a bundle.
 
 For each TensorRT-bound variant (``tensorrt-fp16``, ``tensorrt-int8``, ``fp8``; see
-:mod:`.tensorrt`), a plan is built from the variant's verified graph, run on the held-out gate
+:mod:`.build`), a plan is built from the variant's verified graph, run on the held-out gate
 images on this GPU, and compared with the fp32 variant (run by ONNX Runtime) under the same gate as
 every variant. Only a plan that passes is added. The bundle's manifest is rewritten atomically,
 and the plan's record names the GPU, compute capability, TensorRT version and batch profile. A

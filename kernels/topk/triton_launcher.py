@@ -88,7 +88,7 @@ def available() -> bool:
 @functools.lru_cache(maxsize=None)
 def _kernel():
     """The jit kernel, its module imported on first use: ``triton.jit`` reads TRITON_INTERPRET when it
-    decorates, and nothing imports triton before a call (see :mod:`.triton_topk_kernel`)."""
+    decorates, and nothing imports triton before a call (see :mod:`.triton_kernel`)."""
     from clipfold.kernels.topk.triton_kernel import topk_kernel
 
     return topk_kernel

@@ -2,9 +2,9 @@
 
 The public ``run`` checks inputs against the manifest's tensor specs and times the call;
 subclasses open their graph in ``__init__`` and implement ``_run``. The backends that exist are
-ONNX Runtime on the CPU and on CUDA (:mod:`.onnxruntime_backend`), OpenVINO
-(:mod:`.openvino_backend`), the native ViT kernel (:mod:`.native`) and TensorRT
-(:mod:`.tensorrt_backend`); :mod:`.backend_registry` maps their names to them and imports each
+ONNX Runtime on the CPU and on CUDA (:mod:`.onnxruntime`), OpenVINO
+(:mod:`.openvino`), the native ViT kernel (:mod:`.native`) and TensorRT
+(:mod:`.tensorrt`); :mod:`.registry` maps their names to them and imports each
 only when it is asked for, so a missing library is reported by name instead of breaking
 ``import clipfold.runtime``. This module imports none of them.
 """
