@@ -79,6 +79,31 @@ def test_the_reader_never_runs_a_payload(tmp_path, kind):
     assert not marker.exists(), f"a {kind} checkpoint ran its payload"
 
 
+@pytest.mark.parametrize("kind", ["zip", "legacy", "raw-pickle", "zip-nested", "legacy-nested"])
+def test_the_fallback_load_is_the_tensors_only_unpickler_and_runs_nothing(tmp_path, kind, monkeypatch):
+    """The second ``torch.load`` in compile/stages/checkpoint.py passes ``weights_only=False``: every
+    payload that reaches it is unpickled by the tensors-only unpickler, never by ``pickle``'s own."""
+    from clipfold.compile.stages import checkpoint
+
+    calls, real_load = [], torch.load
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "load", recording)
+    marker = tmp_path / "marker"
+    path = write_payload(tmp_path / "ckpt.pt", kind, marker)
+    try:
+        checkpoint.read_checkpoint(path)
+    except ClipfoldError:
+        pass
+    fallback = [c for c in calls if c.get("weights_only") is False]
+    assert fallback, f"the {kind} payload never reached the weights_only=False load: this test proves nothing"
+    assert all(c["pickle_module"] is checkpoint._TENSORS_ONLY for c in fallback)
+    assert not marker.exists(), f"a {kind} checkpoint ran its payload through the fallback load"
+
+
 @pytest.mark.parametrize("save", ["zip", "legacy", "safetensors"])
 def test_the_reader_loads_benign_tensors_in_every_format(tmp_path, save):
     from safetensors.torch import save_file
