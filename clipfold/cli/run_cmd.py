@@ -107,6 +107,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_options(p) -> None:
+    """How classify and evaluate run a bundle: which head, variant and backend, how many threads, JSON out."""
+    p.add_argument("--head", default=None, help=HEAD_HELP)
+    o.add_variant(p, o.AUTO_VARIANT + " (default: the bundle's default)")
+    o.add_backend(p, BACKEND_HELP)
+    o.add_threads(p)
+    o.add_json(p)
+
+
 def register(sub) -> None:
     p = o.command(sub, "classify", "classify images with a bundle", [
         "clipfold classify pets.bundle photo1.jpg photo2.png --top-k 3",
@@ -116,11 +125,7 @@ def register(sub) -> None:
     p.add_argument("bundle", type=Path, help="the bundle to run")
     p.add_argument("images", nargs="+", help="image files")
     o.add_top_k(p, o.default("clipfold.runtime.engine:Engine.classify", "k"), "predictions per image", old="--k")
-    p.add_argument("--head", default=None, help=HEAD_HELP)
-    o.add_variant(p, o.AUTO_VARIANT + " (default: the bundle's default)")
-    o.add_backend(p, BACKEND_HELP)
-    o.add_threads(p)
-    o.add_json(p)
+    _add_run_options(p)
 
     p = o.command(sub, "evaluate", "top-1 accuracy of a bundle on a folder with one sub-folder per class", [
         "clipfold evaluate pets.bundle test/",
@@ -128,11 +133,7 @@ def register(sub) -> None:
     ], cmd_evaluate)
     p.add_argument("bundle", type=Path, help="the bundle to run")
     p.add_argument("folder", type=Path, help="labelled folder: one sub-folder of images per class, named like the label")
-    p.add_argument("--head", default=None, help=HEAD_HELP)
-    o.add_variant(p, o.AUTO_VARIANT + " (default: the bundle's default)")
-    o.add_backend(p, BACKEND_HELP)
-    o.add_threads(p)
-    o.add_json(p)
+    _add_run_options(p)
 
     p = o.command(sub, "inspect", "show a bundle's manifest after checking its files", [
         "clipfold inspect pets.bundle",
