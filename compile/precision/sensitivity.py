@@ -15,20 +15,13 @@ import numpy as np
 from clipfold.compile.precision.gate import row_cosine
 from clipfold.compile.stages.streamed_save import save_streamed, without_weights
 
-
-def _onnx():
-    import onnx
-
-    return onnx
-
-
 RANK_BATCH_BYTES = 1 << 30  # activations of both graphs held at once by the sensitivity ranking
 
 
 def _with_outputs(path: Path, tensors: list[str], dst: Path) -> Path:
     """``path`` with ``tensors`` added as graph outputs, saved as ``dst`` (next to ``path``, so that
     external weight files resolve); nothing of the model is kept in memory afterwards."""
-    onnx = _onnx()
+    import onnx
     from onnx import TensorProto, helper
 
     model = onnx.load(str(path), load_external_data=False)
@@ -83,7 +76,8 @@ def rank_by_added_error(quantized: Path, reference: Path, nodes: list[str], pixe
     cosine is per image, so the figures do not depend on the batching, except through
     int8-dynamic's activation scale, which its quantizer takes over the whole batch.
     """
-    onnx = _onnx()
+    import onnx
+
     graph = onnx.load(str(reference), load_external_data=False).graph
     by_name = {n.name: n for n in graph.node}
     ios = {name: (by_name[name].input[0], by_name[name].output[0]) for name in nodes if name in by_name}
