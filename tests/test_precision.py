@@ -150,18 +150,28 @@ def test_the_search_keeps_the_fewest_nodes_in_float_or_refuses(tiny_labels, tmp_
     here the search sees the gate's own images, so the fewest count it finds is judged on the very
     images it passed on, on every CPU, rather than on a second set where it may fall either side of
     the limit. (Top-1 at 0.95: the cosine limit is what drives this search.)"""
+    import clipfold.compile.precision.gate as gating
     import clipfold.compile.precision.image_sets as image_sets
 
     split = image_sets.selection_images
     monkeypatch.setattr(image_sets, "selection_images",
                         lambda *a, **kw: (lambda s: image_sets.Selection(s.gate, s.gate, s.record))(split(*a, **kw)))
-    full = compile_bundle(CompileConfig(labels=tiny_labels, out=tmp_path / "full", precisions="int8-static",
-                                        quant=QuantConfig(search=False),
-                                        gate=GateConfig(min_cosine=0.0, min_top1_agreement=0.0)))
-    worst = full.manifest.variant("int8-static").gate.embedding_cosine_min
-    assert not full.manifest.variant("int8-static").gate.kept_float and worst < 1.0
-    limit = 1.0 - (1.0 - worst) / 2
+    measured = []  # every figure the gate measures, in order: the first is the fully quantized graph's
+    measure = gating.measure
+    monkeypatch.setattr(gating, "measure", lambda *a, **kw: measured.append(measure(*a, **kw)) or measured[-1])
 
+    # A limit of cosine 1.0: the search returns all but one node to float and still misses; refused.
+    out = tmp_path / "refused.bundle"
+    with pytest.raises(errors.GateError) as info:
+        compile_bundle(CompileConfig(labels=tiny_labels, out=out, precisions="int8-static",
+                                     gate=GateConfig(min_cosine=1.0)))
+    assert not out.exists() and not list(tmp_path.glob(".*"))  # no partial bundle, no scratch
+    refused, worst = str(info.value), measured[0].embedding_cosine_min
+    assert worst < 1.0
+    assert f"fully quantized (on the search images):\n  - min embedding cosine {worst:.5f} < 1.0" in refused
+    assert "int8-static" in refused and "still missed" in refused and "fp32 graph under another name" in refused
+
+    limit = 1.0 - (1.0 - worst) / 2
     said: list[str] = []
     result = compile_bundle(CompileConfig(labels=tiny_labels, out=tmp_path / "searched", precisions="int8-static",
                                           gate=GateConfig(min_cosine=limit, min_top1_agreement=0.95)),
@@ -177,20 +187,7 @@ def test_the_search_keeps_the_fewest_nodes_in_float_or_refuses(tiny_labels, tmp_
     # The fewest: one node fewer in float was tried and missed (or none fewer: fully quantized missed).
     tried = [m.strip() for m in said if m.strip().startswith(f"int8-static: {kept - 1} of {quantizable} in float: ")]
     assert kept == 1 or (tried and not tried[-1].endswith("passes")), said
-
-    out = tmp_path / "refused.bundle"
-    exact = GateConfig(min_cosine=1.0)
-    with pytest.raises(errors.GateError) as info:
-        compile_bundle(CompileConfig(labels=tiny_labels, out=out, precisions="int8-static", gate=exact))
-    message = str(info.value)
-    assert "int8-static" in message and "min embedding cosine" in message and "< 1.0" in message
-    assert f"returned up to {quantizable - 1} of {quantizable}" in message
-    assert "still missed" in message and "fp32 graph under another name" in message
-    assert not out.exists() and not list(tmp_path.glob(".*"))  # no partial bundle, no scratch
-    with pytest.raises(errors.GateError, match="search was off"):
-        compile_bundle(CompileConfig(labels=tiny_labels, out=out, precisions="int8-static",
-                                     quant=QuantConfig(search=False), gate=GateConfig(images=32, min_cosine=1.0)))
-    assert not out.exists()
+    assert f"returned up to {quantizable - 1} of {quantizable}" in refused
 
 
 def test_keep_float_applies_to_every_quantizer(gda_task, tmp_path):
@@ -205,10 +202,12 @@ def test_keep_float_applies_to_every_quantizer(gda_task, tmp_path):
 
 
 def test_an_unreachable_gate_is_refused(gda_task, tmp_path):
+    """With the search off, a miss is refused at once, saying so; nothing is written."""
     _, adapter, test = gda_task
-    with pytest.raises(errors.GateError, match=r"min embedding cosine 0\.\d+ < 1\.0"):
+    with pytest.raises(errors.GateError, match=r"(?s)min embedding cosine 0\.\d+ < 1\.0.*search was off"):
         compile_bundle(CompileConfig(labels=None, adapter=adapter, out=tmp_path / "b", precisions="int4-weight",
                                      gate=GateConfig(min_cosine=1.0, data=test), quant=QuantConfig(search=False)))
+    assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".*"))
 
 
 def test_bad_precision_input_is_named(gda_task, tmp_path, capsys, monkeypatch):
