@@ -238,12 +238,12 @@ def test_triton_export_cli_and_refusals(tiny_bundle, tmp_path, capsys):
     assert not (tmp_path / "r2").exists() and not list(tmp_path.glob(".r2.partial-*"))
 
 
-def test_triton_export_refuses_a_kernel_head_bundle(tmp_path):
+def test_triton_export_refuses_a_kernel_head_bundle(tiny_kernel_head_bundle, tmp_path):
     from clipfold.compile.config import CompileConfig
     from clipfold.compile.pipeline import compile_bundle
     from clipfold.compile.triton_server.repository import TritonExportConfig, export_triton
 
-    bundle = compile_bundle(CompileConfig(labels=("a", "b", "c"), out=tmp_path / "k.bundle", kernel_head_classes=2))
+    bundle = tiny_kernel_head_bundle
     with pytest.raises(errors.BundleError, match="kernel head"):
         export_triton(TritonExportConfig(bundle.path, tmp_path / "repo"))
     assert not (tmp_path / "repo").exists()
@@ -374,24 +374,32 @@ def test_ray_index_equals_the_single_process_index_and_resumes(tiny_bundle, phot
     # Resumable: a re-run embeds nothing; a new image alone is embedded (by Ray) on the next run.
     assert main(["index", str(tiny_bundle.path), str(photos), "--out", str(tmp_path / "ray"), "--ray"]) == 0
     assert "is up to date (90 images)" in capsys.readouterr().err
+    # The runs below join a Ray instance already running in this process, as a driver script would
+    # start it, and leave it running (the first run started and stopped its own).
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     shutil.copy(next((photos / "part0").iterdir()), photos / "extra.png")
     try:
         assert main(["index", str(tiny_bundle.path), str(photos), "--out", str(tmp_path / "ray"), "--ray"]) == 0
         assert "indexed 1/1 new or changed images (Ray" in capsys.readouterr().err
         assert len(Index.open(tmp_path / "ray")) == 91
+        # A broken image is recorded and named, as without Ray (exit 1); with --strict an actor's error
+        # reaches the user as clipfold's own, not as a Ray traceback.
+        broken = _write_images(tmp_path / "broken", [])
+        (broken / "bad.png").write_bytes(b"\x89PNG not really")
+        assert main(["index", str(tiny_bundle.path), str(broken), "--out", str(tmp_path / "broken.index"),
+                     "--ray"]) == 1
+        assert "  bad.png: cannot decode image" in capsys.readouterr().err
+        assert list(Index.open(tmp_path / "broken.index").failed) == ["bad.png"]
+        assert main(["index", str(tiny_bundle.path), str(broken), "--out", str(tmp_path / "strict.index"), "--ray",
+                     "--strict"]) == 2
+        err = capsys.readouterr().err
+        assert "error: cannot decode image" in err and "bad.png" in err
+        assert ray.is_initialized()  # not stopped by clipfold: it did not start it
     finally:
+        ray.shutdown()
         (photos / "extra.png").unlink()
-    # A broken image is recorded and named, as without Ray (exit 1); with --strict an actor's error
-    # reaches the user as clipfold's own, not as a Ray traceback.
-    broken = _write_images(tmp_path / "broken", [])
-    (broken / "bad.png").write_bytes(b"\x89PNG not really")
-    assert main(["index", str(tiny_bundle.path), str(broken), "--out", str(tmp_path / "broken.index"), "--ray"]) == 1
-    assert "  bad.png: cannot decode image" in capsys.readouterr().err
-    assert list(Index.open(tmp_path / "broken.index").failed) == ["bad.png"]
-    assert main(["index", str(tiny_bundle.path), str(broken), "--out", str(tmp_path / "strict.index"), "--ray",
-                 "--strict"]) == 2
-    err = capsys.readouterr().err
-    assert "error: cannot decode image" in err and "bad.png" in err
 
 
 def test_sharded_search_equals_one_index(tiny_bundle, photos, tmp_path, capsys):
