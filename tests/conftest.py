@@ -69,6 +69,18 @@ def tiny_native_bundle(tmp_path_factory, tiny_labels):
     return compile_bundle(CompileConfig(labels=tiny_labels, out=out, top_k=5, precisions=("fp32", "fp32-native")))
 
 
+@pytest.fixture(scope="session")
+def tiny_kernel_head_bundle(tmp_path_factory, tiny_labels):
+    """The tiny bundle with its 30 classes scored by the top-k kernel (``kernel_head_classes=2``), and
+    fp32-native beside fp32 (test_native, test_scale_out, test_bundle_trust); tests that change it copy it."""
+    from clipfold.compile.config import CompileConfig
+    from clipfold.compile.pipeline import compile_bundle
+
+    out = tmp_path_factory.mktemp("kernel-head") / "k.bundle"
+    return compile_bundle(CompileConfig(labels=tiny_labels, out=out, top_k=5, precisions=("fp32", "fp32-native"),
+                                        kernel_head_classes=2))
+
+
 def compile_random(model: str, out, labels=("cat", "dog", "car", "tree", "boat", "house")):
     """A random-weight real architecture; one template keeps the text tower cheap."""
     from clipfold.compile.config import CompileConfig

@@ -21,8 +21,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipfold.compile.config import CompileConfig
-from clipfold.compile.pipeline import compile_bundle
 from clipfold.compile.tiny import data
 from clipfold.runtime.backends.registry import BACKENDS, backend_class, open_backend
 from clipfold.runtime.preprocess import preprocess
@@ -33,9 +31,8 @@ VARIANT_FOR = {"onnxruntime": "fp32", "onnxruntime-cuda": "fp32", "openvino": "f
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory, tiny_labels):
-    out = tmp_path_factory.mktemp("contract") / "tiny.bundle"
-    return compile_bundle(CompileConfig(labels=tiny_labels, out=out, top_k=5, precisions=("fp32", "fp32-native")))
+def bundle(tiny_native_bundle):
+    return tiny_native_bundle  # fp32 and fp32-native, compiled once per session (conftest.py); only read here
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -41,11 +43,10 @@ def test_failure_after_export_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_existing_target_needs_overwrite(tmp_path, tiny_bundle):
-    out = tmp_path / "b.bundle"
-    pipeline.compile_bundle(CompileConfig(labels=("red circle", "blue star"), out=out))
+    out = Path(shutil.copytree(tiny_bundle.path, tmp_path / "b.bundle"))  # a bundle compile wrote
     with pytest.raises(errors.BundleError, match="already exists; pass --overwrite"):
         pipeline.compile_bundle(CompileConfig(labels=("a", "b"), out=out))
-    assert Engine.open(out).labels == ("red circle", "blue star")
+    assert Engine.open(out).labels == tiny_bundle.manifest.labels
     pipeline.compile_bundle(CompileConfig(labels=("green cross", "red star", "x"), out=out, overwrite=True))
     assert Engine.open(out).labels == ("green cross", "red star", "x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.bundle"]

@@ -123,12 +123,8 @@ def test_a_symlink_inside_the_bundle_is_allowed(bundle):
     assert engine.classify([Image.new("RGB", (40, 40), (200, 30, 30))], k=1)[0][0].label in engine.labels
 
 
-def test_a_kernel_head_folder_holds_nothing_unlisted_and_names_nothing_outside(tmp_path, tiny_labels):
-    from clipfold.compile.config import CompileConfig
-    from clipfold.compile.pipeline import compile_bundle
-
-    bundle = compile_bundle(CompileConfig(labels=tiny_labels, out=tmp_path / "k.bundle", templates="label", top_k=3,
-                                          kernel_head_classes=2)).path
+def test_a_kernel_head_folder_holds_nothing_unlisted_and_names_nothing_outside(tmp_path, tiny_kernel_head_bundle):
+    bundle = Path(shutil.copytree(tiny_kernel_head_bundle.path, tmp_path / "b" / "k.bundle"))
     folder = bundle / Engine.open(bundle).manifest.head.kernel
     (folder / "extra.npy").write_bytes(b"unlisted")
     with pytest.raises(errors.ChecksumError, match=r"extra\.npy"):

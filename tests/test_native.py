@@ -13,8 +13,6 @@ from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import nn
 
 from clipfold import errors
-from clipfold.compile.config import CompileConfig
-from clipfold.compile.pipeline import compile_bundle
 from clipfold.compile.precision.native_variant import build_native_variant, tower_tensors
 from clipfold.compile.stages.optimize import keep_class_token_only, use_sdpa_attention
 from clipfold.kernels.vit.tower import VitTower, VitWeights, kernel_available, pack_panels
@@ -196,11 +194,10 @@ def test_bundle_variant_refuses_another_backend_and_a_corrupt_file(native_bundle
         Engine.open(copy, variant="fp32-native")
 
 
-def test_kernel_scored_head_bundle(tmp_path, tiny_labels):
+def test_kernel_scored_head_bundle(tiny_kernel_head_bundle):
     """A bundle whose head the top-k kernel scores: the native folder holds no head graph, and the
     native tower's embedding feeds the kernel head exactly as the ONNX graph's does."""
-    result = compile_bundle(CompileConfig(labels=tiny_labels, out=tmp_path / "k.bundle", top_k=5,
-                                          precisions=("fp32", "fp32-native"), kernel_head_classes=2))
+    result = tiny_kernel_head_bundle
     assert not (result.path / "native" / "head.onnx").exists()
     pixels = _pixels(3, 64, seed=3)
     got = Engine.open(result.path, variant="fp32-native").run_pixels(pixels)
