@@ -18,7 +18,7 @@ from clipfold.compile.profiling.run import ProfileConfig, Row, pareto, profile
 def bundle(gda_task):
     tmp, adapter, test = gda_task
     return compile_bundle(CompileConfig(labels=None, adapter=adapter, out=tmp / "profiled.bundle",
-                                        precisions="int8-dynamic,fp8", gate=GateConfig(data=test))).path
+                                        precisions="int8-dynamic,tensorrt-fp16", gate=GateConfig(data=test))).path
 
 
 def test_profile_measures_every_variant_and_eager(bundle, gda_task, tmp_path, capsys):
@@ -27,9 +27,10 @@ def test_profile_measures_every_variant_and_eager(bundle, gda_task, tmp_path, ca
     code = cli.main(["profile", str(bundle), "--data", str(data), "--batch", "1,4", "--rounds", "3", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
-    for name in ("open_clip eager", "fp32", "int8-dynamic", "fp8"):
+    for name in ("open_clip eager", "fp32", "int8-dynamic", "tensorrt-fp16"):
         assert name in printed
-    assert "not run" in printed and "tensorrt" in printed  # fp8 is reported, not silently run on ORT
+    # A TensorRT-bound variant is reported, not silently run on ONNX Runtime.
+    assert "not run" in printed and "tensorrt" in printed
     payload = json.loads(out.with_suffix(".json").read_text())
     assert payload["machine"]["cores"] >= 1 and "onnxruntime" in payload["machine"]
     rows = {r["variant"]: r for r in payload["rows"]}
@@ -46,7 +47,7 @@ def test_profile_measures_every_variant_and_eager(bundle, gda_task, tmp_path, ca
     assert rows["open_clip eager"]["accuracy"] is None and rows["open_clip eager"]["agreement"] is None
     # The eager row has torch loaded, the engine rows do not: their peak memory says so.
     assert rows["open_clip eager"]["peak_rss_mb"] > rows["fp32"]["peak_rss_mb"]
-    assert rows["fp8"]["status"].startswith("not run") and rows["fp8"]["latency_ms"] == {}
+    assert rows["tensorrt-fp16"]["status"].startswith("not run") and rows["tensorrt-fp16"]["latency_ms"] == {}
     front = {p.split(":", 1)[1] for p in payload["pareto"]}
     assert front and front <= {"fp32", "int8-dynamic"}  # equal accuracy: the faster of the two, or both
     png = out.with_suffix(".png").read_bytes()
