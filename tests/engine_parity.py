@@ -22,14 +22,16 @@ def normalized_pixels(pixels: np.ndarray, spec) -> torch.Tensor:
             / torch.tensor(spec.std, dtype=torch.float64).view(1, 3, 1, 1)).float()
 
 
-def assert_engine_matches(bundle_path, spec, reference_logits, images: int = 8) -> float:
-    """``reference_logits(normalized pixels) -> (B, C)``; returns the max |score difference|."""
-    engine = Engine.open(bundle_path)
+def assert_engine_matches(bundle_path, spec, reference_logits, images: int = 8, head: str | None = None) -> float:
+    """``reference_logits(normalized pixels) -> (B, C)``; returns the max |score difference|. ``head``
+    names an extra head of the bundle (``clipfold head add``) to score with instead of its own."""
+    engine = Engine.open(bundle_path, head=head)
     pixels = verification_pixels(spec, VerifyConfig(random_images=images, generated_images=images, seed=7))
     out = engine.run_pixels(pixels)
     with torch.no_grad():
         logits = reference_logits(normalized_pixels(pixels, spec)).double()
-    probs = logits.softmax(-1) if engine.manifest.head.activation == "softmax" else logits.sigmoid()
+    info = engine.manifest.head if head is None else engine.manifest.extra_head(head).head
+    probs = logits.softmax(-1) if info.activation == "softmax" else logits.sigmoid()
     return assert_topk_matches(out["scores"], out["indices"], probs)
 
 
