@@ -41,22 +41,13 @@ def tiny_bundle(tmp_path_factory, tiny_labels):
 
 @pytest.fixture(scope="session")
 def tiny_text_bundle(tmp_path_factory, tiny_labels):
-    """The same with its text tower: the serving tests' model ``tiny`` (and ``tiny-text``)."""
+    """The same with its text tower: the serving tests' model ``tiny`` (and ``tiny-text``), test_text's and
+    test_bundle_trust's bundle; tests that change it copy it first."""
     from clipfold.compile.config import CompileConfig
     from clipfold.compile.pipeline import compile_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny.bundle"
     return compile_bundle(CompileConfig(labels=tiny_labels, out=out, top_k=5, text=True))
-
-
-@pytest.fixture(scope="session")
-def tiny_text_top3_bundle(tmp_path_factory, tiny_labels):
-    """The same at top-3 (test_text, test_bundle_trust); tests that change it copy it first."""
-    from clipfold.compile.config import CompileConfig
-    from clipfold.compile.pipeline import compile_bundle
-
-    out = tmp_path_factory.mktemp("bundles") / "t.bundle"
-    return compile_bundle(CompileConfig(labels=tiny_labels, out=out, top_k=3, text=True))
 
 
 @pytest.fixture(scope="session")

@@ -23,10 +23,10 @@ from clipfold.runtime import Engine
 
 
 @pytest.fixture(scope="module")
-def base_bundle(tiny_text_top3_bundle):
+def base_bundle(tiny_text_bundle):
     """The tiny model with its text tower, compiled once per session (conftest.py); tests copy it before
     changing it."""
-    return tiny_text_top3_bundle.path
+    return tiny_text_bundle.path
 
 
 @pytest.fixture

@@ -24,8 +24,8 @@ from .test_layout import BLOCK_TORCH
 
 
 @pytest.fixture(scope="module")
-def text_bundle(tiny_text_top3_bundle):
-    return tiny_text_top3_bundle  # compiled once per session (conftest.py); only read here
+def text_bundle(tiny_text_bundle):
+    return tiny_text_bundle  # compiled once per session (conftest.py); only read here
 
 
 def _varied_strings(n: int, seed: int = 0) -> list[str]:
@@ -110,7 +110,7 @@ def _write_images(folder, samples):
         s.image.save(folder / f"{i:03d}-{s.color}-{s.shape}.png")
 
 
-def test_index_search_resume_and_refusals(text_bundle, tiny_bundle, tmp_path, capsys):
+def test_index_search_resume_and_refusals(text_bundle, tiny_kernel_head_bundle, tmp_path, capsys):
     from clipfold.cli import main
     from clipfold.compile.tiny import data
     from clipfold.runtime.retrieval.index import Index, build_index
@@ -142,9 +142,9 @@ def test_index_search_resume_and_refusals(text_bundle, tiny_bundle, tmp_path, ca
     assert main(["search", str(tmp_path / "idx"), "--text", "green triangle", "--k", "2", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)["hits"]
     assert "-green-triangle" in hits[0]["path"] and len(hits) == 2
-    # Another bundle's embeddings are refused, naming both.
+    # Another bundle's embeddings are refused, naming both (the same model, another graph).
     with pytest.raises(errors.BundleError, match="was built with clipfold-tiny .*not with this bundle"):
-        index.search(Engine.open(tiny_bundle.path), image=first)
+        index.search(Engine.open(tiny_kernel_head_bundle.path), image=first)
     # A corrupt shard is named.
     shard = tmp_path / "idx" / "shards" / "000000" / "0000.rows.npy"
     shard.write_bytes(shard.read_bytes()[:-8] + b"\0" * 8)
