@@ -63,7 +63,8 @@ def tiny_native_bundle(tmp_path_factory, tiny_labels):
 @pytest.fixture(scope="session")
 def tiny_kernel_head_bundle(tmp_path_factory, tiny_labels):
     """The tiny bundle with its 30 classes scored by the top-k kernel (``kernel_head_classes=2``), and
-    fp32-native beside fp32 (test_native, test_scale_out, test_bundle_trust); tests that change it copy it."""
+    fp32-native beside fp32 (test_native, test_scale_out, test_bundle_trust, test_text); tests that change it
+    copy it."""
     from clipfold.compile.config import CompileConfig
     from clipfold.compile.pipeline import compile_bundle
 
