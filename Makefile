@@ -56,12 +56,15 @@ browser:
 			|| echo "could not install chromium: the browser test will be skipped"; \
 	else echo "no chromium + chromedriver (not root with apt-get): the browser test will be skipped"; fi
 
+# The suite runs on TEST_WORKERS pytest-xdist workers (TEST_WORKERS=0: in this one process), each given
+# a whole test file at a time so a file's fixtures are built once; a worker's torch uses one thread.
+TEST_WORKERS ?= 2
 test: $(STAMP) browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Includes the tests marked slow.
 test-all: $(STAMP) browser
-	$(PY) -m pytest -q -m "slow or not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "slow or not slow"
 
 # One registered model of every open_clip family compiled with --text, random weights (tests/test_families.py):
 # each passes parity or is refused in one line. Long: a few minutes per model on 2 cores, under 6 GB.

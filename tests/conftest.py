@@ -13,6 +13,47 @@ import pytest
 if not Path("/dev/nvidiactl").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# `make test` runs the suite on two pytest-xdist workers, a file at a time each. A worker's torch
+# and OpenMP then use one thread: two workers with two threads each on two cores made torch's
+# small-op loops (LP++'s and ProKeR's official-loop replays) 8-15x slower as the threads wait on
+# each other. Set before torch is imported; subprocesses the tests start inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Test files that share a session fixture too costly to build on both workers: each maps to the file
+# it runs beside (random_bundle("RN50") takes ~15 s).
+SAME_WORKER = {"tests/test_extra_heads.py": "tests/test_compile_parity.py"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` (``make test``), with the files of :data:`SAME_WORKER` sent as one unit."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedFixturesTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return SAME_WORKER.get(path, path)
+
+    return SharedFixturesTogether(config, log)
+
+
+def _files(path: Path) -> dict[str, tuple[int, int]]:
+    return {str(f.relative_to(path)): (f.stat().st_size, f.stat().st_mtime_ns) for f in path.rglob("*") if f.is_file()}
+
+
+def shared(result):
+    """Yield the session bundle ``result``; at the end of the session, fail if a test changed its files.
+    Tests that change a shared bundle copy it first: one that wrote into it (a profile record, a head)
+    would make the tests after it pass or fail by the order they run in, which pytest-xdist varies."""
+    before = _files(result.path)
+    yield result
+    after = _files(result.path)
+    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    assert not changed, f"a test changed the shared bundle {result.path}: {changed}; copy it first"
+
 
 @pytest.fixture(scope="session")
 def tiny_labels() -> tuple[str, ...]:
@@ -36,7 +77,7 @@ def tiny_bundle(tmp_path_factory, tiny_labels):
     from clipfold.compile.pipeline import compile_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny.bundle"
-    return compile_bundle(CompileConfig(labels=tiny_labels, out=out, top_k=5))
+    yield from shared(compile_bundle(CompileConfig(labels=tiny_labels, out=out, top_k=5)))
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +88,7 @@ def tiny_text_bundle(tmp_path_factory, tiny_labels):
     from clipfold.compile.pipeline import compile_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny.bundle"
-    return compile_bundle(CompileConfig(labels=tiny_labels, out=out, top_k=5, text=True))
+    yield from shared(compile_bundle(CompileConfig(labels=tiny_labels, out=out, top_k=5, text=True)))
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +98,8 @@ def tiny_native_bundle(tmp_path_factory, tiny_labels):
     from clipfold.compile.pipeline import compile_bundle
 
     out = tmp_path_factory.mktemp("native") / "tiny.bundle"
-    return compile_bundle(CompileConfig(labels=tiny_labels, out=out, top_k=5, precisions=("fp32", "fp32-native")))
+    yield from shared(compile_bundle(CompileConfig(labels=tiny_labels, out=out, top_k=5,
+                                                   precisions=("fp32", "fp32-native"))))
 
 
 @pytest.fixture(scope="session")
@@ -69,8 +111,8 @@ def tiny_kernel_head_bundle(tmp_path_factory, tiny_labels):
     from clipfold.compile.pipeline import compile_bundle
 
     out = tmp_path_factory.mktemp("kernel-head") / "k.bundle"
-    return compile_bundle(CompileConfig(labels=tiny_labels, out=out, top_k=5, precisions=("fp32", "fp32-native"),
-                                        kernel_head_classes=2))
+    yield from shared(compile_bundle(CompileConfig(labels=tiny_labels, out=out, top_k=5,
+                                                   precisions=("fp32", "fp32-native"), kernel_head_classes=2)))
 
 
 def compile_random(model: str, out, labels=("cat", "dog", "car", "tree", "boat", "house")):
@@ -88,14 +130,18 @@ def random_bundle(tmp_path_factory):
     import torch
 
     built = {}
+    kept = []
 
     def get(model: str):
         if model not in built:
             torch.manual_seed(0)
-            built[model] = compile_random(model, tmp_path_factory.mktemp("random") / f"{model}.bundle")
+            kept.append(shared(compile_random(model, tmp_path_factory.mktemp("random") / f"{model}.bundle")))
+            built[model] = next(kept[-1])
         return built[model]
 
-    return get
+    yield get
+    for check in kept:
+        next(check, None)
 
 
 @pytest.fixture(scope="session")

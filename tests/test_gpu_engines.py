@@ -215,14 +215,17 @@ def test_without_tensorrt_the_gpu_paths_say_what_is_missing(trt_bundle, tiny_bun
     assert not (tmp_path / "x").exists()
 
 
-def test_profiler_reports_gpu_references_it_cannot_run(tiny_bundle):
+def test_profiler_reports_gpu_references_it_cannot_run(tiny_bundle, tmp_path):
+    import shutil
+
     import torch
 
     from clipfold.compile.profiling.run import ProfileConfig, profile
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the CUDA rows run (covered by the GPU profile run)")
-    rows = profile(ProfileConfig(bundles=(tiny_bundle.path,), batches=(1,), rounds=3, eager_modes=("cuda-fp16",)))
+    bundle = shutil.copytree(tiny_bundle.path, tmp_path / "tiny.bundle")  # profile records into the bundle
+    rows = profile(ProfileConfig(bundles=(bundle,), batches=(1,), rounds=3, eager_modes=("cuda-fp16",)))
     eager = [r for r in rows if r.variant.startswith("open_clip eager")]
     assert [(r.variant, r.backend, r.status) for r in eager] == [
         ("open_clip eager cuda fp16", "torch-cuda", "not run: needs an NVIDIA GPU (torch.cuda.is_available() is False)")]

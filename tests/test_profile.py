@@ -54,8 +54,9 @@ def test_profile_measures_every_variant_and_eager(bundle, gda_task, tmp_path, ca
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
-def test_eager_row_of_a_zero_shot_bundle_is_scored(tiny_bundle):
-    rows = {r.variant: r for r in profile(ProfileConfig(bundles=(tiny_bundle.path,), batches=(2,), rounds=3, images=24))}
+def test_eager_row_of_a_zero_shot_bundle_is_scored(tiny_bundle, tmp_path):
+    bundle = shutil.copytree(tiny_bundle.path, tmp_path / "tiny.bundle")  # profile records into the bundle
+    rows = {r.variant: r for r in profile(ProfileConfig(bundles=(bundle,), batches=(2,), rounds=3, images=24))}
     assert set(rows) == {"open_clip eager", "fp32"}
     # Same model, same zero-shot head, same images: eager and the engine agree (ties aside).
     assert rows["open_clip eager"].agreement >= 0.95 and rows["fp32"].agreement == 1.0

@@ -47,11 +47,12 @@ def test_engine_zero_shot_accuracy_on_held_out_images(tiny_bundle):
 
 
 def test_training_is_deterministic():
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         runs = [train.train(steps=2, batch=8, lr=1e-3, seed=7, progress=lambda _: None)[0] for _ in range(2)]
     finally:
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads)
     a, b = (m.state_dict() for m in runs)
     assert a.keys() == b.keys()
     for key in a:
